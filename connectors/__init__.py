@@ -1,0 +1,1 @@
+"""I/O behind small async interfaces: delivery channels, LLM engines, Redis stores."""

@@ -1,0 +1,1 @@
+"""Delivery channel connectors, found by name in ``connectors.delivery.registry``."""

@@ -1,0 +1,1 @@
+"""LLM engines behind one interface (``connectors.llm.base.LLMEngine``)."""

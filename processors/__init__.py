@@ -1,0 +1,1 @@
+"""Pure stage logic: no I/O, no Faust."""

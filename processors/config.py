@@ -1,0 +1,256 @@
+"""The YAML configuration model: personas, routing rules, flows, channels, stage limits.
+
+Pure pydantic models with no I/O; ``streams.settings.load_config`` reads the file and turns
+validation errors into ``ConfigError`` messages naming the file, the field and what was expected.
+Cross-field checks (a rule naming an unknown persona, an invalid regular expression, an unknown
+custom rule) are done here so that every config error surfaces at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.models import Channel, MessageType
+
+__all__ = [
+    "ChannelConfig",
+    "ConversationConfig",
+    "DeliveryConfig",
+    "EngineConfig",
+    "FlowConfig",
+    "KnowledgeBaseConfig",
+    "PersonaConfig",
+    "PreprocessConfig",
+    "RouteAction",
+    "RouteMatch",
+    "RoutingConfig",
+    "RoutingRule",
+    "SwitchboardConfig",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(_Strict):
+    """Limits applied by the ingest stage before routing."""
+
+    max_content_chars: int = Field(4000, ge=1, description="Longer content is dead-lettered.")
+    min_content_chars: int = Field(1, ge=0, description="Shorter (after trimming) is dead-lettered.")
+    dedup_window_s: int = Field(
+        3600, ge=0, description="A message id seen within this window is dropped (0 = off)."
+    )
+    blocked_terms: list[str] = Field(
+        default_factory=list,
+        description="Case-insensitive whole words that make the content filter reject a message.",
+    )
+    content_filters: list[str] = Field(
+        default_factory=list,
+        description="Names of content filter hooks registered with processors.preprocess.",
+    )
+
+
+class ConversationConfig(_Strict):
+    """Conversation lifecycle settings."""
+
+    max_history_turns: int = Field(20, ge=1, description="History kept per conversation.")
+    inactivity_timeout_s: float = Field(
+        1800.0, gt=0, description="A conversation idle this long is timed out."
+    )
+    llm_deadline_s: float = Field(
+        60.0, gt=0, description="An LLM turn without a response after this is re-issued."
+    )
+
+
+class KnowledgeBaseConfig(_Strict):
+    """Question/answer pairs the local engine retrieves from.
+
+    ``sources`` entries are paths to chatterbot-corpus style YAML files
+    (``conversations: [[q, a, ...], ...]``) or ``chatterbot:<language>/<topic>`` for a file of
+    the installed ``chatterbot-corpus`` package.
+    """
+
+    sources: list[str] = Field(min_length=1)
+    min_score: float = Field(
+        60.0, ge=0, le=100, description="rapidfuzz WRatio score (0-100) below which no answer."
+    )
+
+
+class EngineConfig(_Strict):
+    """One LLM engine a persona may use."""
+
+    kind: Literal["local", "openai"] = "local"
+    model: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+class PersonaConfig(_Strict):
+    """An AI agent persona: who answers and how (seed documents 000 and 004)."""
+
+    name: str
+    role: str = "assistant"
+    traits: list[str] = Field(default_factory=list)
+    tone: str = "friendly"
+    language: str = "en"
+    knowledge_base: str | None = Field(None, description="Name of a knowledge_bases entry.")
+    fallback_reply: str = "Sorry, I don't know how to help with that yet."
+    apology_reply: str = "Sorry, something went wrong on our side. Please try again shortly."
+    business_rules: list[str] = Field(default_factory=list)
+    engines: list[str] = Field(default_factory=lambda: ["local"])
+
+
+class FlowConfig(_Strict):
+    """A notification flow: deliver the message as-is on a channel."""
+
+    channel: Channel | None = Field(
+        None, description="Channel to deliver on; None = the message's own channel."
+    )
+    template: str = Field("{content}", description="str.format template over content/subject.")
+
+
+class RouteMatch(_Strict):
+    """Conditions of a rule; all given conditions must hold (AND)."""
+
+    keywords: list[str] = Field(default_factory=list, description="Any word, case-insensitive.")
+    regex: str | None = Field(None, description="Python regular expression searched in content.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Exact metadata values.")
+    message_types: list[MessageType] = Field(default_factory=list)
+    channels: list[Channel] = Field(default_factory=list)
+    tenants: list[str] = Field(default_factory=list)
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+class RouteAction(_Strict):
+    """What a matching rule decides: exactly one of persona, flow or drop."""
+
+    persona: str | None = None
+    flow: str | None = None
+    drop: str | None = Field(None, description="Drop with this reason (dead-lettered, stage route).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RouteAction:
+        given = [v for v in (self.persona, self.flow, self.drop) if v is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of persona, flow or drop must be set")
+        return self
+
+
+class RoutingRule(_Strict):
+    """One routing rule. Higher ``priority`` is tried first; ties keep file order."""
+
+    name: str
+    priority: int = 0
+    match: RouteMatch | None = None
+    custom: str | None = Field(
+        None, description="Name of a custom rule registered with processors.router.register_rule."
+    )
+    action: RouteAction | None = Field(
+        None, description="Required unless a custom rule decides the action itself."
+    )
+    override_continuity: bool = Field(
+        False, description="When true, the decision replaces the persona of an ongoing conversation."
+    )
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RoutingRule:
+        if self.match is None and self.custom is None:
+            raise ValueError(f"rule {self.name!r} needs 'match' or 'custom'")
+        if self.custom is None and self.action is None:
+            raise ValueError(f"rule {self.name!r} needs an 'action'")
+        return self
+
+
+class RoutingConfig(_Strict):
+    """Ordered rules and defaults for the router."""
+
+    default_persona: str
+    continuity: bool = Field(True, description="Stay with the conversation's persona.")
+    notification_flow: str | None = Field(
+        "notify", description="Flow for non-chat message types when no rule matches."
+    )
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+
+class ChannelConfig(_Strict):
+    """Which connector delivers a channel, and its options."""
+
+    connector: str = Field(description="Connector name, e.g. outbox or smtp.")
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class DeliveryConfig(_Strict):
+    """Retry policy of the delivery stage."""
+
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+
+
+class SwitchboardConfig(_Strict):
+    """The whole YAML configuration file (``SWITCHBOARD_CONFIG``)."""
+
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    conversation: ConversationConfig = Field(default_factory=ConversationConfig)
+    knowledge_bases: dict[str, KnowledgeBaseConfig] = Field(default_factory=dict)
+    engines: dict[str, EngineConfig] = Field(
+        default_factory=lambda: {"local": EngineConfig(kind="local")}
+    )
+    personas: dict[str, PersonaConfig] = Field(min_length=1)
+    flows: dict[str, FlowConfig] = Field(default_factory=lambda: {"notify": FlowConfig()})
+    routing: RoutingConfig
+    channels: dict[Channel, ChannelConfig] = Field(
+        default_factory=lambda: {Channel.CHAT: ChannelConfig(connector="outbox")}
+    )
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> SwitchboardConfig:
+        personas, flows = set(self.personas), set(self.flows)
+        if self.routing.default_persona not in personas:
+            raise ValueError(
+                f"routing.default_persona {self.routing.default_persona!r} is not a persona "
+                f"(known: {sorted(personas)})"
+            )
+        if self.routing.notification_flow is not None and self.routing.notification_flow not in flows:
+            raise ValueError(
+                f"routing.notification_flow {self.routing.notification_flow!r} is not a flow "
+                f"(known: {sorted(flows)})"
+            )
+        for rule in self.routing.rules:
+            action = rule.action
+            if action is not None and action.persona is not None and action.persona not in personas:
+                raise ValueError(
+                    f"routing rule {rule.name!r}: unknown persona {action.persona!r} "
+                    f"(known: {sorted(personas)})"
+                )
+            if action is not None and action.flow is not None and action.flow not in flows:
+                raise ValueError(
+                    f"routing rule {rule.name!r}: unknown flow {action.flow!r} "
+                    f"(known: {sorted(flows)})"
+                )
+        for pname, persona in self.personas.items():
+            if persona.knowledge_base is not None and persona.knowledge_base not in self.knowledge_bases:
+                raise ValueError(
+                    f"persona {pname!r}: unknown knowledge_base {persona.knowledge_base!r} "
+                    f"(known: {sorted(self.knowledge_bases)})"
+                )
+            for engine in persona.engines:
+                if engine not in self.engines:
+                    raise ValueError(
+                        f"persona {pname!r}: unknown engine {engine!r} (known: {sorted(self.engines)})"
+                    )
+        return self

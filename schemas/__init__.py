@@ -1,0 +1,1 @@
+"""Avro contracts (``avro/*.avsc``), their pydantic models and the codec."""

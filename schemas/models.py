@@ -1,0 +1,287 @@
+"""Pydantic models of the Avro records in ``schemas/avro/`` (checked field by field by a test).
+
+The ``.avsc`` files are the source of truth; each model here mirrors one of them, and
+``tests/unit/test_models_match_avsc.py`` fails when a field, its optionality, its default or an
+enum symbol drifts. Timestamps are timezone-aware UTC ``datetime`` values (Avro
+``timestamp-millis``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AvroRecord",
+    "Channel",
+    "ChatMessage",
+    "ConversationEvent",
+    "ConversationEventKind",
+    "DeadLetter",
+    "DeliveryReport",
+    "DeliveryRequest",
+    "DeliveryStatus",
+    "Header",
+    "InboundMessage",
+    "LLMRequest",
+    "LLMResponse",
+    "LLMStatus",
+    "MessageType",
+    "Priority",
+    "Role",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    """Return the current UTC time truncated to milliseconds (Avro ``timestamp-millis``)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=(now.microsecond // 1000) * 1000)
+
+
+class Channel(StrEnum):
+    """Delivery / arrival channel (Avro enum ``switchboard.Channel``)."""
+
+    CHAT = "chat"
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+    VOICE = "voice"
+    EMAIL = "email"
+    WEBHOOK = "webhook"
+    OUTBOX = "outbox"
+
+
+class MessageType(StrEnum):
+    """Kind of inbound message (Avro enum ``switchboard.MessageType``)."""
+
+    CHAT = "chat"
+    OTP = "otp"
+    ALERT = "alert"
+    NOTIFICATION = "notification"
+    REMINDER = "reminder"
+
+
+class Priority(StrEnum):
+    """Message priority, most urgent first (Avro enum ``switchboard.Priority``)."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+class ConversationEventKind(StrEnum):
+    """What a ConversationEvent carries (Avro enum ``switchboard.ConversationEventKind``)."""
+
+    TURN = "turn"
+    CLOSE = "close"
+    HANDOFF = "handoff"
+    TIMEOUT = "timeout"
+
+
+class Role(StrEnum):
+    """Author of a turn (Avro enum ``switchboard.Role``)."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+class LLMStatus(StrEnum):
+    """Outcome of an LLM call (Avro enum ``switchboard.LLMStatus``)."""
+
+    OK = "ok"
+    FALLBACK = "fallback"
+    FAILED = "failed"
+
+
+class DeliveryStatus(StrEnum):
+    """Outcome of a delivery (Avro enum ``switchboard.DeliveryStatus``)."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class AvroRecord(BaseModel):
+    """Base of every record model; ``avro_name`` is the full name of its Avro schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    avro_name: ClassVar[str]
+
+    def to_avro(self) -> dict[str, object]:
+        """Return the datum fastavro writes (enums as their symbols, datetimes as-is)."""
+        return self.model_dump(mode="python")
+
+
+class InboundMessage(AvroRecord):
+    """A message published to ``switchboard.inbound`` (schema ``switchboard.InboundMessage``)."""
+
+    avro_name: ClassVar[str] = "switchboard.InboundMessage"
+
+    message_id: str
+    tenant: str
+    channel: Channel
+    sender: str
+    recipients: list[str] = Field(default_factory=list)
+    content: str
+    content_type: str = "text/plain"
+    message_type: MessageType = MessageType.CHAT
+    priority: Priority = Priority.MEDIUM
+    conversation_id: str | None = None
+    thread: list[str] = Field(default_factory=list)
+    in_response_to: str | None = None
+    subject: str | None = None
+    routing_slip: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    scheduled_for: datetime | None = None
+    ttl_ms: int | None = None
+
+
+class ConversationEvent(AvroRecord):
+    """A turn or lifecycle command on ``switchboard.conversations``."""
+
+    avro_name: ClassVar[str] = "switchboard.ConversationEvent"
+
+    event_id: str
+    conversation_id: str
+    tenant: str
+    kind: ConversationEventKind = ConversationEventKind.TURN
+    role: Role = Role.USER
+    content: str = ""
+    persona: str | None = None
+    channel: Channel = Channel.CHAT
+    sender: str = ""
+    subject: str | None = None
+    priority: Priority = Priority.MEDIUM
+    in_response_to: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    origin_created_at: datetime
+    created_at: datetime
+
+
+class ChatMessage(AvroRecord):
+    """One chat message of an LLM prompt (schema ``switchboard.ChatMessage``)."""
+
+    avro_name: ClassVar[str] = "switchboard.ChatMessage"
+
+    role: Role
+    content: str
+
+
+class LLMRequest(AvroRecord):
+    """One turn to answer, on ``switchboard.llm.requests``."""
+
+    avro_name: ClassVar[str] = "switchboard.LLMRequest"
+
+    request_id: str
+    conversation_id: str
+    tenant: str
+    turn_id: str
+    persona: str
+    attempt: int = 0
+    messages: list[ChatMessage]
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    deadline_at: datetime | None = None
+
+
+class LLMResponse(AvroRecord):
+    """The answer to one LLMRequest, on ``switchboard.llm.responses``."""
+
+    avro_name: ClassVar[str] = "switchboard.LLMResponse"
+
+    request_id: str
+    conversation_id: str
+    tenant: str
+    turn_id: str
+    persona: str
+    status: LLMStatus
+    content: str = ""
+    engine: str
+    model: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    created_at: datetime
+
+
+class DeliveryRequest(AvroRecord):
+    """A message to deliver, on ``switchboard.delivery.requests``."""
+
+    avro_name: ClassVar[str] = "switchboard.DeliveryRequest"
+
+    delivery_id: str
+    message_id: str
+    conversation_id: str | None = None
+    tenant: str
+    channel: Channel
+    recipient: str
+    subject: str | None = None
+    content: str
+    content_type: str = "text/plain"
+    message_type: MessageType = MessageType.CHAT
+    priority: Priority = Priority.MEDIUM
+    persona: str | None = None
+    attempt: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    origin_created_at: datetime
+    created_at: datetime
+    scheduled_for: datetime | None = None
+
+
+class DeliveryReport(AvroRecord):
+    """Outcome of one delivery, on ``switchboard.delivery.reports``."""
+
+    avro_name: ClassVar[str] = "switchboard.DeliveryReport"
+
+    delivery_id: str
+    message_id: str
+    conversation_id: str | None = None
+    tenant: str
+    channel: Channel
+    connector: str
+    recipient: str
+    status: DeliveryStatus
+    attempts: int = 1
+    error: str | None = None
+    provider_message_id: str | None = None
+    content: str = ""
+    persona: str | None = None
+    origin_created_at: datetime
+    created_at: datetime
+    latency_ms: float = 0.0
+
+
+class Header(AvroRecord):
+    """One Kafka record header (schema ``switchboard.Header``)."""
+
+    avro_name: ClassVar[str] = "switchboard.Header"
+
+    key: str
+    value: bytes | None = None
+
+
+class DeadLetter(AvroRecord):
+    """A record that could not be processed, on ``switchboard.deadletter``."""
+
+    avro_name: ClassVar[str] = "switchboard.DeadLetter"
+
+    dead_letter_id: str
+    stage: str
+    reason: str
+    error_type: str
+    source_topic: str
+    source_partition: int = -1
+    source_offset: int = -1
+    message_id: str | None = None
+    tenant: str | None = None
+    original_key: bytes | None = None
+    original_value: bytes | None = None
+    original_headers: list[Header] = Field(default_factory=list)
+    created_at: datetime

@@ -1,0 +1,1 @@
+"""Wiring: the Faust app, agents, settings, metrics, embedded stack and the CLI."""
