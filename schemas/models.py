@@ -153,6 +153,8 @@ class ConversationEvent(AvroRecord):
     role: Role = Role.USER
     content: str = ""
     persona: str | None = None
+    route_rule: str | None = None
+    override_continuity: bool = False
     channel: Channel = Channel.CHAT
     sender: str = ""
     subject: str | None = None

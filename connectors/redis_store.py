@@ -1,0 +1,153 @@
+"""Idempotency keys in Redis (SET NX EX) and a connect helper that fails with a clear message."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+import redis.exceptions
+
+from connectors.errors import ConnectorError
+
+__all__ = ["IdempotencyStore", "StoreError", "connect_redis", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(ConnectorError):
+    """A Redis command failed; ``retriable`` for connection losses and timeouts."""
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log or raise)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+async def connect_redis(url: str, *, timeout_s: float = 5.0) -> redis.asyncio.Redis:
+    """Create a client for ``url`` and check it with PING.
+
+    Args:
+        url: A ``redis://``, ``rediss://`` or ``unix://`` URL (redis-py ``from_url`` syntax).
+        timeout_s: Connect and command timeout, in seconds.
+
+    Returns:
+        A connected client; the caller closes it with ``await client.aclose()``. It does not
+        retry failed commands itself: ``IdempotencyStore`` turns a lost connection into a
+        retriable ``StoreError`` and the pool reconnects on the next command.
+
+    Raises:
+        ConnectionError: Redis cannot be reached or did not answer PING; the message names the
+            URL (password redacted).
+    """
+    client = redis.asyncio.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        await client.aclose()
+        raise ConnectionError(
+            f"cannot reach Redis at {redact_url(url)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    log.debug("connected to Redis at %s", redact_url(url))
+    return client
+
+
+class IdempotencyStore:
+    """Keys that record "this effect was already applied", with a TTL, in one namespace.
+
+    Every key is stored as ``<namespace>:<key>``, so stores with different namespaces (e.g.
+    ``delivery`` and ``ingest``) never see each other's keys. Typical use for effects-once:
+    ``claim`` before the side effect (only the winner proceeds), ``release`` when the effect
+    failed so that a retry may claim again, ``mark`` to record an effect applied elsewhere.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, *, namespace: str) -> None:
+        """Use ``client`` for keys under ``namespace``.
+
+        Raises:
+            ValueError: ``namespace`` is empty.
+        """
+        if not namespace:
+            raise ValueError("namespace must not be empty")
+        self._client = client
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        """The key prefix (without the ``:`` separator)."""
+        return self._namespace
+
+    def key(self, key: str) -> str:
+        """The Redis key that stores ``key``: ``<namespace>:<key>``."""
+        return f"{self._namespace}:{key}"
+
+    @contextmanager
+    def _errors(self, command: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StoreError(f"redis {command} {self.key(key)}: {exc}", retriable=True) from exc
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"redis {command} {self.key(key)}: {exc}", retriable=False) from exc
+
+    @staticmethod
+    def _check_ttl(ttl_s: int) -> None:
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1:
+            raise ValueError(f"ttl_s must be a whole number of seconds >= 1, got {ttl_s!r}")
+
+    async def seen(self, key: str) -> bool:
+        """True when ``key`` is marked or claimed and not expired (Redis ``EXISTS``).
+
+        Raises:
+            StoreError: The command failed.
+        """
+        with self._errors("EXISTS", key):
+            return bool(await self._client.exists(self.key(key)))
+
+    async def mark(self, key: str, ttl_s: int) -> None:
+        """Record ``key`` for ``ttl_s`` seconds, replacing any TTL (``SET key 1 EX ttl_s``).
+
+        Raises:
+            ValueError: ``ttl_s`` is not an integer >= 1.
+            StoreError: The command failed.
+        """
+        self._check_ttl(ttl_s)
+        with self._errors("SET", key):
+            await self._client.set(self.key(key), 1, ex=ttl_s)
+
+    async def claim(self, key: str, ttl_s: int) -> bool:
+        """Atomically take ``key`` for ``ttl_s`` seconds (``SET key 1 NX EX ttl_s``).
+
+        Returns:
+            True when this call created the key; False when it already existed (someone else
+            claimed or marked it), in which case its TTL is left as it was.
+
+        Raises:
+            ValueError: ``ttl_s`` is not an integer >= 1.
+            StoreError: The command failed.
+        """
+        self._check_ttl(ttl_s)
+        with self._errors("SET NX", key):
+            return bool(await self._client.set(self.key(key), 1, ex=ttl_s, nx=True))
+
+    async def release(self, key: str) -> bool:
+        """Delete ``key`` so that it may be claimed again (Redis ``DEL``).
+
+        Returns:
+            True when a key was deleted, False when there was none.
+
+        Raises:
+            StoreError: The command failed.
+        """
+        with self._errors("DEL", key):
+            return bool(await self._client.delete(self.key(key)))

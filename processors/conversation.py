@@ -1,0 +1,596 @@
+"""The conversation state machine: per-conversation order and exactly one reply per user turn.
+
+The conversation agent keeps one :class:`ConversationState` per ``conversation_id`` in a Faust
+table (``model_dump(mode="json")`` / ``model_validate``) and, for every record it consumes, calls
+one pure function of this module, stores the returned state and sends the returned effects.
+Nothing here does I/O or reads the clock, and no function mutates the state it is given.
+
+Guarantees (ARCHITECTURE.md principles 4 and 5):
+
+* **Idempotent.** Delivery is at-least-once, so every input may arrive twice. An event whose
+  ``event_id`` is pending, queued, answered (last :data:`ANSWERED_IDS_LIMIT`) or among the last
+  :data:`RECENT_IDS_LIMIT` ids seen is :class:`Dropped`; so is an LLM response whose ``turn_id``
+  is not the pending turn. A response to an earlier *attempt* of the pending turn is accepted:
+  the first response wins, later ones are dropped.
+* **One turn in flight.** At most one user turn per conversation is pending at the LLM; later
+  turns wait in ``queue`` and are issued one at a time as replies arrive, so replies go out in
+  the order the user turns arrived. ``history`` holds the turns in answer order.
+* **Deadlines.** :func:`reissue_due` re-issues a pending turn after ``llm_deadline_s`` with
+  ``attempt + 1`` (a new ``request_id``, the same ``turn_id``).
+
+Lifecycle choices:
+
+* ``open`` until the first reply, then ``active``. A user turn for a ``closed`` or ``timed_out``
+  conversation starts a fresh session: history, persona and status are reset, while the dedup
+  ids, the lifetime counters and ``created_at`` are kept (``sessions`` counts sessions,
+  ``opened_at`` is when the current one started). A session idle for ``inactivity_timeout_s``
+  with nothing pending is timed out lazily by the next user turn (a ``Closed("timeout")`` effect
+  precedes the new turn's ``IssueLLM``) or by :func:`check_timeout`.
+* A ``close`` or ``handoff`` event takes effect once the conversation is idle: every turn already
+  accepted (the pending one, the queue, and turns arriving while it drains) is still answered in
+  order, then the status changes and :class:`Closed` follows the last ``Deliver``.
+* In ``handoff`` a human owns the conversation: user turns are recorded in history for the
+  operator but not sent to the LLM (``Dropped(reason="handoff")``) until the conversation is
+  closed or times out.
+* An LLM response is delivered whatever its ``status`` (the llm stage fills ``failed``
+  responses with the persona's apology); one with empty content ends the turn without a
+  delivery and yields ``Dropped(reason="empty_reply")`` so that the agent counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from processors.config import ConversationConfig, PersonaConfig
+from schemas.models import (
+    Channel,
+    ChatMessage,
+    ConversationEvent,
+    ConversationEventKind,
+    DeliveryRequest,
+    LLMRequest,
+    LLMResponse,
+    LLMStatus,
+    MessageType,
+    Priority,
+    Role,
+)
+
+__all__ = [
+    "ANSWERED_IDS_LIMIT",
+    "RECENT_IDS_LIMIT",
+    "Closed",
+    "ConversationState",
+    "ConversationStatus",
+    "Deliver",
+    "Dropped",
+    "Effect",
+    "IssueLLM",
+    "PendingTurn",
+    "Transition",
+    "Turn",
+    "check_timeout",
+    "on_close",
+    "on_llm_response",
+    "on_user_turn",
+    "reissue_due",
+]
+
+RECENT_IDS_LIMIT = 256
+"""Event ids remembered per conversation for dedup (oldest forgotten first)."""
+ANSWERED_IDS_LIMIT = 256
+"""Answered turn ids remembered per conversation (duplicate responses, late duplicate turns)."""
+
+
+class ConversationStatus(StrEnum):
+    """Lifecycle of a conversation session."""
+
+    OPEN = "open"
+    ACTIVE = "active"
+    CLOSED = "closed"
+    TIMED_OUT = "timed_out"
+    HANDOFF = "handoff"
+
+
+_ONGOING = frozenset({ConversationStatus.OPEN, ConversationStatus.ACTIVE})
+_ENDED = frozenset({ConversationStatus.CLOSED, ConversationStatus.TIMED_OUT})
+
+
+class Turn(BaseModel):
+    """One turn of the history (``turn_id`` = the user event id, or ``<id>:reply``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    turn_id: str
+    role: Role
+    content: str
+    at: datetime
+    persona: str | None = None
+
+
+class PendingTurn(BaseModel):
+    """A user turn waiting for, or in flight to, the LLM: all the reply delivery needs.
+
+    ``attempt`` and ``issued_at`` are set when the turn is issued (``issued_at`` is None while
+    it waits in the queue).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    turn_id: str
+    content: str
+    channel: Channel
+    sender: str
+    subject: str | None = None
+    priority: Priority = Priority.MEDIUM
+    metadata: dict[str, str] = Field(default_factory=dict)
+    origin_created_at: datetime
+    persona: str
+    attempt: int = 0
+    issued_at: datetime | None = None
+
+
+class ConversationState(BaseModel):
+    """Everything the conversation agent keeps per ``conversation_id`` (JSON-serialisable).
+
+    Invariant: ``queue`` is empty whenever ``pending`` is None.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    conversation_id: str
+    tenant: str
+    status: ConversationStatus = ConversationStatus.OPEN
+    persona: str
+    history: list[Turn] = Field(default_factory=list)
+    pending: PendingTurn | None = None
+    queue: list[PendingTurn] = Field(default_factory=list)
+    recent_ids: list[str] = Field(default_factory=list)
+    answered_ids: list[str] = Field(default_factory=list)
+    closing: ConversationStatus | None = None  # requested close/handoff, applied once idle
+    close_reason: str | None = None
+    user_turns: int = 0
+    assistant_turns: int = 0
+    fallback_replies: int = 0
+    reissues: int = 0
+    sessions: int = 1
+    created_at: datetime
+    opened_at: datetime
+    last_activity_at: datetime
+    total_reply_latency_ms: float = 0.0
+    last_engine: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueLLM:
+    """Send ``request`` to ``switchboard.llm.requests``."""
+
+    request: LLMRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``request`` to ``switchboard.delivery.requests``."""
+
+    request: DeliveryRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session ended (``reason``: the close event's content or kind, or ``timeout``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """An input that produces no record: count it in a metric, send nothing.
+
+    Reasons: ``duplicate``, ``stale`` (a response for a turn not pending), ``handoff``,
+    ``not_user_turn``, ``not_open`` (close of an ended or unknown conversation),
+    ``unknown_conversation`` (a response without state), ``empty_reply``.
+    """
+
+    event_id: str
+    reason: str
+
+
+Effect = IssueLLM | Deliver | Closed | Dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The state to store and the effects to send, in order."""
+
+    state: ConversationState
+    effects: list[Effect] = field(default_factory=list)
+
+
+def _bounded(items: list[str], item: str, limit: int) -> list[str]:
+    return [*items, item][-limit:]
+
+
+def _ms(moment: datetime) -> datetime:
+    """Truncate to milliseconds, the precision of Avro ``timestamp-millis``."""
+    return moment.replace(microsecond=(moment.microsecond // 1000) * 1000)
+
+
+def _is_idle(state: ConversationState) -> bool:
+    return state.pending is None and not state.queue
+
+
+def _idle_too_long(state: ConversationState, now: datetime, cfg: ConversationConfig) -> bool:
+    idle_s = (now - state.last_activity_at).total_seconds()
+    return _is_idle(state) and idle_s >= cfg.inactivity_timeout_s
+
+
+def _new_state(event: ConversationEvent, persona: str, now: datetime) -> ConversationState:
+    return ConversationState(
+        conversation_id=event.conversation_id,
+        tenant=event.tenant,
+        persona=persona,
+        created_at=now,
+        opened_at=now,
+        last_activity_at=now,
+    )
+
+
+def _placeholder(
+    conversation_id: str, tenant: str, persona: str, now: datetime
+) -> ConversationState:
+    """The state returned for an input about an unknown conversation: closed, zero sessions.
+
+    Storing it is harmless: the next user turn opens session 1 as for a new conversation.
+    """
+    return ConversationState(
+        conversation_id=conversation_id,
+        tenant=tenant,
+        persona=persona,
+        status=ConversationStatus.CLOSED,
+        sessions=0,
+        created_at=now,
+        opened_at=now,
+        last_activity_at=now,
+    )
+
+
+def _reopen(state: ConversationState, persona: str, now: datetime) -> ConversationState:
+    return state.model_copy(
+        update={
+            "status": ConversationStatus.OPEN,
+            "persona": persona,
+            "history": [],
+            "closing": None,
+            "close_reason": None,
+            "sessions": state.sessions + 1,
+            "opened_at": now,
+        }
+    )
+
+
+def _is_duplicate(state: ConversationState, event_id: str) -> bool:
+    in_flight = [state.pending] if state.pending is not None else []
+    return (
+        event_id in state.recent_ids
+        or event_id in state.answered_ids
+        or any(turn.turn_id == event_id for turn in (*in_flight,))
+    )
+
+
+def _with_history(state: ConversationState, turn: Turn, cfg: ConversationConfig) -> list[Turn]:
+    return [*state.history, turn][-cfg.max_history_turns :]
+
+
+def _request(state: ConversationState, turn: PendingTurn, cfg: ConversationConfig) -> LLMRequest:
+    """Build the LLMRequest of the pending ``turn``; the history ends with its user turn."""
+    if turn.issued_at is None:
+        raise ValueError(f"turn {turn.turn_id!r} has not been issued")
+    messages = [ChatMessage(role=t.role, content=t.content) for t in state.history]
+    if not state.history or state.history[-1].turn_id != turn.turn_id:
+        messages.append(ChatMessage(role=Role.USER, content=turn.content))
+    return LLMRequest(
+        request_id=f"{turn.turn_id}:{turn.attempt}",
+        conversation_id=state.conversation_id,
+        tenant=state.tenant,
+        turn_id=turn.turn_id,
+        persona=turn.persona,
+        attempt=turn.attempt,
+        messages=messages,
+        metadata=dict(turn.metadata),
+        created_at=_ms(turn.issued_at),
+        deadline_at=_ms(turn.issued_at + timedelta(seconds=cfg.llm_deadline_s)),
+    )
+
+
+def _issue(
+    state: ConversationState, turn: PendingTurn, cfg: ConversationConfig, now: datetime
+) -> tuple[ConversationState, IssueLLM]:
+    """Make ``turn`` the pending one, append it to the history and build its IssueLLM."""
+    issued = turn.model_copy(update={"attempt": 0, "issued_at": now})
+    user_turn = Turn(
+        turn_id=turn.turn_id, role=Role.USER, content=turn.content, at=now, persona=turn.persona
+    )
+    state = state.model_copy(
+        update={"pending": issued, "history": _with_history(state, user_turn, cfg)}
+    )
+    return state, IssueLLM(_request(state, issued, cfg))
+
+
+def _pending_from(event: ConversationEvent, persona: str) -> PendingTurn:
+    return PendingTurn(
+        turn_id=event.event_id,
+        content=event.content,
+        channel=event.channel,
+        sender=event.sender,
+        subject=event.subject,
+        priority=event.priority,
+        metadata=dict(event.metadata),
+        origin_created_at=event.origin_created_at,
+        persona=persona,
+    )
+
+
+def _choose_persona(
+    state: ConversationState,
+    persona: str,
+    *,
+    override_continuity: bool,
+    continuity: bool,
+    personas: Mapping[str, PersonaConfig],
+) -> str:
+    keep = continuity and not override_continuity and state.status in _ONGOING
+    chosen = state.persona if keep and state.persona in personas else persona
+    if chosen not in personas:
+        raise ValueError(f"unknown persona {chosen!r} (known: {sorted(personas)})")
+    return chosen
+
+
+def on_user_turn(
+    state: ConversationState | None,
+    event: ConversationEvent,
+    *,
+    persona: str,
+    override_continuity: bool,
+    continuity: bool,
+    cfg: ConversationConfig,
+    personas: Mapping[str, PersonaConfig],
+    now: datetime,
+) -> Transition:
+    """Accept a user turn: issue it to the LLM when nothing is pending, else queue it.
+
+    Args:
+        state: The stored state, or None for a conversation never seen.
+        event: A ``turn`` event; its ``event_id`` is the turn id.
+        persona: The persona the router chose for this turn.
+        override_continuity: True when the routing rule replaces an ongoing persona.
+        continuity: ``routing.continuity``: keep the persona of an ongoing (open/active) session.
+        cfg: History bound, inactivity timeout (s) and LLM deadline (s).
+        personas: Configured personas; a stored persona no longer configured is replaced.
+        now: The current time (UTC).
+
+    Returns:
+        ``[Dropped]`` for a duplicate, a non-user turn or a turn during handoff; otherwise
+        ``[IssueLLM]`` or ``[]`` (queued), preceded by ``Closed("timeout")`` when the session
+        had been idle for ``cfg.inactivity_timeout_s``.
+
+    Raises:
+        ValueError: If the chosen persona is not in ``personas``.
+    """
+    if state is not None and _is_duplicate(state, event.event_id):
+        return Transition(state, [Dropped(event.event_id, "duplicate")])
+    if event.role is not Role.USER:
+        stored = state or _placeholder(event.conversation_id, event.tenant, persona, now)
+        return Transition(stored, [Dropped(event.event_id, "not_user_turn")])
+    effects: list[Effect] = []
+    if state is not None and state.status not in _ENDED and _idle_too_long(state, now, cfg):
+        state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT})
+        effects.append(Closed("timeout"))
+    if state is None:
+        state = _new_state(event, persona, now)
+    elif state.status in _ENDED:
+        state = _reopen(state, persona, now)
+    state = state.model_copy(
+        update={
+            "recent_ids": _bounded(state.recent_ids, event.event_id, RECENT_IDS_LIMIT),
+            "user_turns": state.user_turns + 1,
+            "last_activity_at": now,
+        }
+    )
+    if state.status is ConversationStatus.HANDOFF:
+        turn = Turn(turn_id=event.event_id, role=Role.USER, content=event.content, at=now)
+        state = state.model_copy(update={"history": _with_history(state, turn, cfg)})
+        return Transition(state, [*effects, Dropped(event.event_id, "handoff")])
+    chosen = _choose_persona(
+        state,
+        persona,
+        override_continuity=override_continuity,
+        continuity=continuity,
+        personas=personas,
+    )
+    state = state.model_copy(update={"persona": chosen})
+    waiting = _pending_from(event, chosen)
+    if state.pending is not None:
+        state = state.model_copy(update={"queue": [*state.queue, waiting]})
+        return Transition(state, effects)
+    state, issue = _issue(state, waiting, cfg, now)
+    return Transition(state, [*effects, issue])
+
+
+def _reply(state: ConversationState, turn: PendingTurn, content: str, now: datetime) -> Deliver:
+    subject = turn.subject
+    if subject and not subject.lower().startswith("re:"):
+        subject = f"Re: {subject}"
+    return Deliver(
+        DeliveryRequest(
+            delivery_id=f"{turn.turn_id}:reply",
+            message_id=turn.turn_id,
+            conversation_id=state.conversation_id,
+            tenant=state.tenant,
+            channel=turn.channel,
+            recipient=turn.sender,
+            subject=subject,
+            content=content,
+            message_type=MessageType.CHAT,
+            priority=turn.priority,
+            persona=turn.persona,
+            metadata=dict(turn.metadata),
+            origin_created_at=turn.origin_created_at,
+            created_at=_ms(now),
+        )
+    )
+
+
+def _finish_close(state: ConversationState) -> tuple[ConversationState, list[Effect]]:
+    """Apply a requested close/handoff once nothing is pending or queued."""
+    if state.closing is None or not _is_idle(state):
+        return state, []
+    reason = state.close_reason or state.closing.value
+    state = state.model_copy(
+        update={"status": state.closing, "closing": None, "close_reason": None}
+    )
+    return state, [Closed(reason)]
+
+
+def on_llm_response(
+    state: ConversationState | None,
+    response: LLMResponse,
+    *,
+    cfg: ConversationConfig,
+    now: datetime,
+) -> Transition:
+    """Answer the pending turn with ``response`` and issue the next queued turn, if any.
+
+    Args:
+        state: The stored state (None if unknown).
+        response: The LLM stage's answer; any ``status`` is delivered when content is non-empty.
+        cfg: History bound and LLM deadline (s) of the next request.
+        now: The current time (UTC); reply latency = ``now - origin_created_at`` in ms.
+
+    Returns:
+        ``[Dropped]`` for an unknown conversation or a stale/duplicate response; otherwise
+        ``[Deliver]`` (or ``[Dropped("empty_reply")]``), then ``IssueLLM`` for the next queued
+        turn or ``Closed`` when a requested close/handoff can now take effect.
+    """
+    if state is None:
+        unknown = _placeholder(response.conversation_id, response.tenant, response.persona, now)
+        return Transition(unknown, [Dropped(response.request_id, "unknown_conversation")])
+    pending = state.pending
+    if pending is None or response.turn_id != pending.turn_id:
+        reason = "duplicate" if response.turn_id in state.answered_ids else "stale"
+        return Transition(state, [Dropped(response.request_id, reason)])
+    effects: list[Effect] = []
+    latency_ms = (now - pending.origin_created_at).total_seconds() * 1000.0
+    update: dict[str, object] = {
+        "pending": None,
+        "answered_ids": _bounded(state.answered_ids, pending.turn_id, ANSWERED_IDS_LIMIT),
+        "last_activity_at": now,
+        "last_engine": response.engine,
+    }
+    if response.content:
+        reply = Turn(
+            turn_id=f"{pending.turn_id}:reply",
+            role=Role.ASSISTANT,
+            content=response.content,
+            at=now,
+            persona=pending.persona,
+        )
+        update |= {
+            "history": _with_history(state, reply, cfg),
+            "status": ConversationStatus.ACTIVE
+            if state.status is ConversationStatus.OPEN
+            else state.status,
+            "assistant_turns": state.assistant_turns + 1,
+            "fallback_replies": state.fallback_replies + (response.status is not LLMStatus.OK),
+            "total_reply_latency_ms": state.total_reply_latency_ms + max(latency_ms, 0.0),
+        }
+        effects.append(_reply(state, pending, response.content, now))
+    else:
+        effects.append(Dropped(pending.turn_id, "empty_reply"))
+    state = state.model_copy(update=update)
+    if state.queue:
+        next_turn, rest = state.queue[0], state.queue[1:]
+        state, issue = _issue(state.model_copy(update={"queue": rest}), next_turn, cfg, now)
+        return Transition(state, [*effects, issue])
+    state, closed = _finish_close(state)
+    return Transition(state, [*effects, *closed])
+
+
+def on_close(
+    state: ConversationState | None, event: ConversationEvent, now: datetime
+) -> Transition:
+    """Close or hand off the conversation once every accepted turn has been answered.
+
+    Args:
+        state: The stored state (None if unknown).
+        event: A ``close`` or ``handoff`` event; its content (or kind) is the reason.
+        now: The current time (UTC).
+
+    Returns:
+        ``[Closed(reason)]`` when the conversation is idle, ``[]`` when the close waits for
+        the pending/queued turns, ``[Dropped]`` for a duplicate or an ended conversation.
+
+    Raises:
+        ValueError: If ``event.kind`` is neither ``close`` nor ``handoff``.
+    """
+    targets = {
+        ConversationEventKind.CLOSE: ConversationStatus.CLOSED,
+        ConversationEventKind.HANDOFF: ConversationStatus.HANDOFF,
+    }
+    if event.kind not in targets:
+        raise ValueError(f"on_close takes close/handoff events, got {event.kind.value!r}")
+    target = targets[event.kind]
+    if state is None:
+        unknown = _placeholder(event.conversation_id, event.tenant, event.persona or "", now)
+        return Transition(unknown, [Dropped(event.event_id, "not_open")])
+    if _is_duplicate(state, event.event_id):
+        return Transition(state, [Dropped(event.event_id, "duplicate")])
+    if state.status in _ENDED or state.status is target:
+        return Transition(state, [Dropped(event.event_id, "not_open")])
+    state = state.model_copy(
+        update={
+            "recent_ids": _bounded(state.recent_ids, event.event_id, RECENT_IDS_LIMIT),
+            "closing": target,
+            "close_reason": event.content or event.kind.value,
+            "last_activity_at": now,
+        }
+    )
+    state, effects = _finish_close(state)
+    return Transition(state, effects)
+
+
+def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:
+    """Re-issue the pending turn when its LLM response is overdue.
+
+    A turn issued more than ``cfg.llm_deadline_s`` seconds before ``now`` is issued again with
+    ``attempt + 1`` (``request_id`` ``<turn_id>:<attempt>``); a late response to any attempt is
+    still accepted by :func:`on_llm_response`, the first one wins.
+
+    Returns:
+        ``[IssueLLM]`` when re-issued, else ``[]`` with ``state`` unchanged.
+    """
+    pending = state.pending
+    if pending is None or pending.issued_at is None:
+        return Transition(state, [])
+    if (now - pending.issued_at).total_seconds() <= cfg.llm_deadline_s:
+        return Transition(state, [])
+    reissued = pending.model_copy(update={"attempt": pending.attempt + 1, "issued_at": now})
+    state = state.model_copy(update={"pending": reissued, "reissues": state.reissues + 1})
+    return Transition(state, [IssueLLM(_request(state, reissued, cfg))])
+
+
+def check_timeout(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:
+    """Time out a session idle for ``cfg.inactivity_timeout_s`` with nothing pending or queued.
+
+    Returns:
+        ``[Closed("timeout")]`` with status ``timed_out``, else ``[]`` with ``state`` unchanged
+        (already ended, busy, or active recently).
+    """
+    if state.status in _ENDED or not _idle_too_long(state, now, cfg):
+        return Transition(state, [])
+    state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT, "closing": None})
+    return Transition(state, [Closed("timeout")])

@@ -1,0 +1,252 @@
+"""Ingest pre-processing: normalise content, check expiry and limits, run content filters."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+from processors.config import PreprocessConfig
+from schemas.models import InboundMessage
+
+__all__ = [
+    "BLOCKED_TERMS_FILTER",
+    "STAGE",
+    "Accepted",
+    "ContentFilter",
+    "Rejected",
+    "check_content_filters",
+    "content_filter",
+    "conversation_id_for",
+    "dedup_key",
+    "find_blocked_term",
+    "normalize_text",
+    "preprocess",
+    "register_content_filter",
+    "registered_content_filters",
+]
+
+STAGE = "ingest.preprocess"
+BLOCKED_TERMS_FILTER = "blocked_terms"
+
+ContentFilter = Callable[[InboundMessage], str | None]
+"""A content filter hook: returns a rejection reason, or None to let the message pass."""
+
+_CONTENT_FILTERS: dict[str, ContentFilter] = {}
+
+# Every Unicode "Cc" character (C0 0x00-0x1F, DEL 0x7F, C1 0x80-0x9F) except \t and \n.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_NEWLINE = re.compile(r"\r\n?")
+_BLANKS = re.compile(r"[ \t]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A message that passed pre-processing; ``message.content`` is normalised."""
+
+    message: InboundMessage
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message to dead-letter: ``stage``, a precise ``reason`` and a short ``error_type``."""
+
+    stage: str
+    reason: str
+    error_type: str
+
+
+def normalize_text(text: str) -> str:
+    """Return ``text`` in the canonical (possibly empty) form the rest of the pipeline sees.
+
+    Steps, in order: ``\\r\\n`` and ``\\r`` become ``\\n``; control characters (Unicode
+    category Cc: C0, DEL, C1) other than ``\\n`` and ``\\t`` are removed; Unicode NFC
+    (``unicodedata.normalize``, after the removal so that a removed character cannot leave an
+    uncomposed pair behind); runs of spaces and tabs become one space; trailing whitespace of
+    every line is stripped; three or more newlines become two; the whole is stripped.
+    Idempotent: ``normalize_text(normalize_text(s)) == normalize_text(s)``.
+    """
+    text = _NEWLINE.sub("\n", text)
+    text = _CONTROL.sub("", text)
+    text = unicodedata.normalize("NFC", text)
+    text = _BLANKS.sub(" ", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def conversation_id_for(msg: InboundMessage) -> str:
+    """Return the conversation a message belongs to.
+
+    ``msg.conversation_id`` when it is set and non-empty; otherwise the stable key
+    ``f"{tenant}:{channel}:{sender}"`` (channel as its Avro symbol, e.g. ``acme:sms:+4412``),
+    so that every message from one sender on one channel of one tenant joins one conversation.
+    """
+    if msg.conversation_id:
+        return msg.conversation_id
+    return f"{msg.tenant}:{msg.channel.value}:{msg.sender}"
+
+
+def dedup_key(msg: InboundMessage) -> str:
+    """Return the Redis idempotency key of a message: ``f"dedup:{tenant}:{message_id}"``."""
+    return f"dedup:{msg.tenant}:{msg.message_id}"
+
+
+def register_content_filter(name: str) -> Callable[[ContentFilter], ContentFilter]:
+    """Register a content filter hook under ``name`` (decorator).
+
+    Enable it by listing ``name`` in ``preprocess.content_filters`` of the YAML config. The hook
+    receives the message with normalised content and returns a rejection reason or None.
+
+    Raises:
+        ValueError: ``name`` is the built-in ``"blocked_terms"`` or is already registered to
+            another function.
+    """
+
+    def decorator(func: ContentFilter) -> ContentFilter:
+        if name == BLOCKED_TERMS_FILTER:
+            raise ValueError(f"content filter name {name!r} is reserved for the built-in filter")
+        existing = _CONTENT_FILTERS.get(name)
+        if existing is not None and existing is not func:
+            raise ValueError(f"content filter {name!r} is already registered to {existing!r}")
+        _CONTENT_FILTERS[name] = func
+        return func
+
+    return decorator
+
+
+def registered_content_filters() -> list[str]:
+    """Return the names of the registered content filter hooks, sorted."""
+    return sorted(_CONTENT_FILTERS)
+
+
+def content_filter(name: str) -> ContentFilter:
+    """Return the content filter hook registered under ``name``.
+
+    Raises:
+        KeyError: no hook has that name; the message lists the registered names.
+    """
+    try:
+        return _CONTENT_FILTERS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown content filter {name!r} (registered: {registered_content_filters()})"
+        ) from None
+
+
+def check_content_filters(cfg: PreprocessConfig) -> None:
+    """Check at start-up that every name in ``cfg.content_filters`` is registered.
+
+    Raises:
+        KeyError: the first unknown name, with the registered names listed.
+    """
+    for name in cfg.content_filters:
+        content_filter(name)
+
+
+@lru_cache(maxsize=32)
+def _blocked_terms_pattern(terms: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Compile the terms into one case-insensitive whole-word regex; group ``tN`` is term N."""
+    alternatives = [
+        f"(?P<t{i}>{re.escape(normalize_text(term))})"
+        for i, term in enumerate(terms)
+        if term.strip()
+    ]
+    if not alternatives:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+
+
+def find_blocked_term(content: str, terms: Iterable[str]) -> str | None:
+    """Return the configured term found in ``content`` as a whole word, or None.
+
+    Matching is case-insensitive; a "whole word" is not preceded or followed by a word
+    character (``\\w``), so terms may contain spaces or punctuation (``"free money"``).
+    Compiled patterns are cached per tuple of terms.
+    """
+    terms = tuple(terms)
+    pattern = _blocked_terms_pattern(terms)
+    if pattern is None:
+        return None
+    match = pattern.search(content)
+    if match is None or match.lastgroup is None:
+        return None
+    return terms[int(match.lastgroup[1:])]
+
+
+def _expiry(msg: InboundMessage, now: datetime) -> Rejected | None:
+    if msg.ttl_ms is None:
+        return None
+    start = msg.scheduled_for or msg.created_at
+    deadline = start + timedelta(milliseconds=msg.ttl_ms)
+    if now < deadline:
+        return None
+    elapsed = f"ttl_ms={msg.ttl_ms} elapsed at {deadline.isoformat()} (now {now.isoformat()})"
+    return Rejected(STAGE, f"message expired: {elapsed}", "MessageExpired")
+
+
+def _limits(content: str, cfg: PreprocessConfig) -> Rejected | None:
+    size = len(content)
+    if size > cfg.max_content_chars:
+        reason = (
+            f"content is {size} characters, limit is {cfg.max_content_chars} "
+            "(preprocess.max_content_chars)"
+        )
+        return Rejected(STAGE, reason, "ContentTooLong")
+    if size == 0 and cfg.min_content_chars > 0:
+        return Rejected(STAGE, "content is empty after normalisation", "EmptyContent")
+    if size < cfg.min_content_chars:
+        reason = (
+            f"content is {size} characters, minimum is {cfg.min_content_chars} "
+            "(preprocess.min_content_chars)"
+        )
+        return Rejected(STAGE, reason, "ContentTooShort")
+    return None
+
+
+def preprocess(msg: InboundMessage, cfg: PreprocessConfig, now: datetime) -> Accepted | Rejected:
+    """Normalise one decoded inbound message and decide whether it goes on to routing.
+
+    Checks, in order: expiry (``ttl_ms`` counted from ``scheduled_for`` when set, else from
+    ``created_at``; expired when ``now >= start + ttl``), content length after
+    :func:`normalize_text` (``max_content_chars``, then empty, then ``min_content_chars``), the
+    built-in blocked-terms filter, then each hook of ``cfg.content_filters`` in order.
+    De-duplication is not done here: it needs Redis; the stage uses :func:`dedup_key`.
+
+    Args:
+        msg: The decoded message.
+        cfg: The ``preprocess`` section of the config.
+        now: Current time, timezone-aware UTC.
+
+    Returns:
+        ``Accepted`` with the normalised copy of the message and its conversation id, or
+        ``Rejected`` (stage ``"ingest.preprocess"``) saying why, to be dead-lettered.
+
+    Raises:
+        KeyError: a name in ``cfg.content_filters`` is not registered (call
+            :func:`check_content_filters` at start-up to fail early instead).
+        Exception: whatever a registered hook raises is propagated unchanged.
+    """
+    expired = _expiry(msg, now)
+    if expired is not None:
+        return expired
+    content = normalize_text(msg.content)
+    too_long_or_short = _limits(content, cfg)
+    if too_long_or_short is not None:
+        return too_long_or_short
+    term = find_blocked_term(content, cfg.blocked_terms)
+    if term is not None:
+        reason = f"blocked by content filter {BLOCKED_TERMS_FILTER!r}: term {term!r}"
+        return Rejected(STAGE, reason, "ContentBlocked")
+    normalised = msg.model_copy(update={"content": content})
+    for name in cfg.content_filters:
+        hook_reason = content_filter(name)(normalised)
+        if hook_reason is not None:
+            reason = f"blocked by content filter {name!r}: {hook_reason}"
+            return Rejected(STAGE, reason, "ContentBlocked")
+    return Accepted(normalised, conversation_id_for(normalised))

@@ -1,0 +1,132 @@
+"""Helpers every agent uses: sending records with metrics and traceparent, dead-lettering."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any
+
+from processors.tracing import TRACEPARENT, child_traceparent
+from schemas.models import AvroRecord, DeadLetter, Header, utcnow
+from streams.metrics import DEADLETTERS, RECORDS_OUT
+from streams.runtime import Runtime
+
+__all__ = [
+    "RawMessage",
+    "dead_letter",
+    "headers_of",
+    "remember_after_ack",
+    "send_record",
+    "traceparent_of",
+]
+
+log = logging.getLogger(__name__)
+
+RawMessage = Any
+"""A faust ``Message`` (topic, partition, offset, key, value, headers); faust ships no stubs."""
+
+
+def headers_of(message: RawMessage) -> list[tuple[str, bytes | None]]:
+    """The record's headers as (key, value) pairs, whatever shape the client gave them in."""
+    raw = message.headers
+    if not raw:
+        return []
+    items: Iterable[tuple[str, bytes | None]] = raw.items() if isinstance(raw, dict) else raw
+    return [(str(k), v) for k, v in items]
+
+
+def traceparent_of(message: RawMessage) -> bytes | None:
+    """The record's W3C traceparent header value, if any."""
+    for key, value in headers_of(message):
+        if key.lower() == TRACEPARENT:
+            return value
+    return None
+
+
+async def send_record(
+    rt: Runtime,
+    topic: Any,
+    record: AvroRecord,
+    *,
+    key: str | bytes | None,
+    stage: str,
+    parent: RawMessage | None = None,
+) -> Awaitable[Any]:
+    """Encode ``record`` and send it on ``topic`` with a child traceparent of ``parent``.
+
+    The send is buffered by the producer; Faust flushes the producer before it commits the
+    consumed offset, so a crash before the flush replays the input (at-least-once).
+
+    Returns:
+        An awaitable that resolves to the record's metadata once the broker acknowledged it.
+    """
+    trace = child_traceparent(traceparent_of(parent) if parent is not None else None)
+    key_bytes = key.encode() if isinstance(key, str) else key
+    ack: Awaitable[Any] = await topic.send(
+        key=key_bytes,
+        value=rt.codec.encode(record),
+        headers=[(TRACEPARENT, trace.encode())],
+    )
+    RECORDS_OUT.labels(stage, topic.get_topic_name()).inc()
+    return ack
+
+
+async def dead_letter(
+    rt: Runtime,
+    topic: Any,
+    message: RawMessage,
+    *,
+    stage: str,
+    reason: str,
+    error_type: str,
+    message_id: str | None = None,
+    tenant: str | None = None,
+) -> None:
+    """Send the consumed record, untouched, to the dead-letter topic with stage and reason."""
+    headers: Sequence[tuple[str, bytes | None]] = headers_of(message)
+    value = message.value
+    record = DeadLetter(
+        dead_letter_id=str(uuid.uuid4()),
+        stage=stage,
+        reason=reason,
+        error_type=error_type,
+        source_topic=message.topic,
+        source_partition=message.partition,
+        source_offset=message.offset,
+        message_id=message_id,
+        tenant=tenant,
+        original_key=message.key,
+        original_value=value if isinstance(value, bytes) else None,
+        original_headers=[Header(key=k, value=v) for k, v in headers],
+        created_at=utcnow(),
+    )
+    await send_record(rt, topic, record, key=message.key, stage=stage, parent=message)
+    DEADLETTERS.labels(stage, error_type).inc()
+    log.warning(
+        "dead-lettered %s[%s]@%s at %s: %s", message.topic, message.partition, message.offset,
+        stage, reason,
+    )
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def remember_after_ack(rt: Runtime, key: str, window_s: int, acks: list[Awaitable[Any]]) -> None:
+    """Mark the message id as seen once the broker acknowledged everything it produced.
+
+    Marking earlier would lose the message if the worker died before the producer flushed:
+    the replayed record would look like a duplicate.
+    """
+
+    async def remember() -> None:
+        try:
+            await asyncio.gather(*acks)
+            await rt.store.mark(key, window_s)
+        except Exception:
+            log.exception("could not record dedup key %s", key)
+
+    task = asyncio.ensure_future(remember())
+    _background.add(task)
+    task.add_done_callback(_background.discard)

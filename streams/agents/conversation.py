@@ -1,0 +1,169 @@
+"""The conversation agent: one table entry per conversation, at most one LLM turn in flight.
+
+Consumes the conversations topic (user turns and lifecycle commands) and the LLM responses
+topic, both keyed by conversation_id and co-partitioned with the table's changelog. Every
+input goes through one pure function of ``processors.conversation``; the agent stores the new
+state and sends the effects. A timer sends ``timeout`` ticks for conversations whose LLM turn
+is overdue or that are idle, so deadlines and inactivity timeouts survive restarts (the state
+lives in the changelog-backed table, the ticks are ordinary records).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from processors.conversation import (
+    Closed,
+    ConversationState,
+    Deliver,
+    Dropped,
+    IssueLLM,
+    Transition,
+    check_timeout,
+    on_close,
+    on_llm_response,
+    on_user_turn,
+    reissue_due,
+)
+from schemas.errors import DecodeError
+from schemas.models import (
+    ConversationEvent,
+    ConversationEventKind,
+    LLMResponse,
+    utcnow,
+)
+from streams.agents.common import RawMessage, dead_letter, send_record
+from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
+from streams.runtime import Runtime
+
+__all__ = ["apply", "register"]
+
+log = logging.getLogger(__name__)
+STAGE = "conversation"
+
+
+def apply(
+    rt: Runtime, state: ConversationState | None, record: ConversationEvent | LLMResponse,
+    now: datetime,
+) -> Transition | None:
+    """Run the pure state machine for one input; None when there is no state to touch."""
+    cfg = rt.config.conversation
+    if isinstance(record, LLMResponse):
+        return on_llm_response(state, record, cfg=cfg, now=now)
+    if record.kind == ConversationEventKind.TURN:
+        return on_user_turn(
+            state,
+            record,
+            persona=record.persona or rt.config.routing.default_persona,
+            override_continuity=record.override_continuity,
+            continuity=rt.config.routing.continuity,
+            cfg=cfg,
+            personas=rt.config.personas,
+            now=now,
+        )
+    if record.kind in (ConversationEventKind.CLOSE, ConversationEventKind.HANDOFF):
+        return on_close(state, record, now)
+    if state is None:
+        return None
+    reissued = reissue_due(state, now, cfg)
+    timed = check_timeout(reissued.state, now, cfg)
+    return Transition(timed.state, [*reissued.effects, *timed.effects])
+
+
+def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse:
+    data = message.value if isinstance(message.value, bytes) else b""
+    record = rt.codec.decode_any(data)
+    if not isinstance(record, ConversationEvent | LLMResponse):
+        raise DecodeError(
+            f"unexpected record {type(record).__name__} on {message.topic}",
+            error_type="ValidationError",
+        )
+    return record
+
+
+async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawMessage) -> None:
+    RECORDS_IN.labels(STAGE).inc()
+    try:
+        record = _decode(rt, message)
+    except DecodeError as exc:
+        await dead_letter(
+            rt, topics["deadletter"], message, stage="conversation.decode", reason=exc.reason,
+            error_type=exc.error_type,
+        )
+        return
+    key = record.conversation_id.encode()
+    stored = table.get(key)
+    state = ConversationState.model_validate(stored) if stored is not None else None
+    transition = apply(rt, state, record, utcnow())
+    if transition is None:
+        return
+    table[key] = transition.state.model_dump(mode="json")
+    for effect in transition.effects:
+        if isinstance(effect, IssueLLM):
+            await send_record(
+                rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
+            )
+        elif isinstance(effect, Deliver):
+            await send_record(
+                rt, topics["delivery_requests"], effect.request,
+                key=effect.request.recipient, stage=STAGE, parent=message,
+            )
+        elif isinstance(effect, Dropped):
+            DROPPED.labels(STAGE, effect.reason).inc()
+            log.debug("dropped %s: %s", effect.event_id, effect.reason)
+        elif isinstance(effect, Closed):
+            log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
+
+
+def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
+    cfg = rt.config.conversation
+    pending = state.pending
+    if pending is not None and pending.issued_at is not None:
+        return now - pending.issued_at > timedelta(seconds=cfg.llm_deadline_s)
+    if state.status.value in ("open", "active") and pending is None:
+        return now - state.last_activity_at > timedelta(seconds=cfg.inactivity_timeout_s)
+    return False
+
+
+def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
+    """Register the conversation agent and its deadline/timeout timer on ``app``."""
+
+    @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[misc]
+    async def conversation(stream: Any) -> None:
+        await rt.start()
+        async for event in stream.events():
+            try:
+                await _handle(rt, topics, table, event.message)
+            except Exception as exc:  # a bad record must never stop the partition
+                STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+                log.exception("conversation failed on offset %s", event.message.offset)
+                await dead_letter(
+                    rt, topics["deadletter"], event.message, stage="conversation.internal",
+                    reason=f"unexpected error: {exc!r}", error_type=type(exc).__name__,
+                )
+
+    interval = max(0.5, min(rt.config.conversation.llm_deadline_s / 4, 30.0))
+
+    @app.timer(interval=interval)  # type: ignore[misc]
+    async def conversation_ticks() -> None:
+        now = utcnow()
+        due: list[ConversationState] = []
+        for _, stored in list(table.items()):
+            state = ConversationState.model_validate(stored)
+            if _overdue(state, rt, now):
+                due.append(state)
+        for state in due:
+            tick = ConversationEvent(
+                event_id=f"tick:{uuid.uuid4()}",
+                conversation_id=state.conversation_id,
+                tenant=state.tenant,
+                kind=ConversationEventKind.TIMEOUT,
+                origin_created_at=now,
+                created_at=now,
+            )
+            await send_record(
+                rt, topics["conversations"], tick, key=state.conversation_id, stage=STAGE
+            )

@@ -1,0 +1,91 @@
+"""Building the Faust app: settings, topics (raw bytes; our codec does Avro), table, agents."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+
+from processors.config import SwitchboardConfig
+from streams.agents import conversation, delivery, ingest, llm
+from streams.runtime import Runtime
+from streams.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _faust_settings(settings: Settings) -> dict[str, Any]:
+    session_s = settings.session_timeout_s
+    options: dict[str, Any] = {
+        "broker": [f"kafka://{b}" for b in settings.broker_list()],
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": 1,
+        "broker_session_timeout": session_s,
+        "broker_heartbeat_interval": max(0.5, session_s / 6),
+        "broker_rebalance_timeout": max(session_s * 2, 10.0),
+        "broker_commit_interval": 1.0,
+        "consumer_auto_offset_reset": "earliest",
+        "consumer_max_fetch_size": 4 * 1024 * 1024,
+        "web_enabled": False,
+        "store": "memory://",
+        "datadir": str(settings.data_dir / "faust" / settings.app_id),
+        "table_standby_replicas": 0,
+        "producer_acks": -1,
+    }
+    if settings.single_record_batches:
+        options["producer_max_batch_size"] = 1
+        options["producer_linger"] = 0.0
+    return options
+
+
+def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runtime]:
+    """Create the Faust app with every agent registered, and the Runtime they share.
+
+    Returns:
+        ``(app, runtime)``; run the app with ``faust.Worker(app).execute_from_commandline()``.
+    """
+    app = faust.App(settings.app_id, **_faust_settings(settings))
+    rt = Runtime(settings, config)
+    names = settings.topics
+
+    def topic(*topic_names: str) -> Any:
+        return app.topic(
+            *topic_names,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    topics: dict[str, Any] = {
+        "inbound": topic(names.inbound),
+        "conversations": topic(names.conversations),
+        "llm_requests": topic(names.llm_requests),
+        "llm_responses": topic(names.llm_responses),
+        "conversation_inputs": topic(names.conversations, names.llm_responses),
+        "delivery_requests": topic(names.delivery_requests),
+        "delivery_reports": topic(names.delivery_reports),
+        "deadletter": topic(names.deadletter),
+    }
+    table = app.Table(
+        "conversations",
+        default=None,
+        partitions=settings.partitions,
+        key_serializer="raw",
+        value_serializer="json",
+        help="Conversation state (processors.conversation.ConversationState) by conversation_id.",
+    )
+    ingest.register(app, rt, topics)
+    conversation.register(app, rt, topics, table)
+    llm.register(app, rt, topics)
+    delivery.register(app, rt, topics)
+
+    @app.on_before_shutdown.connect  # type: ignore[misc]
+    async def _close_runtime(app: Any, **kwargs: Any) -> None:
+        await rt.aclose()
+
+    return app, rt

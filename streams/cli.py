@@ -1,0 +1,246 @@
+"""The ``switchboard`` command line: up, worker, replay, demo, topics, check-config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from streams.settings import ConfigError, Settings, load_config
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="switchboard",
+    help="Kafka-native conversational and notification messaging.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(level: str, fmt: str = "console") -> None:
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    else:
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+
+
+def _settings(**overrides: Any) -> Settings:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)
+
+
+def _load(settings: Settings) -> Any:
+    try:
+        return load_config(settings.config_path())
+    except ConfigError as exc:
+        err.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def worker() -> None:
+    """Run the stream workers against SWITCHBOARD_KAFKA_BROKERS and SWITCHBOARD_REDIS_URL."""
+    import faust
+
+    from streams.app import create_app
+    from streams.metrics import serve_metrics
+    from streams.topics import create_topics
+
+    settings = _settings()
+    _setup_logging(settings.log_level, settings.log_format)
+    config = _load(settings)
+    asyncio.run(create_topics(settings))
+    faust_app, _ = create_app(settings, config)
+    serve_metrics(settings.metrics_port)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker_ = faust.Worker(faust_app, loglevel=settings.log_level.lower(), quiet=True)
+    worker_.execute_from_commandline()
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 1,
+    data_dir: Annotated[Path, typer.Option(help="Logs, outbox and state.")] = Path("var"),
+) -> None:
+    """Start the embedded stack (Tansu broker, redis-server, workers) in the foreground."""
+    from streams.stack import EmbeddedStack
+
+    _load(_settings())
+    stack = EmbeddedStack(workers=workers, data_dir=data_dir)
+    with stack:
+        assert stack.broker is not None and stack.redis is not None
+        out.print(f"broker   kafka://{stack.broker.address}   (tansu, memory storage)")
+        out.print(f"redis    redis://{stack.redis.address}/0")
+        for w in stack.worker_procs:
+            out.print(f"worker-{w.index} pid {w.process.pid}   log {w.log_path}")
+        out.print(f"outbox   {data_dir / 'outbox.jsonl'}")
+        out.print("Ready. Publish to 'switchboard.inbound'; Ctrl-C stops everything.")
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop:
+                stack.check_workers()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        out.print("stopping…")
+
+
+def _progress_replay(settings: Settings, lines: list[dict[str, Any]], timeout_s: float,
+                     keep_ids: bool) -> Any:
+    from streams.replay import replay
+
+    with Progress(
+        TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as progress:
+        task = progress.add_task("replay", total=len(lines))
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return asyncio.run(
+            replay(settings, lines, timeout_s=timeout_s, keep_ids=keep_ids,
+                   on_progress=on_progress)
+        )
+
+
+@app.command(name="replay")
+def replay_cmd(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file of InboundMessage objects.")],
+    brokers: Annotated[str | None, typer.Option(help="Bootstrap servers host:port,…")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(help="Topic prefix.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for outcomes.")] = 120.0,
+    keep_ids: Annotated[bool, typer.Option(help="Keep the file's message ids.")] = False,
+) -> None:
+    """Publish FILE to the inbound topic and wait until every record is accounted for.
+
+    Prints a one-line JSON summary; exits 0 only when nothing is unaccounted.
+    """
+    from streams.replay import load_jsonl
+
+    settings = _settings(kafka_brokers=brokers, topic_prefix=topic_prefix)
+    _setup_logging("WARNING")
+    if not file.exists():
+        err.print(f"[red]no such file:[/] {file}")
+        raise typer.Exit(2)
+    lines, errors = load_jsonl(file)
+    for problem in errors:
+        err.print(f"[yellow]skipped[/] {problem}", highlight=False)
+    result = _progress_replay(settings, lines, timeout, keep_ids)
+    for problem in result.invalid_lines:
+        err.print(f"[yellow]invalid[/] {problem}", highlight=False)
+    summary = result.summary()
+    summary["invalid_lines"] += len(errors)
+    print(json.dumps(summary))
+    raise typer.Exit(0 if summary["unaccounted"] == 0 else 1)
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="Simulated users (one conversation each).")] = 400,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    samples: Annotated[int, typer.Option(help="Sample exchanges to print.")] = 6,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for outcomes.")] = 300.0,
+    data_dir: Annotated[Path | None, typer.Option(help="Logs and outbox (default: temp).")] = None,
+) -> None:
+    """The main job: embedded stack + real corpus conversations replayed by many users."""
+    from streams.corpus import simulated_users
+    from streams.stack import EmbeddedStack
+
+    _setup_logging("WARNING")
+    _load(_settings())
+    lines = simulated_users(users)
+    directory = data_dir or Path(tempfile.mkdtemp(prefix="switchboard-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "demo.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
+    )
+    err.print(f"demo: {users} users, {len(lines)} messages; logs and outbox in {directory}")
+    with EmbeddedStack(workers=workers, data_dir=directory) as stack:
+        assert stack.broker is not None and stack.redis is not None
+        err.print(f"broker kafka://{stack.broker.address} · redis redis://{stack.redis.address}"
+                  f" · {workers} worker(s)")
+        result = _progress_replay(stack.settings(), lines, timeout, False)
+        _print_samples(result, samples)
+    summary = result.summary()
+    print(json.dumps(summary))
+    raise typer.Exit(0 if summary["unaccounted"] == 0 else 1)
+
+
+def _print_samples(result: Any, count: int) -> None:
+    by_conv: dict[str, list[Any]] = {}
+    for outcome in result.outcomes.values():
+        by_conv.setdefault(outcome.message.conversation_id or "", []).append(outcome)
+    table = Table(title="sample exchanges", show_lines=True)
+    for column in ("conversation", "user", "persona", "reply"):
+        table.add_column(column, overflow="fold")
+    seen_langs: set[str] = set()
+    for conv, outcomes in sorted(by_conv.items()):
+        lang = outcomes[0].message.metadata.get("lang", "")
+        if lang in seen_langs or len(table.rows) >= count:
+            continue
+        seen_langs.add(lang)
+        for o in sorted(outcomes, key=lambda o: o.message.message_id)[:2]:
+            reply = o.report.content if o.report else f"(dead letter: {o.dead_letter.reason})" \
+                if o.dead_letter else "(unaccounted)"
+            persona = o.report.persona if o.report else "-"
+            table.add_row(conv, o.message.content, persona or "-", reply)
+    err.print(table)
+
+
+@app.command()
+def topics() -> None:
+    """List the pipeline's topics with key, schema and purpose."""
+    from streams.topics import topic_table
+
+    table = Table("topic", "key", "schema", "purpose")
+    for row in topic_table(_settings()):
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command(name="check-config")
+def check_config(
+    file: Annotated[Path | None, typer.Argument(help="YAML config (default: bundled).")] = None,
+) -> None:
+    """Validate a config file and print what it declares."""
+    settings = _settings(config=file)
+    config = _load(settings)
+    out.print(f"{settings.config_path()}: OK — {len(config.personas)} personas, "
+              f"{len(config.routing.rules)} rules, {len(config.channels)} channels")
+
+
+def main() -> None:
+    """Entry point of the ``switchboard`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

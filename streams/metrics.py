@@ -1,0 +1,65 @@
+"""Prometheus metrics of every stage, and the ``/metrics`` HTTP endpoint.
+
+Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` histograms).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+__all__ = [
+    "DEADLETTERS",
+    "DELIVERIES",
+    "DROPPED",
+    "END_TO_END_LATENCY",
+    "LLM_LATENCY",
+    "LLM_TOKENS",
+    "RECORDS_IN",
+    "RECORDS_OUT",
+    "STAGE_ERRORS",
+    "serve_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+RECORDS_IN = Counter("switchboard_records_in_total", "Records consumed by a stage.", ["stage"])
+RECORDS_OUT = Counter(
+    "switchboard_records_out_total", "Records produced by a stage.", ["stage", "topic"]
+)
+STAGE_ERRORS = Counter(
+    "switchboard_stage_errors_total", "Errors raised while processing a record.", ["stage", "error_type"]
+)
+DEADLETTERS = Counter(
+    "switchboard_deadletters_total", "Records sent to the dead-letter topic.", ["stage", "reason"]
+)
+DROPPED = Counter(
+    "switchboard_dropped_total",
+    "Records dropped on purpose (duplicates, stale LLM responses).",
+    ["stage", "reason"],
+)
+END_TO_END_LATENCY = Histogram(
+    "switchboard_end_to_end_latency_seconds",
+    "From the inbound message's created_at to its delivery report.",
+    ["channel"],
+    buckets=_LATENCY_BUCKETS,
+)
+LLM_LATENCY = Histogram(
+    "switchboard_llm_latency_seconds", "LLM engine call latency.", ["engine"], buckets=_LATENCY_BUCKETS
+)
+LLM_TOKENS = Counter(
+    "switchboard_llm_tokens_total", "Tokens used.", ["tenant", "persona", "engine", "kind"]
+)
+DELIVERIES = Counter(
+    "switchboard_deliveries_total", "Delivery outcomes.", ["channel", "connector", "status"]
+)
+
+
+def serve_metrics(port: int) -> None:
+    """Expose the default registry on ``http://0.0.0.0:<port>/metrics`` (no-op when port is 0)."""
+    if port:
+        start_http_server(port)
+        log.info("metrics on http://0.0.0.0:%d/metrics", port)

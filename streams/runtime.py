@@ -1,0 +1,128 @@
+"""Everything a worker's agents share, built once per process from Settings and the config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from connectors.delivery.base import DeliveryConnector
+from connectors.delivery.registry import build_connector
+from connectors.llm.base import LLMEngine
+from connectors.llm.knowledge_loader import load_knowledge_base
+from connectors.llm.local import LocalEngine
+from connectors.redis_store import IdempotencyStore, connect_redis
+from processors.config import SwitchboardConfig
+from processors.knowledge import KnowledgeBase
+from processors.router import Router
+from schemas.codec import Codec
+from schemas.models import Channel
+from schemas.schema_registry_client import SchemaRegistryClient
+from streams.settings import Settings
+
+__all__ = ["Runtime", "UnconfiguredChannelError"]
+
+log = logging.getLogger(__name__)
+
+
+class UnconfiguredChannelError(LookupError):
+    """No connector is configured for a delivery channel."""
+
+
+def build_engines(
+    config: SwitchboardConfig, knowledge_bases: Mapping[str, KnowledgeBase]
+) -> dict[str, LLMEngine]:
+    """One engine instance per entry of ``config.engines``."""
+    engines: dict[str, LLMEngine] = {}
+    for name, engine_cfg in config.engines.items():
+        if engine_cfg.kind == "local":
+            engines[name] = LocalEngine(knowledge_bases)
+        else:
+            raise NotImplementedError(
+                f"engine {name!r}: kind {engine_cfg.kind!r} is not available in this build"
+            )
+    return engines
+
+
+@dataclass
+class Runtime:
+    """Shared, process-wide dependencies of the agents.
+
+    Synchronous parts (config, router, codec, knowledge bases, engines) are built in the
+    constructor so config errors surface before the worker joins its consumer group; network
+    clients are opened by ``start()``.
+    """
+
+    settings: Settings
+    config: SwitchboardConfig
+    codec: Codec = field(init=False)
+    router: Router = field(init=False)
+    engines: dict[str, LLMEngine] = field(init=False)
+    redis: aioredis.Redis | None = field(init=False, default=None)
+    idempotency: IdempotencyStore | None = field(init=False, default=None)
+    _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
+    _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _started: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        registry = (
+            SchemaRegistryClient(self.settings.schema_registry_url)
+            if self.settings.schema_registry_url
+            else None
+        )
+        self.codec = Codec(registry)
+        self.router = Router(self.config)
+        kbs = {name: load_knowledge_base(kb) for name, kb in self.config.knowledge_bases.items()}
+        self.engines = build_engines(self.config, kbs)
+
+    async def start(self) -> None:
+        """Open Redis and register schemas (idempotent; safe to call from every agent)."""
+        async with self._start_lock:
+            if self._started:
+                return
+            self.redis = await connect_redis(self.settings.redis_url)
+            self.idempotency = IdempotencyStore(self.redis, namespace=self.settings.app_id)
+            await self.codec.start()
+            self._started = True
+
+    @property
+    def store(self) -> IdempotencyStore:
+        """The Redis idempotency store (after ``start()``)."""
+        if self.idempotency is None:
+            raise RuntimeError("Runtime.start() was not awaited")
+        return self.idempotency
+
+    def connector(self, channel: Channel) -> DeliveryConnector:
+        """The connector configured for ``channel`` (built on first use).
+
+        Raises:
+            UnconfiguredChannelError: ``channels`` in the config has no entry for it.
+        """
+        found = self._connectors.get(channel)
+        if found is not None:
+            return found
+        channel_cfg = self.config.channels.get(channel)
+        if channel_cfg is None:
+            raise UnconfiguredChannelError(
+                f"no connector configured for channel {channel.value!r} "
+                f"(configured: {sorted(c.value for c in self.config.channels)})"
+            )
+        built = build_connector(
+            channel_cfg.connector, channel_cfg.options, data_dir=Path(self.settings.data_dir)
+        )
+        self._connectors[channel] = built
+        return built
+
+    async def aclose(self) -> None:
+        """Close connectors, engines, the codec and Redis."""
+        for conn in self._connectors.values():
+            await conn.aclose()
+        for engine in self.engines.values():
+            await engine.aclose()
+        await self.codec.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -1,0 +1,176 @@
+"""The embedded stack as one object: broker, redis-server and N worker processes.
+
+``switchboard up``, ``switchboard demo`` and the integration tests all run the pipeline this
+way; the workers are ordinary ``switchboard worker`` processes pointed at the embedded servers,
+exactly what production runs against Apache Kafka and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.embedded import ManagedProcess, start_broker, start_redis
+from streams.settings import Settings
+from streams.topics import create_topics
+
+__all__ = ["EmbeddedStack", "StackWorker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StackWorker:
+    """One ``switchboard worker`` child process."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        """True while the worker runs."""
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the worker (crash tests) and reap it."""
+        if self.alive():
+            self.process.kill()
+        self.process.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the worker, then SIGKILL after ``timeout_s`` seconds."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@dataclass
+class EmbeddedStack:
+    """Broker + Redis + workers on loopback; use as a context manager or call start()/stop().
+
+    Args:
+        workers: Worker processes to start (0 = only the servers).
+        data_dir: Where logs, outbox and table data go.
+        topic_prefix: Topic prefix (tests pass a unique one).
+        app_id: Faust app id / consumer group.
+        config: YAML config for the workers (None = bundled default).
+        extra_env: More environment for the workers.
+    """
+
+    workers: int = 1
+    data_dir: Path = Path("var")
+    topic_prefix: str = "switchboard"
+    app_id: str = "switchboard"
+    config: Path | None = None
+    partitions: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+    broker: ManagedProcess | None = None
+    redis: ManagedProcess | None = None
+    worker_procs: list[StackWorker] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        """Directory of the servers' and workers' logs."""
+        return self.data_dir / "logs"
+
+    def settings(self) -> Settings:
+        """Settings of a client of this stack (what the workers get through the environment)."""
+        assert self.broker is not None and self.redis is not None, "stack not started"
+        return Settings(
+            kafka_brokers=self.broker.address,
+            redis_url=f"redis://{self.redis.address}/0",
+            topic_prefix=self.topic_prefix,
+            app_id=self.app_id,
+            partitions=self.partitions,
+            config=self.config,
+            data_dir=self.data_dir,
+            session_timeout_s=6.0,
+            single_record_batches=True,
+            metrics_port=0,
+        )
+
+    def worker_env(self, index: int) -> dict[str, str]:
+        """Environment of worker ``index`` (metrics on a free port when requested)."""
+        s = self.settings()
+        env = dict(os.environ)
+        env.update(
+            {
+                "SWITCHBOARD_KAFKA_BROKERS": s.kafka_brokers,
+                "SWITCHBOARD_REDIS_URL": s.redis_url,
+                "SWITCHBOARD_TOPIC_PREFIX": s.topic_prefix,
+                "SWITCHBOARD_APP_ID": s.app_id,
+                "SWITCHBOARD_PARTITIONS": str(s.partitions),
+                "SWITCHBOARD_DATA_DIR": str(s.data_dir),
+                "SWITCHBOARD_SESSION_TIMEOUT_S": "6",
+                "SWITCHBOARD_SINGLE_RECORD_BATCHES": "true",
+                "SWITCHBOARD_METRICS_PORT": "0",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if s.config is not None:
+            env["SWITCHBOARD_CONFIG"] = str(s.config)
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> EmbeddedStack:
+        """Start the servers, create the topics, start the workers."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.broker = start_broker(log_dir=self.log_dir)
+        self.redis = start_redis(log_dir=self.log_dir)
+        asyncio.run(create_topics(self.settings()))
+        for index in range(self.workers):
+            self.start_worker(index)
+        return self
+
+    def start_worker(self, index: int, env: dict[str, str] | None = None) -> StackWorker:
+        """Start (or restart) worker ``index``; its log goes to ``logs/worker-<index>.log``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"worker-{index}.log"
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "streams.cli", "worker"],
+                env=env or self.worker_env(index),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        worker = StackWorker(index, proc, log_path)
+        self.worker_procs = [w for w in self.worker_procs if w.index != index] + [worker]
+        return worker
+
+    def check_workers(self) -> None:
+        """Raise RuntimeError naming the log of any worker that exited."""
+        for worker in self.worker_procs:
+            if not worker.alive():
+                raise RuntimeError(
+                    f"worker {worker.index} exited with status {worker.process.returncode}; "
+                    f"see {worker.log_path}"
+                )
+
+    def stop(self) -> None:
+        """Stop the workers, then Redis, then the broker."""
+        started = time.monotonic()
+        for worker in self.worker_procs:
+            worker.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        log.info("stack stopped in %.1f s", time.monotonic() - started)
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

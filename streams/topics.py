@@ -1,0 +1,85 @@
+"""Creating the pipeline's topics explicitly, with their partition counts, before any client asks.
+
+Some brokers auto-create a topic with a default partition count when a client merely asks for
+its metadata; creating every topic (and the Faust changelog and assignor topics) up front keeps
+the co-partitioning the stages rely on, on any broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+__all__ = ["TABLE_NAMES", "create_topics", "internal_topics", "topic_table"]
+
+log = logging.getLogger(__name__)
+
+TABLE_NAMES = ("conversations",)
+"""Faust tables of the app; each has a changelog topic ``<app_id>-<table>-changelog``."""
+
+_TOPIC_DOCS = {
+    "inbound": ("tenant/conversation key", "InboundMessage (Avro or JSON)", "what users publish"),
+    "conversations": ("conversation_id", "ConversationEvent", "routed chat turns and commands"),
+    "llm_requests": ("conversation_id", "LLMRequest", "turns to answer (one per conversation)"),
+    "llm_responses": ("conversation_id", "LLMResponse", "answers, back to the conversation"),
+    "delivery_requests": ("recipient", "DeliveryRequest", "replies and notifications to send"),
+    "delivery_reports": ("message_id", "DeliveryReport", "outcome of every delivery"),
+    "deadletter": ("original key", "DeadLetter", "records that could not be processed"),
+}
+
+
+def topic_table(settings: Settings) -> list[tuple[str, str, str, str]]:
+    """(topic, key, schema, purpose) rows for the README and ``switchboard topics``."""
+    topics = settings.topics
+    return [(getattr(topics, attr), *doc) for attr, doc in _TOPIC_DOCS.items()]
+
+
+def internal_topics(settings: Settings) -> list[tuple[str, int]]:
+    """Faust's own topics: table changelogs (same partitions as the sources) and the assignor's."""
+    out = [(f"{settings.app_id}-{name}-changelog", settings.partitions) for name in TABLE_NAMES]
+    out.append((f"{settings.app_id}-__assignor-__leader", 1))
+    return out
+
+
+async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create every topic that does not exist yet; return the names created.
+
+    Raises:
+        KafkaConnectionError: the brokers could not be reached within ``timeout_s`` seconds.
+    """
+    wanted = [(name, settings.partitions) for name in settings.topics.all()]
+    wanted += internal_topics(settings)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.broker_list(), request_timeout_ms=int(timeout_s * 1000)
+    )
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        for name, partitions in wanted:
+            if name in existing:
+                continue
+            try:
+                await admin.create_topics(
+                    [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    log.info("created %d topic(s): %s", len(created), ", ".join(created) or "-")
+    return created

@@ -1,0 +1,478 @@
+"""Tests of the conversation state machine: order, exactly one reply per turn, lifecycle."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processors.config import ConversationConfig, PersonaConfig
+from processors.conversation import (
+    Closed,
+    ConversationState,
+    ConversationStatus,
+    Deliver,
+    Dropped,
+    Effect,
+    IssueLLM,
+    Transition,
+    check_timeout,
+    on_close,
+    on_llm_response,
+    on_user_turn,
+    reissue_due,
+)
+from schemas.models import (
+    Channel,
+    ConversationEvent,
+    ConversationEventKind,
+    LLMRequest,
+    LLMResponse,
+    LLMStatus,
+    Priority,
+    Role,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+CFG = ConversationConfig(max_history_turns=4, inactivity_timeout_s=600.0, llm_deadline_s=30.0)
+PERSONAS = {
+    "concierge": PersonaConfig.model_validate({"name": "Concierge"}),
+    "support": PersonaConfig.model_validate({"name": "Support"}),
+}
+
+
+def event(
+    event_id: str,
+    content: str = "hello",
+    *,
+    conversation_id: str = "c1",
+    kind: ConversationEventKind = ConversationEventKind.TURN,
+    at: datetime = T0,
+    **fields: object,
+) -> ConversationEvent:
+    return ConversationEvent.model_validate(
+        {
+            "event_id": event_id,
+            "conversation_id": conversation_id,
+            "tenant": "acme",
+            "kind": kind,
+            "content": content,
+            "sender": "+15550001",
+            "origin_created_at": at,
+            "created_at": at,
+            **fields,
+        }
+    )
+
+
+def user_turn(
+    state: ConversationState | None,
+    ev: ConversationEvent,
+    *,
+    now: datetime = T0,
+    persona: str = "concierge",
+    override: bool = False,
+    continuity: bool = True,
+    cfg: ConversationConfig = CFG,
+) -> Transition:
+    return on_user_turn(
+        state,
+        ev,
+        persona=persona,
+        override_continuity=override,
+        continuity=continuity,
+        cfg=cfg,
+        personas=PERSONAS,
+        now=now,
+    )
+
+
+def answer(
+    request: LLMRequest,
+    content: str | None = None,
+    status: LLMStatus = LLMStatus.OK,
+) -> LLMResponse:
+    return LLMResponse(
+        request_id=request.request_id,
+        conversation_id=request.conversation_id,
+        tenant=request.tenant,
+        turn_id=request.turn_id,
+        persona=request.persona,
+        status=status,
+        content=f"answer to {request.turn_id}" if content is None else content,
+        engine="local",
+        created_at=request.created_at,
+    )
+
+
+def respond(state: ConversationState, response: LLMResponse, now: datetime = T0) -> Transition:
+    return on_llm_response(state, response, cfg=CFG, now=now)
+
+
+def only(effects: list[Effect], kind: type[Effect]) -> list[Effect]:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def issued(t: Transition) -> LLMRequest:
+    (effect,) = only(t.effects, IssueLLM)
+    assert isinstance(effect, IssueLLM)
+    return effect.request
+
+
+def delivered(t: Transition) -> Deliver:
+    (effect,) = only(t.effects, Deliver)
+    assert isinstance(effect, Deliver)
+    return effect
+
+
+def test_first_user_turn_opens_conversation_and_issues_llm_request() -> None:
+    t = user_turn(None, event("e1", "Where is my order?"))
+
+    request = issued(t)
+    assert t.effects == [IssueLLM(request)]
+    assert request.request_id == "e1:0"
+    assert request.turn_id == "e1"
+    assert request.persona == "concierge"
+    assert [(m.role, m.content) for m in request.messages] == [(Role.USER, "Where is my order?")]
+    assert request.deadline_at == T0 + timedelta(seconds=30)
+    assert t.state.status is ConversationStatus.OPEN
+    assert t.state.pending is not None
+    assert t.state.pending.turn_id == "e1"
+    assert t.state.user_turns == 1
+
+
+def test_second_user_turn_waits_until_first_is_answered() -> None:
+    first = user_turn(None, event("e1", "one"))
+    second = user_turn(first.state, event("e2", "two"), now=T0 + timedelta(seconds=1))
+
+    assert second.effects == []
+    assert [q.turn_id for q in second.state.queue] == ["e2"]
+
+    reply = respond(second.state, answer(issued(first), "uno"), now=T0 + timedelta(seconds=2))
+
+    assert [type(e) for e in reply.effects] == [Deliver, IssueLLM]
+    assert delivered(reply).request.message_id == "e1"
+    nxt = issued(reply)
+    assert nxt.turn_id == "e2"
+    assert [(m.role, m.content) for m in nxt.messages] == [
+        (Role.USER, "one"),
+        (Role.ASSISTANT, "uno"),
+        (Role.USER, "two"),
+    ]
+    assert reply.state.queue == []
+    assert reply.state.status is ConversationStatus.ACTIVE
+
+
+def test_reply_delivery_carries_the_routing_of_the_user_turn() -> None:
+    ev = event(
+        "e1",
+        channel=Channel.SMS,
+        subject="Order 42",
+        priority=Priority.HIGH,
+        metadata={"ticket": "T-1"},
+        at=T0 - timedelta(seconds=3),
+    )
+    t = user_turn(None, ev, persona="support")
+    reply = delivered(respond(t.state, answer(issued(t), "On its way")))
+
+    req = reply.request
+    assert (req.delivery_id, req.message_id, req.conversation_id) == ("e1:reply", "e1", "c1")
+    assert (req.channel, req.recipient, req.subject) == (Channel.SMS, "+15550001", "Re: Order 42")
+    assert (req.priority, req.metadata, req.persona) == (
+        Priority.HIGH,
+        {"ticket": "T-1"},
+        "support",
+    )
+    assert req.content == "On its way"
+    assert req.origin_created_at == T0 - timedelta(seconds=3)
+
+
+def test_reply_subject_is_not_prefixed_twice() -> None:
+    t = user_turn(None, event("e1", subject="RE: Order 42"))
+    assert delivered(respond(t.state, answer(issued(t)))).request.subject == "RE: Order 42"
+
+
+def test_duplicate_user_turn_is_dropped_whether_pending_queued_or_answered() -> None:
+    first = user_turn(None, event("e1"))
+    second = user_turn(first.state, event("e2"))
+
+    assert user_turn(second.state, event("e1")).effects == [Dropped("e1", "duplicate")]
+    assert user_turn(second.state, event("e2")).effects == [Dropped("e2", "duplicate")]
+    answered = respond(second.state, answer(issued(first)))
+    again = user_turn(answered.state, event("e1"))
+    assert again.effects == [Dropped("e1", "duplicate")]
+    assert again.state.user_turns == 2
+
+
+def test_duplicate_and_stale_responses_are_dropped() -> None:
+    first = user_turn(None, event("e1"))
+    second = user_turn(first.state, event("e2"))
+    reply = respond(second.state, answer(issued(first)))
+
+    assert respond(reply.state, answer(issued(first))).effects == [Dropped("e1:0", "duplicate")]
+    foreign = answer(issued(first)).model_copy(update={"turn_id": "zz", "request_id": "zz:0"})
+    assert respond(reply.state, foreign).effects == [Dropped("zz:0", "stale")]
+
+
+def test_response_for_unknown_conversation_is_dropped() -> None:
+    request = issued(user_turn(None, event("e1")))
+    t = on_llm_response(None, answer(request), cfg=CFG, now=T0)
+    assert t.effects == [Dropped("e1:0", "unknown_conversation")]
+    assert t.state.sessions == 0
+
+
+def test_history_is_bounded_and_drops_oldest_turns() -> None:
+    state: ConversationState | None = None
+    for i in range(4):
+        t = user_turn(state, event(f"e{i}", f"q{i}"))
+        t = respond(t.state, answer(issued(t), f"a{i}"))
+        state = t.state
+    assert state is not None
+    assert [turn.content for turn in state.history] == ["q2", "a2", "q3", "a3"]
+    request = issued(user_turn(state, event("e9", "q9")))
+    assert [m.content for m in request.messages] == ["a2", "q3", "a3", "q9"]
+
+
+def test_overdue_turn_is_reissued_and_first_response_of_any_attempt_wins() -> None:
+    t = user_turn(None, event("e1"))
+    assert reissue_due(t.state, T0 + timedelta(seconds=30), CFG).effects == []
+
+    again = reissue_due(t.state, T0 + timedelta(seconds=31), CFG)
+    retry = issued(again)
+    assert (retry.request_id, retry.attempt, retry.turn_id) == ("e1:1", 1, "e1")
+    assert retry.messages == issued(t).messages
+    assert again.state.reissues == 1
+
+    late_first = respond(again.state, answer(issued(t)))
+    assert delivered(late_first).request.delivery_id == "e1:reply"
+    assert respond(late_first.state, answer(retry)).effects == [Dropped("e1:1", "duplicate")]
+
+
+def test_reissue_without_pending_turn_does_nothing() -> None:
+    t = user_turn(None, event("e1"))
+    done = respond(t.state, answer(issued(t)))
+    assert reissue_due(done.state, T0 + timedelta(hours=1), CFG) == Transition(done.state, [])
+
+
+def test_ongoing_conversation_keeps_its_persona_unless_overridden() -> None:
+    t = user_turn(None, event("e1"), persona="concierge")
+    t = respond(t.state, answer(issued(t)))
+
+    kept = user_turn(t.state, event("e2"), persona="support")
+    assert issued(kept).persona == "concierge"
+    overridden = user_turn(t.state, event("e2"), persona="support", override=True)
+    assert issued(overridden).persona == "support"
+    no_continuity = user_turn(t.state, event("e2"), persona="support", continuity=False)
+    assert issued(no_continuity).persona == "support"
+    assert no_continuity.state.persona == "support"
+
+
+def test_persona_no_longer_configured_is_replaced_and_unknown_persona_raises() -> None:
+    t = user_turn(None, event("e1"))
+    gone = t.state.model_copy(update={"persona": "retired", "pending": None, "history": []})
+    assert issued(user_turn(gone, event("e2"), persona="support")).persona == "support"
+    with pytest.raises(ValueError, match="unknown persona 'nobody'"):
+        user_turn(None, event("e3"), persona="nobody")
+
+
+def test_idle_conversation_is_timed_out_lazily_and_reopened_fresh() -> None:
+    t = user_turn(None, event("e1"))
+    t = respond(t.state, answer(issued(t)), now=T0 + timedelta(seconds=5))
+    later = T0 + timedelta(seconds=5 + 600)
+
+    reopened = user_turn(t.state, event("e2", "back again", at=later), now=later, persona="support")
+
+    assert [type(e) for e in reopened.effects] == [Closed, IssueLLM]
+    assert reopened.effects[0] == Closed("timeout")
+    assert [m.content for m in issued(reopened).messages] == ["back again"]
+    assert issued(reopened).persona == "support"
+    s = reopened.state
+    assert (s.status, s.sessions, s.opened_at, s.created_at) == ("open", 2, later, T0)
+    assert (s.user_turns, s.assistant_turns) == (2, 1)
+    assert user_turn(s, event("e1"), now=later).effects == [Dropped("e1", "duplicate")]
+
+
+def test_check_timeout_closes_only_idle_conversations() -> None:
+    busy = user_turn(None, event("e1"))
+    late = T0 + timedelta(seconds=601)
+    assert check_timeout(busy.state, late, CFG).effects == []
+
+    idle = respond(busy.state, answer(issued(busy)))
+    assert check_timeout(idle.state, T0 + timedelta(seconds=599), CFG).effects == []
+    timed_out = check_timeout(idle.state, T0 + timedelta(seconds=600), CFG)
+    assert timed_out.effects == [Closed("timeout")]
+    assert timed_out.state.status is ConversationStatus.TIMED_OUT
+    assert check_timeout(timed_out.state, late, CFG).effects == []
+
+
+def test_close_of_idle_conversation_takes_effect_at_once() -> None:
+    t = user_turn(None, event("e1"))
+    t = respond(t.state, answer(issued(t)))
+    closed = on_close(t.state, event("x1", "user said bye", kind=ConversationEventKind.CLOSE), T0)
+
+    assert closed.effects == [Closed("user said bye")]
+    assert closed.state.status is ConversationStatus.CLOSED
+    assert on_close(closed.state, event("x2", kind=ConversationEventKind.CLOSE), T0).effects == [
+        Dropped("x2", "not_open")
+    ]
+    assert on_close(
+        closed.state, event("x1", "", kind=ConversationEventKind.CLOSE), T0
+    ).effects == [Dropped("x1", "duplicate")]
+
+
+def test_close_waits_until_pending_and_queued_turns_are_answered() -> None:
+    first = user_turn(None, event("e1"))
+    second = user_turn(first.state, event("e2"))
+    closing = on_close(second.state, event("x1", "", kind=ConversationEventKind.CLOSE), T0)
+    assert closing.effects == []
+    assert closing.state.status is ConversationStatus.OPEN
+
+    r1 = respond(closing.state, answer(issued(first)))
+    assert [type(e) for e in r1.effects] == [Deliver, IssueLLM]
+    r2 = respond(r1.state, answer(issued(r1)))
+    assert [type(e) for e in r2.effects] == [Deliver, Closed]
+    assert r2.effects[1] == Closed("close")
+    assert r2.state.status is ConversationStatus.CLOSED
+
+    fresh = user_turn(r2.state, event("e3", "new topic"))
+    assert [m.content for m in issued(fresh).messages] == ["new topic"]
+    assert fresh.state.sessions == 2
+
+
+def test_handoff_stops_llm_replies_and_records_user_turns() -> None:
+    t = user_turn(None, event("e1"))
+    t = respond(t.state, answer(issued(t)))
+    handed = on_close(t.state, event("h1", "", kind=ConversationEventKind.HANDOFF), T0)
+    assert handed.effects == [Closed("handoff")]
+
+    during = user_turn(handed.state, event("e2", "a human please"))
+    assert during.effects == [Dropped("e2", "handoff")]
+    assert during.state.history[-1].content == "a human please"
+    assert during.state.pending is None
+
+    closed = on_close(during.state, event("x1", "", kind=ConversationEventKind.CLOSE), T0)
+    assert closed.state.status is ConversationStatus.CLOSED
+
+
+def test_on_close_rejects_turn_events() -> None:
+    with pytest.raises(ValueError, match="close/handoff"):
+        on_close(None, event("e1"), T0)
+
+
+def test_non_user_turn_is_dropped() -> None:
+    t = user_turn(None, event("e1", role=Role.ASSISTANT))
+    assert t.effects == [Dropped("e1", "not_user_turn")]
+
+
+def test_failed_response_with_apology_is_delivered_and_counted_as_fallback() -> None:
+    t = user_turn(None, event("e1"))
+    reply = respond(t.state, answer(issued(t), "Sorry, try later", LLMStatus.FAILED))
+    assert delivered(reply).request.content == "Sorry, try later"
+    assert reply.state.fallback_replies == 1
+
+
+def test_empty_reply_ends_the_turn_without_delivery_and_issues_the_next() -> None:
+    first = user_turn(None, event("e1"))
+    second = user_turn(first.state, event("e2"))
+    reply = respond(second.state, answer(issued(first), "", LLMStatus.FAILED))
+    assert [type(e) for e in reply.effects] == [Dropped, IssueLLM]
+    assert reply.effects[0] == Dropped("e1", "empty_reply")
+    assert issued(reply).turn_id == "e2"
+
+
+def test_reply_latency_is_measured_from_the_original_message() -> None:
+    t = user_turn(None, event("e1", at=T0 - timedelta(milliseconds=250)))
+    reply = respond(t.state, answer(issued(t)), now=T0 + timedelta(milliseconds=750))
+    assert reply.state.total_reply_latency_ms == pytest.approx(1000.0)
+    assert reply.state.last_engine == "local"
+
+
+def test_replaying_an_input_on_the_same_state_repeats_the_same_effect_ids() -> None:
+    first = user_turn(None, event("e1"))
+    second = user_turn(first.state, event("e2"))
+    a = respond(second.state, answer(issued(first)), now=T0 + timedelta(seconds=1))
+    b = respond(second.state, answer(issued(first)), now=T0 + timedelta(seconds=2))
+    assert delivered(a).request.delivery_id == delivered(b).request.delivery_id
+    assert issued(a).request_id == issued(b).request_id == "e2:0"
+
+
+def test_state_round_trips_through_json() -> None:
+    t = user_turn(None, event("e1", metadata={"k": "v"}))
+    t = user_turn(t.state, event("e2"))
+    restored = ConversationState.model_validate(
+        json.loads(json.dumps(t.state.model_dump(mode="json")))
+    )
+    assert restored == t.state
+
+
+# --- property: duplicates, reordering and re-issues never break order or exactly-once ---------
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_user_turn_gets_exactly_one_reply_in_arrival_order(data: st.DataObject) -> None:
+    n_turns = data.draw(st.integers(1, 10), label="turns")
+    conversations = data.draw(
+        st.lists(st.sampled_from(["c1", "c2", "c3"]), min_size=n_turns, max_size=n_turns)
+    )
+    copies = data.draw(st.lists(st.integers(1, 3), min_size=n_turns, max_size=n_turns))
+    stream = [i for i, c in enumerate(copies) for _ in range(c)]
+    stream = data.draw(st.permutations(stream), label="stream")
+
+    states: dict[str, ConversationState] = {}
+    pool: list[LLMResponse] = []  # responses produced by the simulated LLM pool
+    in_flight: dict[str, set[str]] = defaultdict(set)  # issued, not yet answered turn ids
+    arrival: dict[str, list[str]] = defaultdict(list)
+    replies: dict[str, list[str]] = defaultdict(list)
+    now, reissue_budget = T0, 4
+
+    def apply(cid: str, t: Transition, before: ConversationState | None) -> None:
+        dump = json.dumps(t.state.model_dump(mode="json"))
+        states[cid] = ConversationState.model_validate(json.loads(dump))
+        if before is not None:
+            assert before.model_dump() == snapshot, "the given state was mutated"
+        for effect in t.effects:
+            if isinstance(effect, IssueLLM):
+                in_flight[cid].add(effect.request.turn_id)
+                dupes = data.draw(st.integers(1, 2), label="response copies")
+                pool.extend([answer(effect.request)] * dupes)
+            elif isinstance(effect, Deliver):
+                replies[cid].append(effect.request.message_id)
+                assert effect.request.content == f"answer to {effect.request.message_id}"
+                in_flight[cid].discard(effect.request.message_id)
+        assert len(in_flight[cid]) <= 1, "two turns of one conversation in flight"
+        assert states[cid].pending is not None or not states[cid].queue
+
+    while stream or pool:
+        now += timedelta(seconds=data.draw(st.integers(0, 20), label="clock"))
+        actions = (["turn"] if stream else []) + (["response"] if pool else [])
+        actions += ["reissue"] if reissue_budget else []
+        action = data.draw(st.sampled_from(actions), label="action")
+        if action == "turn":
+            i = stream.pop(0)
+            cid = conversations[i]
+            if f"t{i}" not in arrival[cid]:
+                arrival[cid].append(f"t{i}")
+            before = states.get(cid)
+            snapshot = before.model_dump() if before else None
+            ev = event(f"t{i}", f"question {i}", conversation_id=cid, at=now)
+            apply(cid, user_turn(before, ev, now=now), before)
+        elif action == "response":
+            response = pool.pop(data.draw(st.integers(0, len(pool) - 1), label="which"))
+            before = states[response.conversation_id]
+            snapshot = before.model_dump()
+            apply(response.conversation_id, respond(before, response, now), before)
+        else:
+            reissue_budget -= 1
+            cid = data.draw(st.sampled_from(sorted(states) or ["c1"]), label="reissue conv")
+            if cid in states:
+                before = states[cid]
+                snapshot = before.model_dump()
+                apply(cid, reissue_due(before, now + timedelta(seconds=31), CFG), before)
+
+    assert dict(replies) == dict(arrival)
+    assert all(s.pending is None and not s.queue for s in states.values())
