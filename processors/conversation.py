@@ -278,7 +278,7 @@ def _is_duplicate(state: ConversationState, event_id: str) -> bool:
     return (
         event_id in state.recent_ids
         or event_id in state.answered_ids
-        or any(turn.turn_id == event_id for turn in (*in_flight,))
+        or any(turn.turn_id == event_id for turn in (*in_flight, *state.queue))
     )
 
 

@@ -2,15 +2,15 @@
 
 Framings (detected from the first bytes when decoding):
 
-* Avro single-object encoding, ``0xC3 0x01`` + 8-byte little-endian CRC-64-AVRO fingerprint of
+* Avro single-object encoding: ``0xC3 0x01`` + 8-byte little-endian CRC-64-AVRO fingerprint of
   the writer schema + Avro binary body (Avro 1.11.1 specification, "Single-object encoding").
   Written when no Schema Registry is configured.
-* Confluent wire format, ``0x00`` + 4-byte big-endian schema id + Avro binary body
-  (Confluent "Wire format" documentation). Written when a Schema Registry is configured.
-* JSON (``decode_inbound`` only): a UTF-8 JSON object holding the same fields as the Avro
-  record, accepted exactly when the Avro record would be. Timestamp fields are ISO-8601 strings
-  with a UTC offset (``"2024-05-01T12:00:00.250Z"``, ``"…+02:00"``) or integer epoch
-  milliseconds; both are stored as aware UTC datetimes truncated to milliseconds.
+* Confluent wire format: ``0x00`` + 4-byte big-endian schema id + Avro binary body
+  (Confluent Schema Registry documentation, "Wire format"). Written with a Schema Registry.
+* JSON (``decode_inbound`` only): a UTF-8 JSON object with the Avro record's fields, accepted
+  exactly when the Avro record would be. Timestamps are ISO-8601 strings with a UTC offset
+  (``"2024-05-01T12:00:00.250Z"``, ``"2024-05-01T14:00:00+02:00"``) or integer epoch
+  milliseconds; both become aware UTC datetimes truncated to milliseconds.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import pydantic
@@ -25,14 +27,13 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError as AvroValidationError
 from fastavro.validation import validate
 
-from schemas import registry
+from schemas import registry as bundled
 from schemas.compat import names_match
 from schemas.errors import DecodeError, EncodeError, SchemaError, UnknownSchemaError
-from schemas.json_fields import json_timestamp, pydantic_reasons
 from schemas.models import AvroRecord, InboundMessage
 from schemas.schema_registry_client import SchemaRegistry, subject_for
 
-__all__ = ["Codec"]
+__all__ = ["SINGLE_OBJECT_MAGIC", "Codec"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ R = TypeVar("R", bound=AvroRecord)
 SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
 _JSON_WHITESPACE: Final = b" \t\r\n"
 _JSON_STARTS: Final = frozenset(b'{["-0123456789tfn')
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Codec:
@@ -57,10 +59,339 @@ class Codec:
 
     def __init__(self, registry: SchemaRegistry | None = None) -> None:
         self._registry = registry
-        names = registry_names = registry_module_names()
-        self._parsed: dict[str, dict[str, Any]] = {n: parsed_for(n) for n in names}
-        self._by_fingerprint = {registry_fp(n): self._parsed[n] for n in names}
+        names = bundled.schema_names()
+        self._parsed = {n: bundled.parsed_schema(n) for n in names}
+        self._by_fingerprint = {bundled.fingerprint(n): self._parsed[n] for n in names}
         self._by_id: dict[int, dict[str, Any]] = {}
         self._headers: dict[str, bytes] = {}
         if registry is None:
-            self._headers = {n: SINGLE_OBJECT_MAGIC + registry_fp(n) for n in registry_names}
+            self._headers = {n: SINGLE_OBJECT_MAGIC + bundled.fingerprint(n) for n in names}
+        self._timestamps = {n: _timestamp_fields(self._parsed[n]) for n in names}
+
+    async def start(self) -> None:
+        """Register every bundled schema with the Schema Registry (if any) and cache the ids.
+
+        Subjects follow RecordNameStrategy (subject = full record name).
+
+        Raises:
+            SchemaRegistryError: The registry refused a schema or could not be reached.
+        """
+        if self._registry is None:
+            return
+        for name in self._parsed:
+            raw = json.dumps(bundled.raw_schema(name))
+            schema_id = await self._registry.register(subject_for(name), raw)
+            self._by_id[schema_id] = self._parsed[name]
+            self._headers[name] = b"\x00" + schema_id.to_bytes(4, "big")
+            logger.info("schema %s registered as id %d", name, schema_id)
+
+    async def resolve(self, schema_id: int) -> str:
+        """Fetch an unknown writer schema by id from the Schema Registry and cache it.
+
+        After ``UnknownSchemaError(schema_id=N)``, ``await codec.resolve(N)`` then decoding
+        the same bytes again reads them with that writer schema.
+
+        Returns:
+            The full name of the fetched record schema.
+
+        Raises:
+            SchemaError: No registry configured, or the schema is not a valid Avro schema.
+            SchemaRegistryError: The registry does not know the id or could not be reached.
+        """
+        if schema_id not in self._by_id:
+            if self._registry is None:
+                raise SchemaError(f"cannot resolve schema id {schema_id}: no schema registry")
+            self._by_id[schema_id] = self.add_writer_schema(
+                await self._registry.get_schema(schema_id)
+            )
+        return str(self._by_id[schema_id]["name"])
+
+    def add_writer_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Make a writer schema (e.g. an older version) readable in single-object encoding.
+
+        Returns:
+            The parsed schema; a bundled schema with the same fingerprint is reused.
+
+        Raises:
+            SchemaError: ``schema`` is not a valid Avro record schema.
+        """
+        fp = bundled.schema_fingerprint(schema)
+        if fp not in self._by_fingerprint:
+            try:
+                parsed = parse_schema(schema, named_schemas={})
+            except Exception as exc:  # SchemaParseException, UnknownType, KeyError, ...
+                raise SchemaError(f"invalid writer schema: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(parsed, dict) or parsed.get("type") != "record":
+                raise SchemaError("writer schema is not an Avro record schema")
+            self._by_fingerprint[fp] = parsed
+        return self._by_fingerprint[fp]
+
+    async def aclose(self) -> None:
+        """Close the Schema Registry client, if any."""
+        if self._registry is not None:
+            await self._registry.aclose()
+
+    def encode(self, record: AvroRecord) -> bytes:
+        """Return the framed Avro bytes of ``record`` (see the module docstring for framings).
+
+        Raises:
+            SchemaError: Registry mode and ``start()`` has not run, or no bundled schema.
+            EncodeError: A value does not fit its Avro type (e.g. an int out of range).
+        """
+        name = record.avro_name
+        header = self._headers.get(name)
+        if header is None:
+            if name in self._parsed:
+                raise SchemaError("codec not started: await Codec.start() before encode")
+            raise SchemaError(f"{type(record).__name__} has no bundled top-level schema")
+        buffer = io.BytesIO()
+        buffer.write(header)
+        try:
+            schemaless_writer(buffer, self._parsed[name], record.to_avro())
+        except Exception as exc:  # fastavro raises ValueError, TypeError, OverflowError, ...
+            raise EncodeError(f"cannot encode {name}: {type(exc).__name__}: {exc}") from exc
+        return buffer.getvalue()
+
+    def decode(self, data: bytes | None, model: type[R]) -> R:
+        """Decode single-object or Confluent framed Avro bytes into ``model``.
+
+        The writer schema named by the framing is resolved against the model's schema as
+        reader schema (Avro specification, "Schema Resolution").
+
+        Args:
+            data: The Kafka record value; None (tombstone) counts as empty.
+            model: The record model expected, e.g. ``InboundMessage``.
+
+        Raises:
+            DecodeError: Empty, unknown framing, truncated, trailing bytes, writer record not
+                resolvable to the model's record, or a datum the model rejects.
+            UnknownSchemaError: Writer fingerprint or schema id not known (yet).
+            SchemaError: ``model`` has no bundled top-level schema (a programming error).
+        """
+        if not data:
+            raise DecodeError("empty record (zero bytes or tombstone)", error_type="EmptyRecord")
+        return self._decode_avro(data, model, "not Avro")
+
+    def decode_inbound(self, data: bytes | None) -> InboundMessage:
+        """Decode an inbound record: framed Avro as :meth:`decode`, or a UTF-8 JSON object.
+
+        JSON is parsed, checked to be an object, validated with the pydantic model (unknown
+        fields rejected) and then with ``fastavro.validation.validate`` against the Avro schema,
+        and finally encoded once, so JSON and Avro accept exactly the same records.
+
+        Raises:
+            DecodeError: As :meth:`decode`; for JSON also invalid UTF-8 (with byte position),
+                invalid JSON (line and column), a non-object, or ``error_type
+                "ValidationError"`` listing each failing field as ``"field.path: message"``.
+            UnknownSchemaError: Writer fingerprint or schema id not known (yet).
+        """
+        if not data:
+            raise DecodeError("empty record (zero bytes or tombstone)", error_type="EmptyRecord")
+        if data[0] in (0xC3, 0x00):
+            return self._decode_avro(data, InboundMessage, "not Avro or JSON")
+        start = len(data) - len(data.lstrip(_JSON_WHITESPACE))
+        if start == len(data):
+            raise DecodeError("empty record (only whitespace)", error_type="EmptyRecord")
+        if data[start] not in _JSON_STARTS:
+            at = f" at offset {start}" if start else ""
+            raise DecodeError(f"not Avro or JSON: first byte 0x{data[start]:02x}{at}")
+        return self._decode_json(data, InboundMessage)
+
+    def _decode_avro(self, data: bytes, model: type[R], not_avro: str) -> R:
+        reader = self._parsed.get(model.avro_name)
+        if reader is None:
+            raise SchemaError(f"{model.__name__} has no bundled top-level schema")
+        if data[0] == 0xC3:
+            if len(data) < 10 or data[1] != 0x01:
+                raise DecodeError(
+                    f"single-object encoding: bad header {data[:10].hex(' ')} "
+                    "(expected c3 01 + 8-byte fingerprint)"
+                )
+            writer = self._by_fingerprint.get(data[2:10])
+            if writer is None:
+                raise UnknownSchemaError(
+                    f"single-object encoding: unknown schema fingerprint 0x{data[2:10].hex()}",
+                    fingerprint=data[2:10],
+                )
+            offset, label = 10, f"fingerprint 0x{data[2:10].hex()}"
+        elif data[0] == 0x00:
+            if len(data) < 5:
+                raise DecodeError(f"Confluent framing: header is {len(data)} bytes, expected 5")
+            schema_id = int.from_bytes(data[1:5], "big")
+            writer = self._by_id.get(schema_id)
+            if writer is None:
+                raise UnknownSchemaError(
+                    f"Confluent framing: unknown schema id {schema_id}", schema_id=schema_id
+                )
+            offset, label = 5, f"schema id {schema_id}"
+        else:
+            raise DecodeError(f"{not_avro}: first byte 0x{data[0]:02x}")
+        name = reader["name"]
+        if writer is not reader and not names_match(writer["name"], reader):
+            raise DecodeError(
+                f"writer schema {writer['name']} ({label}) does not resolve to reader {name}"
+            )
+        buffer = io.BytesIO(data)
+        buffer.seek(offset)
+        try:
+            datum = schemaless_reader(buffer, writer, None if writer is reader else reader)
+        except (EOFError, IndexError) as exc:
+            # The compiled reader raises IndexError("string index out of range") when a varint
+            # runs past the end; other IndexErrors are enum or union indexes out of range.
+            if isinstance(exc, EOFError) or "string index" in str(exc):
+                detail = str(exc) if isinstance(exc, EOFError) and str(exc) else "no more bytes"
+                raise DecodeError(
+                    f"truncated Avro body for {name}: {detail} (data ends at byte {len(data)})"
+                ) from exc
+            raise DecodeError(
+                f"invalid Avro body for {name} ({label}): enum symbol or union branch index "
+                f"out of range ({exc})"
+            ) from exc
+        except Exception as exc:  # SchemaResolutionError, UnicodeDecodeError, IndexError, ...
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            raise DecodeError(f"invalid Avro body for {name} ({label}): {detail}") from exc
+        if buffer.tell() != len(data):
+            raise DecodeError(
+                f"{len(data) - buffer.tell()} trailing bytes after the {name} datum "
+                f"(datum ends at byte {buffer.tell()} of {len(data)})"
+            )
+        try:
+            return model.model_validate(datum)
+        except pydantic.ValidationError as exc:
+            raise DecodeError(
+                f"Avro datum does not fit {model.__name__}: " + "; ".join(_pydantic_reasons(exc)),
+                error_type="ValidationError",
+            ) from exc
+
+    def _decode_json(self, data: bytes, model: type[R]) -> R:
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"invalid UTF-8 in JSON at byte {exc.start}") from exc
+        try:
+            obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except json.JSONDecodeError as exc:
+            raise DecodeError(
+                f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from exc
+        except (ValueError, RecursionError) as exc:
+            raise DecodeError(f"invalid JSON: {exc or 'nested too deeply'}") from exc
+        if not isinstance(obj, dict):
+            raise DecodeError(
+                f"JSON value is {_json_kind(obj)}, expected an object", error_type="ValidationError"
+            )
+        reasons = _convert_timestamps(obj, self._timestamps[model.avro_name])
+        try:
+            record = model.model_validate(obj)
+        except pydantic.ValidationError as exc:
+            reasons += _pydantic_reasons(exc, skip=reasons)
+        if reasons:
+            raise DecodeError(
+                "JSON validation failed: " + "; ".join(reasons), error_type="ValidationError"
+            )
+        schema = self._parsed[model.avro_name]
+        try:  # the JSON values themselves, not pydantic's coercions, must fit the Avro types
+            validate({**record.to_avro(), **obj}, schema, raise_errors=True)
+            schemaless_writer(io.BytesIO(), schema, record.to_avro())
+        except AvroValidationError as exc:
+            raise DecodeError(
+                f"JSON validation failed: {_avro_reason(exc)}", error_type="ValidationError"
+            ) from exc
+        except Exception as exc:  # e.g. a lone surrogate from a "\\ud800" escape
+            raise DecodeError(
+                f"JSON validation failed: not Avro-encodable: {type(exc).__name__}: {exc}",
+                error_type="ValidationError",
+            ) from exc
+        return record
+
+
+def _timestamp_fields(schema: dict[str, Any]) -> frozenset[str]:
+    def is_ts(t: Any) -> bool:
+        if isinstance(t, list):
+            return any(is_ts(b) for b in t)
+        return isinstance(t, dict) and t.get("logicalType") == "timestamp-millis"
+
+    return frozenset(f["name"] for f in schema["fields"] if is_ts(f["type"]))
+
+
+def _convert_timestamps(obj: dict[str, Any], fields: frozenset[str]) -> list[str]:
+    """Replace JSON timestamps in ``obj`` by aware UTC datetimes; return ``"field: why"`` list."""
+    reasons = []
+    for name in fields & obj.keys():
+        if obj[name] is not None:  # null: the model says whether the field may be null
+            try:
+                obj[name] = _json_timestamp(obj[name])
+            except ValueError as exc:
+                reasons.append(f"{name}: {exc}")
+    return reasons
+
+
+def _json_timestamp(value: object) -> datetime:
+    try:
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"not an ISO-8601 timestamp: {value!r}") from None
+            if parsed.tzinfo is None:
+                raise ValueError(f"ISO-8601 timestamp {value!r} has no UTC offset (add Z)")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parsed = _EPOCH + timedelta(milliseconds=value)
+        else:
+            raise ValueError(
+                "expected an ISO-8601 string or integer epoch milliseconds, "
+                f"got {_json_kind(value)}"
+            )
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"timestamp out of range: {value!r}") from None
+    return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {list: "an array", dict: "an object", str: "a string", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _pydantic_reasons(exc: pydantic.ValidationError, skip: Sequence[str] = ()) -> list[str]:
+    """Return ``"field.path: message"`` per error, leaving out fields already in ``skip``."""
+    skipped = {reason.split(":", 1)[0] for reason in skip}
+    return [
+        f"{_loc(e['loc'])}: {e['msg']}"
+        for e in exc.errors(include_url=False)
+        if not e["loc"] or str(e["loc"][0]) not in skipped
+    ]
+
+
+def _avro_reason(exc: AvroValidationError) -> str:
+    """``"field: Avro type null | long does not accept True (bool)"`` from the first bad field."""
+    first = exc.errors[0]
+    expected = " | ".join(
+        str(e.schema.get("name", e.schema.get("type")))
+        if isinstance(e.schema, dict)
+        else str(e.schema)
+        for e in exc.errors
+        if e.field == first.field
+    )
+    datum = first.datum
+    field = str(first.field).rsplit(".", 1)[-1]
+    return f"{field}: Avro type {expected} does not accept {datum!r} ({type(datum).__name__})"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

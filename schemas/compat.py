@@ -94,8 +94,10 @@ class _Resolver:
         if isinstance(r, list) or isinstance(w, list):
             return True
         if isinstance(r, str) or isinstance(w, str):
-            return isinstance(r, str) and isinstance(w, str) and (
-                r == w or r in _PROMOTIONS.get(w, ())
+            return (
+                isinstance(r, str)
+                and isinstance(w, str)
+                and (r == w or r in _PROMOTIONS.get(w, ()))
             )
         if r["type"] != w["type"]:
             return False
@@ -120,8 +122,9 @@ class _Resolver:
             return [f"{path}: writer type {self.describe(w)} is not in reader {self.describe(r)}"]
         if not self.matches(r, w):
             why = "" if isinstance(r, str) or isinstance(w, str) else self._mismatch(r, w)
-            return [f"{path}: writer type {self.describe(w)} cannot be read as "
-                    f"{self.describe(r)}{why}"]
+            return [
+                f"{path}: writer type {self.describe(w)} cannot be read as {self.describe(r)}{why}"
+            ]
         if isinstance(r, str) or isinstance(w, str):
             return []
         kind = r["type"]
@@ -146,8 +149,10 @@ class _Resolver:
         missing = [s for s in w["symbols"] if s not in r["symbols"]]
         if not missing or "default" in r:
             return []
-        return [f"{path}: writer enum symbols {missing} are missing from reader enum "
-                f"{r['name']}, which has no default"]
+        return [
+            f"{path}: writer enum symbols {missing} are missing from reader enum "
+            f"{r['name']}, which has no default"
+        ]
 
     def _check_record(self, r: dict[str, Any], w: dict[str, Any], path: str) -> list[str]:
         key = (r["name"], w["name"])
@@ -163,8 +168,9 @@ class _Resolver:
             if wf is not None:
                 problems += self.check(rf["type"], wf["type"], field_path)
             elif "default" not in rf:
-                problems.append(f"{field_path}: reader field is not in the writer schema "
-                                "and has no default")
+                problems.append(
+                    f"{field_path}: reader field is not in the writer schema and has no default"
+                )
         return problems
 
 
@@ -182,8 +188,10 @@ def _empirical(reader: AvroSchema, writer: AvroSchema, path: str, count: int) ->
         try:
             schemaless_reader(buffer, writer, reader)
         except Exception as exc:  # fastavro raises many types on resolution failure
-            return [f"{path}: fastavro could not read a generated datum written with the old "
-                    f"schema: {type(exc).__name__}: {exc}"]
+            return [
+                f"{path}: fastavro could not read a generated datum written with the old "
+                f"schema: {type(exc).__name__}: {exc}"
+            ]
     return []
 
 
@@ -240,8 +248,9 @@ def _git(repo_root: Path, *args: str) -> str:
         )
     except (OSError, subprocess.CalledProcessError) as exc:
         stderr = getattr(exc, "stderr", "") or ""
-        raise SchemaError(f"git {' '.join(args)} failed in {repo_root}: {stderr.strip() or exc}") \
-            from exc
+        raise SchemaError(
+            f"git {' '.join(args)} failed in {repo_root}: {stderr.strip() or exc}"
+        ) from exc
     return done.stdout
 
 
@@ -275,7 +284,9 @@ def check_history(repo_root: Path, path: Path) -> SchemaHistory:
         f"{path.stem} (vs {sha[:12]}): {problem}"
         for sha, old in earlier
         for problem in (
-            [f"committed version is {old}"] if isinstance(old, str) else check_backward(current, old)
+            [f"committed version is {old}"]
+            if isinstance(old, str)
+            else check_backward(current, old)
         )
     ]
     return SchemaHistory(name=path.stem, versions=len(earlier), problems=problems)

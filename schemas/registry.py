@@ -46,7 +46,7 @@ MODELS: Final[dict[str, type[AvroRecord]]] = {
 
 
 def full_name(name: str) -> str:
-    """Return the full name of a bundled record: ``"InboundMessage"`` → ``"switchboard.InboundMessage"``.
+    """Return the full name of a bundled record (``"InboundMessage"`` → ``"switchboard.…"``).
 
     Raises:
         KeyError: No bundled schema has that name.
@@ -88,7 +88,9 @@ def raw_schema(name: str) -> dict[str, Any]:
 @cache
 def _parsed(qualified: str) -> dict[str, Any]:
     # Each file repeats its enum definitions, so each gets its own named-types dict.
-    parsed: dict[str, Any] = parse_schema(_load_raw(qualified), named_schemas={})
+    parsed = parse_schema(_load_raw(qualified), named_schemas={})
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{qualified} is not a record schema")
     return parsed
 
 

@@ -23,7 +23,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = "application/vnd.schemaregistry.v1+json"
-_ACCEPT: Final = f"{CONTENT_TYPE}, application/vnd.schemaregistry+json; qs=0.9, application/json; qs=0.5"
+_ACCEPT: Final = (
+    f"{CONTENT_TYPE}, application/vnd.schemaregistry+json; qs=0.9, application/json; qs=0.5"
+)
 
 
 def subject_for(record_full_name: str) -> str:
@@ -40,7 +42,7 @@ class SchemaRegistry(Protocol):
     """What the codec needs from a Schema Registry (HTTP client or in-memory double)."""
 
     async def register(self, subject: str, schema_json: str) -> int:
-        """Register ``schema_json`` (an Avro schema as a JSON string) under ``subject``; return its id."""
+        """Register an Avro schema (JSON string) under ``subject``; return its id."""
         ...
 
     async def get_schema(self, schema_id: int) -> dict[str, Any]:
@@ -132,7 +134,9 @@ class SchemaRegistryClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def _call(self, method: str, path: str, *, content: bytes | None = None) -> dict[str, Any]:
+    async def _call(
+        self, method: str, path: str, *, content: bytes | None = None
+    ) -> dict[str, Any]:
         headers = {"Content-Type": CONTENT_TYPE} if content is not None else None
         try:
             response = await self._http.request(method, path, content=content, headers=headers)

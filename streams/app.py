@@ -30,7 +30,8 @@ def _faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_rebalance_timeout": max(session_s * 2, 10.0),
         "broker_commit_interval": 1.0,
         "consumer_auto_offset_reset": "earliest",
-        "consumer_max_fetch_size": 4 * 1024 * 1024,
+        "consumer_max_fetch_size": 8 * 1024 * 1024,
+        "producer_max_request_size": 8 * 1024 * 1024,
         "web_enabled": False,
         "store": "memory://",
         "datadir": str(settings.data_dir / "faust" / settings.app_id),
@@ -75,8 +76,7 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         "conversations",
         default=None,
         partitions=settings.partitions,
-        key_serializer="raw",
-        value_serializer="json",
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
         help="Conversation state (processors.conversation.ConversationState) by conversation_id.",
     )
     ingest.register(app, rt, topics)

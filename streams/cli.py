@@ -40,7 +40,8 @@ def _setup_logging(level: str, fmt: str = "console") -> None:
         logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     else:
         logging.basicConfig(
-            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            level=level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             force=True,
         )
 
@@ -89,7 +90,8 @@ def up(
     _load(_settings())
     stack = EmbeddedStack(workers=workers, data_dir=data_dir)
     with stack:
-        assert stack.broker is not None and stack.redis is not None
+        assert stack.broker is not None
+        assert stack.redis is not None
         out.print(f"broker   kafka://{stack.broker.address}   (tansu, memory storage)")
         out.print(f"redis    redis://{stack.redis.address}/0")
         for w in stack.worker_procs:
@@ -112,13 +114,18 @@ def up(
         out.print("stopping…")
 
 
-def _progress_replay(settings: Settings, lines: list[dict[str, Any]], timeout_s: float,
-                     keep_ids: bool) -> Any:
+def _progress_replay(
+    settings: Settings, lines: list[dict[str, Any]], timeout_s: float, keep_ids: bool
+) -> Any:
     from streams.replay import replay
 
     with Progress(
-        TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
+        TextColumn("[bold]replay"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as progress:
         task = progress.add_task("replay", total=len(lines))
 
@@ -126,8 +133,7 @@ def _progress_replay(settings: Settings, lines: list[dict[str, Any]], timeout_s:
             progress.update(task, completed=done, total=total)
 
         return asyncio.run(
-            replay(settings, lines, timeout_s=timeout_s, keep_ids=keep_ids,
-                   on_progress=on_progress)
+            replay(settings, lines, timeout_s=timeout_s, keep_ids=keep_ids, on_progress=on_progress)
         )
 
 
@@ -184,9 +190,12 @@ def demo(
     )
     err.print(f"demo: {users} users, {len(lines)} messages; logs and outbox in {directory}")
     with EmbeddedStack(workers=workers, data_dir=directory) as stack:
-        assert stack.broker is not None and stack.redis is not None
-        err.print(f"broker kafka://{stack.broker.address} · redis redis://{stack.redis.address}"
-                  f" · {workers} worker(s)")
+        assert stack.broker is not None
+        assert stack.redis is not None
+        err.print(
+            f"broker kafka://{stack.broker.address} · redis redis://{stack.redis.address}"
+            f" · {workers} worker(s)"
+        )
         result = _progress_replay(stack.settings(), lines, timeout, False)
         _print_samples(result, samples)
     summary = result.summary()
@@ -208,8 +217,13 @@ def _print_samples(result: Any, count: int) -> None:
             continue
         seen_langs.add(lang)
         for o in sorted(outcomes, key=lambda o: o.message.message_id)[:2]:
-            reply = o.report.content if o.report else f"(dead letter: {o.dead_letter.reason})" \
-                if o.dead_letter else "(unaccounted)"
+            reply = (
+                o.report.content
+                if o.report
+                else f"(dead letter: {o.dead_letter.reason})"
+                if o.dead_letter
+                else "(unaccounted)"
+            )
             persona = o.report.persona if o.report else "-"
             table.add_row(conv, o.message.content, persona or "-", reply)
     err.print(table)
@@ -221,6 +235,7 @@ def topics() -> None:
     from streams.topics import topic_table
 
     table = Table("topic", "key", "schema", "purpose")
+    table.columns[0].no_wrap = True
     for row in topic_table(_settings()):
         table.add_row(*row)
     out.print(table)
@@ -233,8 +248,10 @@ def check_config(
     """Validate a config file and print what it declares."""
     settings = _settings(config=file)
     config = _load(settings)
-    out.print(f"{settings.config_path()}: OK — {len(config.personas)} personas, "
-              f"{len(config.routing.rules)} rules, {len(config.channels)} channels")
+    out.print(
+        f"{settings.config_path()}: OK — {len(config.personas)} personas, "
+        f"{len(config.routing.rules)} rules, {len(config.channels)} channels"
+    )
 
 
 def main() -> None:

@@ -31,7 +31,9 @@ RECORDS_OUT = Counter(
     "switchboard_records_out_total", "Records produced by a stage.", ["stage", "topic"]
 )
 STAGE_ERRORS = Counter(
-    "switchboard_stage_errors_total", "Errors raised while processing a record.", ["stage", "error_type"]
+    "switchboard_stage_errors_total",
+    "Errors raised while processing a record.",
+    ["stage", "error_type"],
 )
 DEADLETTERS = Counter(
     "switchboard_deadletters_total", "Records sent to the dead-letter topic.", ["stage", "reason"]
@@ -48,7 +50,10 @@ END_TO_END_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 LLM_LATENCY = Histogram(
-    "switchboard_llm_latency_seconds", "LLM engine call latency.", ["engine"], buckets=_LATENCY_BUCKETS
+    "switchboard_llm_latency_seconds",
+    "LLM engine call latency.",
+    ["engine"],
+    buckets=_LATENCY_BUCKETS,
 )
 LLM_TOKENS = Counter(
     "switchboard_llm_tokens_total", "Tokens used.", ["tenant", "persona", "engine", "kind"]

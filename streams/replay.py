@@ -7,7 +7,6 @@ and reports what is still unaccounted when the timeout passes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -83,7 +82,7 @@ def _percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values (0.0 for none)."""
     if not sorted_values:
         return 0.0
-    rank = max(1, int(round(pct / 100 * len(sorted_values) + 0.4999)))
+    rank = max(1, round(pct / 100 * len(sorted_values) + 0.4999))
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
@@ -101,7 +100,9 @@ def load_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 errors.append(f"{path}:{lineno}: invalid JSON: {exc.msg} at column {exc.colno}")
                 continue
             if not isinstance(value, dict):
-                errors.append(f"{path}:{lineno}: expected a JSON object, got {type(value).__name__}")
+                errors.append(
+                    f"{path}:{lineno}: expected a JSON object, got {type(value).__name__}"
+                )
                 continue
             objects.append(value)
     return objects, errors
@@ -177,11 +178,15 @@ async def replay(
             invalid.append(f"record {index}: {problems}")
     outcomes = {m.message_id: Outcome(m) for m in messages}
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.broker_list(), group_id=None, enable_auto_commit=False,
+        bootstrap_servers=settings.broker_list(),
+        group_id=None,
+        enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.broker_list(), linger_ms=5, acks="all",
+        bootstrap_servers=settings.broker_list(),
+        linger_ms=5,
+        acks="all",
         max_request_size=4 * 1024 * 1024,
     )
     await consumer.start()

@@ -86,7 +86,8 @@ class EmbeddedStack:
 
     def settings(self) -> Settings:
         """Settings of a client of this stack (what the workers get through the environment)."""
-        assert self.broker is not None and self.redis is not None, "stack not started"
+        if self.broker is None or self.redis is None:
+            raise RuntimeError("the stack is not started")
         return Settings(
             kafka_brokers=self.broker.address,
             redis_url=f"redis://{self.redis.address}/0",
@@ -138,7 +139,7 @@ class EmbeddedStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"worker-{index}.log"
         with log_path.open("ab") as out:
-            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker"],
                 env=env or self.worker_env(index),
                 stdout=out,

@@ -95,7 +95,7 @@ class OutboxConnector(DeliveryConnector):
                 stream.flush()
             except OSError as exc:
                 raise DeliveryError(
-                    f"outbox write to {self._path} failed: {exc}", retriable=True
+                    f"outbox write to {self._path or 'stdout'} failed: {exc}", retriable=True
                 ) from exc
         log.debug("outbox: wrote delivery %s for %s", request.delivery_id, request.recipient)
         return SendResult(provider_message_id=f"outbox:{request.delivery_id}")

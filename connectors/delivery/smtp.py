@@ -121,11 +121,11 @@ class SmtpConnector(DeliveryConnector):
         reader.check_unknown()
         return connector
 
-    def build_message(self, request: DeliveryRequest, recipient: str) -> EmailMessage:
+    def build_message(self, request: DeliveryRequest) -> EmailMessage:
         """Build the RFC 5322 message for ``request`` (text, or text + HTML alternative)."""
         msg = EmailMessage()
         msg["From"] = self._sender
-        msg["To"] = recipient
+        msg["To"] = request.recipient
         subject = " ".join((request.subject or self._subject_default).split())
         if subject:
             msg["Subject"] = subject
@@ -151,7 +151,7 @@ class SmtpConnector(DeliveryConnector):
             raise DeliveryError(
                 f"smtp: recipient {request.recipient!r} is not an e-mail address", retriable=False
             )
-        msg = self.build_message(request, request.recipient)
+        msg = self.build_message(request)
         auth = self._username is not None and self._password is not None
         try:
             await aiosmtplib.send(

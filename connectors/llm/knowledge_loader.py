@@ -21,6 +21,18 @@ CHATTERBOT_PREFIX = "chatterbot:"
 """Source prefix naming a file of the installed ``chatterbot-corpus`` package."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+class _TextLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that keeps plain scalars as written: ``yes``, ``7`` and ``1.10``
+    stay text instead of becoming ``True``, ``7`` and ``1.1``; only ``null``/``~`` resolve."""
+
+
+_TextLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag == _NULL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _corpus_root() -> Path:
@@ -74,10 +86,11 @@ def _resolve(source: str) -> Path:
 def load_dialogs(source: str) -> list[list[str]]:
     """Read the dialogs of one chatterbot-corpus style YAML file.
 
-    The file holds ``conversations: [[statement, reply, ...], ...]``. Statements that are not
-    strings are converted with ``str()``; empty ones (and ``null``) are skipped, as are dialogs
-    left empty. A dialog that is not a list (a quirk of some corpus files) is skipped with a
-    warning.
+    The file holds ``conversations: [[statement, reply, ...], ...]``. It is parsed with a
+    ``yaml.SafeLoader`` subclass that keeps plain scalars as text (``yes`` stays ``"yes"``, not
+    ``True``); explicitly tagged non-strings are converted with ``str()``. Empty statements (and
+    ``null``) are skipped, as are dialogs left empty. A dialog that is not a list (a quirk of
+    some corpus files) is skipped with a warning.
 
     Args:
         source: A filesystem path, or ``chatterbot:<language>/<topic>`` for a file of the
@@ -93,7 +106,7 @@ def load_dialogs(source: str) -> list[list[str]]:
     """
     path = _resolve(source)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TextLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"knowledge source {source!r}: invalid YAML: {exc}") from exc
     conversations = data.get("conversations") if isinstance(data, dict) else None

@@ -105,8 +105,12 @@ async def dead_letter(
     await send_record(rt, topic, record, key=message.key, stage=stage, parent=message)
     DEADLETTERS.labels(stage, error_type).inc()
     log.warning(
-        "dead-lettered %s[%s]@%s at %s: %s", message.topic, message.partition, message.offset,
-        stage, reason,
+        "dead-lettered %s[%s]@%s at %s: %s",
+        message.topic,
+        message.partition,
+        message.offset,
+        stage,
+        reason,
     )
 
 

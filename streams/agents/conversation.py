@@ -46,7 +46,9 @@ STAGE = "conversation"
 
 
 def apply(
-    rt: Runtime, state: ConversationState | None, record: ConversationEvent | LLMResponse,
+    rt: Runtime,
+    state: ConversationState | None,
+    record: ConversationEvent | LLMResponse,
     now: datetime,
 ) -> Transition | None:
     """Run the pure state machine for one input; None when there is no state to touch."""
@@ -90,7 +92,11 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
         record = _decode(rt, message)
     except DecodeError as exc:
         await dead_letter(
-            rt, topics["deadletter"], message, stage="conversation.decode", reason=exc.reason,
+            rt,
+            topics["deadletter"],
+            message,
+            stage="conversation.decode",
+            reason=exc.reason,
             error_type=exc.error_type,
         )
         return
@@ -100,22 +106,37 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
     transition = apply(rt, state, record, utcnow())
     if transition is None:
         return
-    table[key] = transition.state.model_dump(mode="json")
+    acks = []
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
-            await send_record(
-                rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
+            acks.append(
+                await send_record(
+                    rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
+                )
             )
         elif isinstance(effect, Deliver):
-            await send_record(
-                rt, topics["delivery_requests"], effect.request,
-                key=effect.request.recipient, stage=STAGE, parent=message,
+            acks.append(
+                await send_record(
+                    rt,
+                    topics["delivery_requests"],
+                    effect.request,
+                    key=effect.request.recipient,
+                    stage=STAGE,
+                    parent=message,
+                )
             )
         elif isinstance(effect, Dropped):
             DROPPED.labels(STAGE, effect.reason).inc()
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
+    # The effects must be on the broker before the new state can reach the changelog: a worker
+    # killed in between would otherwise restore a state that says "answered" for a reply that
+    # was never sent, and drop the replayed response as a duplicate. Replaying the input
+    # re-creates the same effects with the same ids, which the next stages drop.
+    for ack in acks:
+        await ack
+    table[key] = transition.state.model_dump(mode="json")
 
 
 def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
@@ -141,8 +162,12 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
                 STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
                 log.exception("conversation failed on offset %s", event.message.offset)
                 await dead_letter(
-                    rt, topics["deadletter"], event.message, stage="conversation.internal",
-                    reason=f"unexpected error: {exc!r}", error_type=type(exc).__name__,
+                    rt,
+                    topics["deadletter"],
+                    event.message,
+                    stage="conversation.internal",
+                    reason=f"unexpected error: {exc!r}",
+                    error_type=type(exc).__name__,
                 )
 
     interval = max(0.5, min(rt.config.conversation.llm_deadline_s / 4, 30.0))

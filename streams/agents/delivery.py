@@ -104,7 +104,11 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
         request = rt.codec.decode(message.value or b"", DeliveryRequest)
     except DecodeError as exc:
         await dead_letter(
-            rt, topics["deadletter"], message, stage="delivery.decode", reason=exc.reason,
+            rt,
+            topics["deadletter"],
+            message,
+            stage="delivery.decode",
+            reason=exc.reason,
             error_type=exc.error_type,
         )
         return
@@ -114,16 +118,25 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
         return
     report = await deliver(rt, request)
     ack = await send_record(
-        rt, topics["delivery_reports"], report, key=request.message_id, stage=STAGE,
+        rt,
+        topics["delivery_reports"],
+        report,
+        key=request.message_id,
+        stage=STAGE,
         parent=message,
     )
     if report.status == DeliveryStatus.DELIVERED:
         remember_after_ack(rt, done_key, _DELIVERED_TTL_S, [ack])
     else:
         await dead_letter(
-            rt, topics["deadletter"], message, stage="deliver",
+            rt,
+            topics["deadletter"],
+            message,
+            stage="deliver",
             reason=f"delivery failed after {report.attempts} attempt(s): {report.error}",
-            error_type="DeliveryFailed", message_id=request.message_id, tenant=request.tenant,
+            error_type="DeliveryFailed",
+            message_id=request.message_id,
+            tenant=request.tenant,
         )
 
 
@@ -140,6 +153,10 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
                 STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
                 log.exception("delivery failed on offset %s", event.message.offset)
                 await dead_letter(
-                    rt, topics["deadletter"], event.message, stage="delivery.internal",
-                    reason=f"unexpected error: {exc!r}", error_type=type(exc).__name__,
+                    rt,
+                    topics["deadletter"],
+                    event.message,
+                    stage="delivery.internal",
+                    reason=f"unexpected error: {exc!r}",
+                    error_type=type(exc).__name__,
                 )

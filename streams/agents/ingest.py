@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from processors.preprocess import Accepted, conversation_id_for, dedup_key, preprocess
+from processors.preprocess import Accepted, dedup_key, preprocess
 from processors.router import RouteDecision
 from schemas.errors import DecodeError, UnknownSchemaError
 from schemas.models import (
@@ -51,8 +51,14 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
     result = preprocess(inbound, rt.config.preprocess, utcnow())
     if not isinstance(result, Accepted):
         await dead_letter(
-            rt, dlq, message, stage=result.stage, reason=result.reason,
-            error_type=result.error_type, message_id=inbound.message_id, tenant=inbound.tenant,
+            rt,
+            dlq,
+            message,
+            stage=result.stage,
+            reason=result.reason,
+            error_type=result.error_type,
+            message_id=inbound.message_id,
+            tenant=inbound.tenant,
         )
         return
     msg = result.message
@@ -66,8 +72,13 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
     acks: list[Awaitable[Any]] = []
     if decision.kind == "drop":
         await dead_letter(
-            rt, dlq, message, stage="route", reason=f"dropped by rule {decision.rule!r}: "
-            f"{decision.target}", error_type="RouteDropped", message_id=msg.message_id,
+            rt,
+            dlq,
+            message,
+            stage="route",
+            reason=f"dropped by rule {decision.rule!r}: {decision.target}",
+            error_type="RouteDropped",
+            message_id=msg.message_id,
             tenant=msg.tenant,
         )
     elif decision.kind == "persona":
@@ -78,8 +89,6 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
         acks.extend(await _to_flow(rt, topics, message, msg, decision))
     if window and acks:
         remember_after_ack(rt, key, window, acks)
-
-
 
 
 async def _to_conversation(
@@ -125,9 +134,14 @@ async def _to_flow(
     except (KeyError, IndexError, ValueError) as exc:
         STAGE_ERRORS.labels(STAGE, "TemplateError").inc()
         await dead_letter(
-            rt, topics["deadletter"], message, stage="route",
+            rt,
+            topics["deadletter"],
+            message,
+            stage="route",
             reason=f"flow {decision.target!r}: template failed: {exc!r}",
-            error_type="TemplateError", message_id=msg.message_id, tenant=msg.tenant,
+            error_type="TemplateError",
+            message_id=msg.message_id,
+            tenant=msg.tenant,
         )
         return []
     acks: list[Awaitable[Any]] = []
@@ -143,7 +157,9 @@ async def _to_flow(
             subject=msg.subject,
             content=content,
             content_type=msg.content_type,
-            message_type=msg.message_type if msg.message_type != MessageType.CHAT else MessageType.NOTIFICATION,
+            message_type=msg.message_type
+            if msg.message_type != MessageType.CHAT
+            else MessageType.NOTIFICATION,
             priority=msg.priority,
             metadata=msg.metadata,
             origin_created_at=msg.created_at,
@@ -152,7 +168,11 @@ async def _to_flow(
         )
         acks.append(
             await send_record(
-                rt, topics["delivery_requests"], request, key=recipient, stage=STAGE,
+                rt,
+                topics["delivery_requests"],
+                request,
+                key=recipient,
+                stage=STAGE,
                 parent=message,
             )
         )
@@ -172,6 +192,10 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
                 STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
                 log.exception("ingest failed on offset %s", event.message.offset)
                 await dead_letter(
-                    rt, topics["deadletter"], event.message, stage="ingest.internal",
-                    reason=f"unexpected error: {exc!r}", error_type=type(exc).__name__,
+                    rt,
+                    topics["deadletter"],
+                    event.message,
+                    stage="ingest.internal",
+                    reason=f"unexpected error: {exc!r}",
+                    error_type=type(exc).__name__,
                 )

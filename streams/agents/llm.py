@@ -97,13 +97,21 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError as exc:
         await dead_letter(
-            rt, topics["deadletter"], message, stage="llm.decode", reason=exc.reason,
+            rt,
+            topics["deadletter"],
+            message,
+            stage="llm.decode",
+            reason=exc.reason,
             error_type=exc.error_type,
         )
         return
     response = await answer(rt, request)
     await send_record(
-        rt, topics["llm_responses"], response, key=request.conversation_id, stage=STAGE,
+        rt,
+        topics["llm_responses"],
+        response,
+        key=request.conversation_id,
+        stage=STAGE,
         parent=message,
     )
 
@@ -121,6 +129,10 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
                 STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
                 log.exception("llm failed on offset %s", event.message.offset)
                 await dead_letter(
-                    rt, topics["deadletter"], event.message, stage="llm.internal",
-                    reason=f"unexpected error: {exc!r}", error_type=type(exc).__name__,
+                    rt,
+                    topics["deadletter"],
+                    event.message,
+                    stage="llm.internal",
+                    reason=f"unexpected error: {exc!r}",
+                    error_type=type(exc).__name__,
                 )

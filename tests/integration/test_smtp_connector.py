@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from connectors.delivery.registry import build_connector
 from connectors.delivery.smtp import DELIVERY_ID_HEADER, SmtpConnector
@@ -39,29 +40,27 @@ class RecordingHandler:
         self.received: list[Received] = []
         self._lock = threading.Lock()
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd hook name
-        self, server: object, session: object, envelope: object, address: str, options: object
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if address.startswith("refused"):
             return "550 5.1.1 No such user here"
         if address.startswith("busy"):
             return "450 4.2.1 Mailbox busy, try later"
-        envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]  # aiosmtpd Envelope
+        envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
-        self, server: object, session: object, envelope: object
-    ) -> str:
-        rcpts: list[str] = envelope.rcpt_tos  # type: ignore[attr-defined]
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        rcpts: list[str] = envelope.rcpt_tos
         if any(r.startswith("spam") for r in rcpts):
             return "554 5.7.1 Message rejected as spam"
-        raw: bytes = envelope.content  # type: ignore[attr-defined]
+        raw, mail_from = envelope.content, envelope.mail_from
+        assert isinstance(raw, bytes)  # decode_data=False (the Controller default)
+        assert mail_from is not None
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         with self._lock:
-            self.received.append(
-                Received(envelope.mail_from, list(rcpts), message)  # type: ignore[attr-defined]
-            )
+            self.received.append(Received(mail_from, list(rcpts), message))
         return "250 Message accepted for delivery"
 
     def for_recipient(self, address: str) -> list[Received]:
@@ -70,7 +69,7 @@ class RecordingHandler:
 
 
 @pytest.fixture(scope="module")
-def smtp_server() -> Iterator[tuple[RecordingHandler, int]]:
+def recording_smtp() -> Iterator[tuple[RecordingHandler, int]]:
     handler = RecordingHandler()
     port = find_free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
@@ -83,9 +82,9 @@ def smtp_server() -> Iterator[tuple[RecordingHandler, int]]:
 
 @pytest.fixture
 async def connector(
-    smtp_server: tuple[RecordingHandler, int], tmp_path: Path
+    recording_smtp: tuple[RecordingHandler, int], tmp_path: Path
 ) -> AsyncIterator[SmtpConnector]:
-    _, port = smtp_server
+    _, port = recording_smtp
     built = build_connector(
         "smtp",
         {
@@ -120,9 +119,9 @@ def make_request(recipient: str, **changes: object) -> DeliveryRequest:
 
 
 async def test_delivery_arrives_with_envelope_headers_and_body(
-    connector: SmtpConnector, smtp_server: tuple[RecordingHandler, int]
+    connector: SmtpConnector, recording_smtp: tuple[RecordingHandler, int]
 ) -> None:
-    handler, _ = smtp_server
+    handler, _ = recording_smtp
     result = await connector.send(make_request("alice@example.com", delivery_id="del-42"))
 
     [got] = handler.for_recipient("alice@example.com")
@@ -142,18 +141,18 @@ async def test_delivery_arrives_with_envelope_headers_and_body(
 
 
 async def test_missing_subject_uses_subject_default(
-    connector: SmtpConnector, smtp_server: tuple[RecordingHandler, int]
+    connector: SmtpConnector, recording_smtp: tuple[RecordingHandler, int]
 ) -> None:
-    handler, _ = smtp_server
+    handler, _ = recording_smtp
     await connector.send(make_request("nosubject@example.com", subject=None))
     [got] = handler.for_recipient("nosubject@example.com")
     assert got.message["Subject"] == "A message from Switchboard"
 
 
 async def test_html_content_is_sent_as_html_alternative_with_text_fallback(
-    connector: SmtpConnector, smtp_server: tuple[RecordingHandler, int]
+    connector: SmtpConnector, recording_smtp: tuple[RecordingHandler, int]
 ) -> None:
-    handler, _ = smtp_server
+    handler, _ = recording_smtp
     page = "<p>Hello <b>Bob</b> &amp; team</p>"
     await connector.send(make_request("bob@example.com", content=page, content_type="text/html"))
     [got] = handler.for_recipient("bob@example.com")
@@ -181,9 +180,9 @@ async def test_temporarily_refused_recipient_is_retriable(connector: SmtpConnect
 
 
 async def test_permanent_data_rejection_is_not_retriable(
-    connector: SmtpConnector, smtp_server: tuple[RecordingHandler, int]
+    connector: SmtpConnector, recording_smtp: tuple[RecordingHandler, int]
 ) -> None:
-    handler, _ = smtp_server
+    handler, _ = recording_smtp
     with pytest.raises(DeliveryError) as info:
         await connector.send(make_request("spam@example.com"))
     assert info.value.retriable is False

@@ -58,9 +58,7 @@ def test_short_retry_after_leaves_the_jittered_delay_unchanged() -> None:
 def test_window_doubles_per_attempt_until_the_cap() -> None:
     rng = random.Random(42)
     for attempt, expected_window in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (40, 30.0)]:
-        samples = [
-            backoff_delay(attempt, initial_s=0.5, max_s=30.0, rng=rng) for _ in range(2000)
-        ]
+        samples = [backoff_delay(attempt, initial_s=0.5, max_s=30.0, rng=rng) for _ in range(2000)]
         assert max(samples) <= expected_window
         # full jitter spreads over the whole window, not a fixed delay
         assert max(samples) > 0.95 * expected_window

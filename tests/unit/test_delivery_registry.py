@@ -120,7 +120,7 @@ def test_bad_smtp_options_raise_value_error_naming_the_option(
 
 
 def test_unknown_outbox_option_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'outbox'.*pth.*accepted: path"):
+    with pytest.raises(ValueError, match=r"'outbox'.*pth.*accepted: path"):
         build_connector("outbox", {"pth": "x.jsonl"}, data_dir=tmp_path)
 
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real servers integration tests run against, started once per session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streams.settings import default_config_path
+from streams.stack import EmbeddedStack
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[tuple[str, int, list[object]]]:
+    """A real aiosmtpd SMTP server on loopback; yields (host, port, received envelopes)."""
+    from aiosmtpd.controller import Controller
+
+    from streams.embedded import find_free_port
+
+    received: list[object] = []
+
+    class Handler:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+            received.append(envelope)
+            return "250 OK"
+
+    port = find_free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield "127.0.0.1", port, received
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_config(tmp_path_factory: pytest.TempPathFactory, smtp_server: tuple[str, int, list[object]]) -> Path:
+    """The bundled config with the e-mail channel pointed at the test SMTP server."""
+    host, port, _ = smtp_server
+    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
+    raw["channels"]["email"]["options"].update({"host": host, "port": port})
+    raw["delivery"] = {"max_attempts": 3, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+    path = tmp_path_factory.mktemp("config") / "switchboard.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, pipeline_config: Path
+) -> Iterator[EmbeddedStack]:
+    """Tansu + redis-server + one worker, on a unique topic prefix and consumer group."""
+    unique = uuid.uuid4().hex[:8]
+    data_dir = tmp_path_factory.mktemp("stack")
+    embedded = EmbeddedStack(
+        workers=1,
+        data_dir=data_dir,
+        topic_prefix=f"it-{unique}",
+        app_id=f"it-{unique}",
+        config=pipeline_config,
+    )
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+        for log in sorted((data_dir / "logs").glob("worker-*.log")):
+            text = log.read_text(errors="replace")
+            if "Traceback" in text:
+                print(f"--- {log} (has tracebacks) ---\n{text[-4000:]}")

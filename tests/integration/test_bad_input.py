@@ -1,0 +1,119 @@
+"""Bad records published by an independent client (librdkafka) land on the dead-letter topic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from confluent_kafka import Producer
+
+from processors.ids import new_message_id
+from schemas.codec import Codec
+from schemas.models import DeadLetter, DeliveryReport, InboundMessage, utcnow
+from streams.replay import _assign_from_end
+from streams.stack import EmbeddedStack
+
+pytestmark = pytest.mark.integration
+
+
+def _valid(content: str) -> InboundMessage:
+    now = utcnow()
+    return InboundMessage(
+        message_id=new_message_id(now),
+        tenant="bad-input",
+        channel="chat",
+        sender=f"user-{content[:8]}@example.com",
+        content=content,
+        created_at=now,
+    )
+
+
+def _json(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+async def test_each_bad_record_is_dead_lettered_with_reason_and_bytes_and_neighbours_flow(
+    stack: EmbeddedStack,
+) -> None:
+    settings = stack.settings()
+    codec = Codec()
+    good_before, good_after = _valid("Hello there"), _valid("Good morning")
+    avro = codec.encode(_valid("How are you?"))
+    now_ms = int(time.time() * 1000)
+    bad: dict[str, tuple[bytes, str]] = {
+        # name: (bytes, fragment the reason must contain)
+        "garbage": (b"\x7f\x00garbage\xff", "first byte"),
+        "truncated_avro": (avro[: len(avro) // 2], "truncated"),
+        "wrong_magic": (b"\xc3\x02" + avro[2:], "magic"),
+        "json_missing_fields": (_json(tenant="t", channel="chat"), "Field required"),
+        "json_wrong_types": (
+            _json(message_id=1, tenant="t", channel="pigeon", sender="s", content="hi",
+                  created_at=now_ms),
+            "channel",
+        ),
+        "one_megabyte_body": (
+            _json(message_id=new_message_id(utcnow()), tenant="t", channel="chat", sender="s",
+                  content="x" * 1_000_000, created_at=now_ms),
+            "limit is 4000",
+        ),
+        "invalid_utf8": (b'{"content": "\xff\xfe"}', "UTF-8"),
+        "empty": (b"", "empty"),
+    }
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.broker_list(), group_id=None, enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        await _assign_from_end(
+            consumer, [settings.topics.deadletter, settings.topics.delivery_reports]
+        )
+        producer = Producer(
+            {"bootstrap.servers": settings.kafka_brokers, "message.max.bytes": 4 * 1024 * 1024}
+        )
+        producer.produce(settings.topics.inbound, codec.encode(good_before), key=b"k1")
+        for value, _ in bad.values():
+            producer.produce(settings.topics.inbound, value, key=b"bad")
+        producer.produce(settings.topics.inbound, _json(**json.loads(
+            good_after.model_dump_json())), key=b"k2")
+        assert producer.flush(30) == 0
+
+        wanted_reports = {good_before.message_id, good_after.message_id}
+        dead: list[DeadLetter] = []
+        reports: dict[str, DeliveryReport] = {}
+        originals = {value for value, _ in bad.values()}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (
+            len(dead) < len(bad) or set(reports) != wanted_reports
+        ):
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for record in records:
+                    if record.topic == settings.topics.deadletter:
+                        letter = codec.decode(record.value, DeadLetter)
+                        if letter.original_value in originals:
+                            dead.append(letter)
+                    else:
+                        report = codec.decode(record.value, DeliveryReport)
+                        if report.message_id in wanted_reports:
+                            reports[report.message_id] = report
+            await asyncio.sleep(0)
+    finally:
+        await consumer.stop()
+
+    stack.check_workers()
+    by_value = {letter.original_value: letter for letter in dead}
+    for name, (value, fragment) in bad.items():
+        letter = by_value.get(value)
+        assert letter is not None, f"{name} was not dead-lettered"
+        assert fragment.lower() in letter.reason.lower(), (name, letter.reason)
+        assert letter.stage.startswith("ingest."), (name, letter.stage)
+        assert letter.source_topic == settings.topics.inbound
+        assert letter.source_offset >= 0
+    assert len(dead) == len(bad)
+    assert set(reports) == wanted_reports
+    assert all(r.status.value == "delivered" for r in reports.values())
