@@ -29,7 +29,13 @@ from fastavro.validation import validate
 
 from schemas import registry as bundled
 from schemas.compat import names_match
-from schemas.errors import DecodeError, EncodeError, SchemaError, UnknownSchemaError
+from schemas.errors import (
+    DecodeError,
+    EncodeError,
+    SchemaError,
+    SchemaRegistryError,
+    UnknownSchemaError,
+)
 from schemas.models import AvroRecord, InboundMessage
 from schemas.schema_registry_client import SchemaRegistry, subject_for
 
@@ -95,15 +101,30 @@ class Codec:
             The full name of the fetched record schema.
 
         Raises:
-            SchemaError: No registry configured, or the schema is not a valid Avro schema.
-            SchemaRegistryError: The registry does not know the id or could not be reached.
+            UnknownSchemaError: The registry does not know the id (404) or its schema is not a
+                valid Avro record schema: the record cannot be decoded (dead-letter it).
+            SchemaRegistryError: The registry could not be reached or failed (``retriable``).
+            SchemaError: No registry configured.
         """
         if schema_id not in self._by_id:
             if self._registry is None:
                 raise SchemaError(f"cannot resolve schema id {schema_id}: no schema registry")
-            self._by_id[schema_id] = self.add_writer_schema(
-                await self._registry.get_schema(schema_id)
-            )
+            try:
+                schema = await self._registry.get_schema(schema_id)
+            except SchemaRegistryError as exc:
+                if exc.status != 404:
+                    raise
+                raise UnknownSchemaError(
+                    f"Confluent framing: schema id {schema_id} unknown to the schema registry",
+                    schema_id=schema_id,
+                ) from exc
+            try:
+                self._by_id[schema_id] = self.add_writer_schema(schema)
+            except SchemaError as exc:
+                raise UnknownSchemaError(
+                    f"Confluent framing: schema id {schema_id} is unusable: {exc}",
+                    schema_id=schema_id,
+                ) from exc
         return str(self._by_id[schema_id]["name"])
 
     def add_writer_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
@@ -115,16 +136,14 @@ class Codec:
         Raises:
             SchemaError: ``schema`` is not a valid Avro record schema.
         """
-        fp = bundled.schema_fingerprint(schema)
-        if fp not in self._by_fingerprint:
-            try:
-                parsed = parse_schema(schema, named_schemas={})
-            except Exception as exc:  # SchemaParseException, UnknownType, KeyError, ...
-                raise SchemaError(f"invalid writer schema: {type(exc).__name__}: {exc}") from exc
-            if not isinstance(parsed, dict) or parsed.get("type") != "record":
-                raise SchemaError("writer schema is not an Avro record schema")
-            self._by_fingerprint[fp] = parsed
-        return self._by_fingerprint[fp]
+        try:
+            fp = bundled.schema_fingerprint(schema)
+            parsed = self._by_fingerprint.get(fp) or parse_schema(schema, named_schemas={})
+        except Exception as exc:  # SchemaParseException, UnknownType, KeyError, ...
+            raise SchemaError(f"invalid writer schema: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(parsed, dict) or parsed.get("type") != "record":
+            raise SchemaError("writer schema is not an Avro record schema")
+        return self._by_fingerprint.setdefault(fp, parsed)
 
     async def aclose(self) -> None:
         """Close the Schema Registry client, if any."""
@@ -197,15 +216,42 @@ class Codec:
             raise DecodeError(f"not Avro or JSON: first byte 0x{data[start]:02x}{at}")
         return self._decode_json(data, InboundMessage)
 
-    def _decode_avro(self, data: bytes, model: type[R], not_avro: str) -> R:
-        reader = self._parsed.get(model.avro_name)
-        if reader is None:
-            raise SchemaError(f"{model.__name__} has no bundled top-level schema")
-        if data[0] == 0xC3:
-            if len(data) < 10 or data[1] != 0x01:
+    def decode_any(self, data: bytes | None) -> AvroRecord:
+        """Decode framed Avro bytes into the bundled model named by the writer schema.
+
+        For topics that carry several record types; the caller checks which one it got.
+
+        Raises:
+            DecodeError: As :meth:`decode`, and when the writer record (by name or alias) is
+                none of the bundled ones.
+            UnknownSchemaError: Writer fingerprint or schema id not known (yet).
+        """
+        if not data:
+            raise DecodeError("empty record (zero bytes or tombstone)", error_type="EmptyRecord")
+        writer, _, label = self._writer(data, "not Avro")
+        model = bundled.MODELS.get(writer["name"])
+        if model is None:  # a renamed writer type that a bundled schema lists as an alias
+            aliased = [
+                n for n, reader in self._parsed.items() if names_match(writer["name"], reader)
+            ]
+            if not aliased:
                 raise DecodeError(
-                    f"single-object encoding: bad header {data[:10].hex(' ')} "
-                    "(expected c3 01 + 8-byte fingerprint)"
+                    f"writer schema {writer['name']} ({label}) is not a bundled record"
+                )
+            model = bundled.MODELS[aliased[0]]
+        return self._decode_avro(data, model, "not Avro")
+
+    def _writer(self, data: bytes, not_avro: str) -> tuple[dict[str, Any], int, str]:
+        """Return the writer schema named by the framing, the body offset and a label."""
+        if data[0] == 0xC3:
+            if len(data) < 2 or data[1] != 0x01:
+                raise DecodeError(
+                    f"single-object encoding: wrong magic bytes {data[:2].hex(' ')} "
+                    "(expected c3 01)"
+                )
+            if len(data) < 10:
+                raise DecodeError(
+                    f"single-object encoding: header is {len(data)} bytes, expected 10"
                 )
             writer = self._by_fingerprint.get(data[2:10])
             if writer is None:
@@ -213,8 +259,8 @@ class Codec:
                     f"single-object encoding: unknown schema fingerprint 0x{data[2:10].hex()}",
                     fingerprint=data[2:10],
                 )
-            offset, label = 10, f"fingerprint 0x{data[2:10].hex()}"
-        elif data[0] == 0x00:
+            return writer, 10, f"fingerprint 0x{data[2:10].hex()}"
+        if data[0] == 0x00:
             if len(data) < 5:
                 raise DecodeError(f"Confluent framing: header is {len(data)} bytes, expected 5")
             schema_id = int.from_bytes(data[1:5], "big")
@@ -223,9 +269,14 @@ class Codec:
                 raise UnknownSchemaError(
                     f"Confluent framing: unknown schema id {schema_id}", schema_id=schema_id
                 )
-            offset, label = 5, f"schema id {schema_id}"
-        else:
-            raise DecodeError(f"{not_avro}: first byte 0x{data[0]:02x}")
+            return writer, 5, f"schema id {schema_id}"
+        raise DecodeError(f"{not_avro}: first byte 0x{data[0]:02x}")
+
+    def _decode_avro(self, data: bytes, model: type[R], not_avro: str) -> R:
+        reader = self._parsed.get(model.avro_name)
+        if reader is None:
+            raise SchemaError(f"{model.__name__} has no bundled top-level schema")
+        writer, offset, label = self._writer(data, not_avro)
         name = reader["name"]
         if writer is not reader and not names_match(writer["name"], reader):
             raise DecodeError(
@@ -274,8 +325,10 @@ class Codec:
             raise DecodeError(
                 f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
             ) from exc
-        except (ValueError, RecursionError) as exc:
-            raise DecodeError(f"invalid JSON: {exc or 'nested too deeply'}") from exc
+        except RecursionError as exc:
+            raise DecodeError("invalid JSON: nested too deeply") from exc
+        except ValueError as exc:  # duplicate key, NaN/Infinity, integer with too many digits
+            raise DecodeError(f"invalid JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise DecodeError(
                 f"JSON value is {_json_kind(obj)}, expected an object", error_type="ValidationError"
@@ -284,25 +337,24 @@ class Codec:
         try:
             record = model.model_validate(obj)
         except pydantic.ValidationError as exc:
-            reasons += _pydantic_reasons(exc, skip=reasons)
+            raise _invalid_json(reasons + _pydantic_reasons(exc, skip=reasons)) from exc
         if reasons:
-            raise DecodeError(
-                "JSON validation failed: " + "; ".join(reasons), error_type="ValidationError"
-            )
+            raise _invalid_json(reasons)
         schema = self._parsed[model.avro_name]
         try:  # the JSON values themselves, not pydantic's coercions, must fit the Avro types
             validate({**record.to_avro(), **obj}, schema, raise_errors=True)
             schemaless_writer(io.BytesIO(), schema, record.to_avro())
         except AvroValidationError as exc:
-            raise DecodeError(
-                f"JSON validation failed: {_avro_reason(exc)}", error_type="ValidationError"
-            ) from exc
+            raise _invalid_json([_avro_reason(exc)]) from exc
         except Exception as exc:  # e.g. a lone surrogate from a "\\ud800" escape
-            raise DecodeError(
-                f"JSON validation failed: not Avro-encodable: {type(exc).__name__}: {exc}",
-                error_type="ValidationError",
-            ) from exc
+            raise _invalid_json([f"not Avro-encodable: {type(exc).__name__}: {exc}"]) from exc
         return record
+
+
+def _invalid_json(reasons: list[str]) -> DecodeError:
+    return DecodeError(
+        "JSON validation failed: " + "; ".join(reasons), error_type="ValidationError"
+    )
 
 
 def _timestamp_fields(schema: dict[str, Any]) -> frozenset[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 AvroSchema = dict[str, Any] | list[Any] | str
+
+logger = logging.getLogger(__name__)
 
 _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 _PROMOTIONS = {
@@ -120,6 +123,10 @@ class _Resolver:
                 if self.matches(branch, w):
                     return self.check(branch, w, path)
             return [f"{path}: writer type {self.describe(w)} is not in reader {self.describe(r)}"]
+        if isinstance(r, dict) and isinstance(w, dict) and r["type"] == w["type"] == "array":
+            return self.check(r["items"], w["items"], f"{path}[]")
+        if isinstance(r, dict) and isinstance(w, dict) and r["type"] == w["type"] == "map":
+            return self.check(r["values"], w["values"], f"{path}{{}}")
         if not self.matches(r, w):
             why = "" if isinstance(r, str) or isinstance(w, str) else self._mismatch(r, w)
             return [
@@ -128,10 +135,6 @@ class _Resolver:
         if isinstance(r, str) or isinstance(w, str):
             return []
         kind = r["type"]
-        if kind == "array":
-            return self.check(r["items"], w["items"], f"{path}[]")
-        if kind == "map":
-            return self.check(r["values"], w["values"], f"{path}{{}}")
         if kind == "enum":
             return self._check_enum(r, w, path)
         if kind == "record":
@@ -232,12 +235,14 @@ class SchemaHistory:
 
     Attributes:
         name: File stem, e.g. ``"InboundMessage"``.
-        versions: Distinct earlier committed versions checked (0: no history).
+        versions: Distinct committed versions that differ from the working copy, all checked.
+        committed: Commits holding the file (0: never committed).
         problems: Incompatibilities, each prefixed by the commit it was found against.
     """
 
     name: str
     versions: int
+    committed: int
     problems: list[str]
 
 
@@ -269,27 +274,35 @@ def check_history(repo_root: Path, path: Path) -> SchemaHistory:
         current = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SchemaError(f"{rel}: cannot read working schema: {exc}") from exc
+    _git(repo_root, "rev-parse", "--is-inside-work-tree")  # raises outside a repository
+    has_commits = subprocess.run(
+        ["git", "-C", str(repo_root), "rev-parse", "--quiet", "--verify", "HEAD"],
+        capture_output=True,
+    )
+    shas = (
+        _git(repo_root, "log", "--format=%H", "--", rel).split()
+        if has_commits.returncode == 0
+        else []
+    )
     earlier: list[tuple[str, Any]] = []
-    for sha in _git(repo_root, "log", "--format=%H", "--", rel).split():
+    committed = 0
+    for sha in shas:
         try:
             old = json.loads(_git(repo_root, "show", f"{sha}:{rel}"))
         except SchemaError:
             continue  # the commit deleted the file
         except ValueError as exc:
-            earlier.append((sha, f"not valid JSON: {exc}"))
+            logger.warning("%s at %s is not JSON, skipped: %s", rel, sha[:12], exc)
             continue
+        committed += 1
         if old != current and all(old != seen for _, seen in earlier):
             earlier.append((sha, old))
     problems = [
         f"{path.stem} (vs {sha[:12]}): {problem}"
         for sha, old in earlier
-        for problem in (
-            [f"committed version is {old}"]
-            if isinstance(old, str)
-            else check_backward(current, old)
-        )
+        for problem in check_backward(current, old)
     ]
-    return SchemaHistory(name=path.stem, versions=len(earlier), problems=problems)
+    return SchemaHistory(path.stem, versions=len(earlier), committed=committed, problems=problems)
 
 
 def check_repository(repo_root: Path) -> list[str]:
@@ -331,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"  - {p}" for p in history.problems))
         elif history.versions:
             print(f"{history.name}: compatible with {history.versions} earlier version{plural}")
+        elif history.committed:
+            print(f"{history.name}: unchanged since last commit, no earlier version to check")
         else:
-            print(f"{history.name}: no earlier committed version, nothing to check")
+            print(f"{history.name}: not committed yet, no earlier version to check")
     return 1 if failed else 0
 
 

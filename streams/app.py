@@ -50,6 +50,7 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
     Returns:
         ``(app, runtime)``; run the app with ``faust.Worker(app).execute_from_commandline()``.
     """
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(settings.app_id, **_faust_settings(settings))
     rt = Runtime(settings, config)
     names = settings.topics

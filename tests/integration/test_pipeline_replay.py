@@ -21,7 +21,9 @@ async def test_every_replayed_turn_is_answered_once_in_its_own_conversation_in_o
     stack: EmbeddedStack,
 ) -> None:
     lines = simulated_users(60, seed=11)
-    result = await replay(stack.settings(), lines, timeout_s=180)
+    result = await replay(
+        stack.settings(), lines, timeout_s=180, on_progress=lambda *_: stack.check_workers()
+    )
     stack.check_workers()
     summary = result.summary()
 

@@ -1,0 +1,223 @@
+"""SchemaRegistryClient against a small real HTTP registry on loopback, and the codec end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+from fastavro import parse_schema, schemaless_writer
+
+from schemas import registry
+from schemas.codec import Codec
+from schemas.errors import SchemaRegistryError, UnknownSchemaError
+from schemas.models import InboundMessage
+from schemas.schema_registry_client import CONTENT_TYPE, SchemaRegistryClient
+
+
+@dataclass
+class FakeRegistry:
+    """The two Confluent endpoints, with the registry's error bodies; checks the content type."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    schemas: dict[int, str] = field(default_factory=dict)
+    subjects: dict[str, list[int]] = field(default_factory=dict)
+    content_types: list[str] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/subjects/{subject}/versions", self.register)
+        app.router.add_get("/schemas/ids/{schema_id}", self.get_schema)
+        return app
+
+    @staticmethod
+    def error(status: int, code: int, message: str) -> web.Response:
+        body = {"error_code": code, "message": message}
+        return web.json_response(body, status=status, content_type=CONTENT_TYPE)
+
+    async def register(self, request: web.Request) -> web.Response:
+        self.content_types.append(request.headers.get("Content-Type", ""))
+        if request.content_type != CONTENT_TYPE:
+            return self.error(415, 415, f"unsupported content type {request.content_type}")
+        subject = request.match_info["subject"]
+        if subject == "boom":
+            return self.error(500, 50001, "Error in the backend datastore")
+        schema = (await request.json())["schema"]
+        try:
+            key = json.dumps(json.loads(schema), sort_keys=True)
+        except ValueError:
+            return self.error(422, 42201, "Invalid schema")
+        schema_id = self.ids.setdefault(key, 100 + len(self.ids))
+        self.schemas[schema_id] = schema
+        self.subjects.setdefault(subject, []).append(schema_id)
+        return web.json_response({"id": schema_id}, content_type=CONTENT_TYPE)
+
+    async def get_schema(self, request: web.Request) -> web.Response:
+        schema_id = int(request.match_info["schema_id"])
+        if schema_id not in self.schemas:
+            return self.error(404, 40403, "Schema not found")
+        return web.json_response({"schema": self.schemas[schema_id]}, content_type=CONTENT_TYPE)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[FakeRegistry, str]]:
+    fake = FakeRegistry()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield fake, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def client(server: tuple[FakeRegistry, str]) -> AsyncIterator[SchemaRegistryClient]:
+    async with SchemaRegistryClient(server[1], timeout_s=5) as c:
+        yield c
+
+
+SCHEMA = {"type": "record", "name": "T", "namespace": "x", "fields": [{"name": "a", "type": "int"}]}
+
+
+async def test_register_returns_the_id_and_sends_the_registry_content_type(
+    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+) -> None:
+    fake, _ = server
+    first = await client.register("x.T", json.dumps(SCHEMA))
+    assert await client.register("x.T", json.dumps(SCHEMA)) == first
+    assert await client.register("x.U", json.dumps({**SCHEMA, "name": "U"})) == first + 1
+    assert fake.content_types == [CONTENT_TYPE] * 3
+    assert fake.subjects == {"x.T": [first, first], "x.U": [first + 1]}
+
+
+async def test_get_schema_returns_the_registered_schema(client: SchemaRegistryClient) -> None:
+    schema_id = await client.register("x.T", json.dumps(SCHEMA))
+    assert await client.get_schema(schema_id) == SCHEMA
+
+
+async def test_unknown_id_raises_with_status_and_registry_error_code(
+    client: SchemaRegistryClient,
+) -> None:
+    with pytest.raises(SchemaRegistryError) as info:
+        await client.get_schema(999)
+    error = info.value
+    assert (error.status, error.error_code, error.message) == (
+        404,
+        40403,
+        "GET /schemas/ids/999: Schema not found",
+    )
+    assert error.retriable is False
+    assert "(HTTP 404, error_code 40403)" in str(error)
+
+
+async def test_invalid_schema_is_a_non_retriable_422(client: SchemaRegistryClient) -> None:
+    with pytest.raises(SchemaRegistryError) as info:
+        await client.register("x.T", "{not json")
+    assert (info.value.status, info.value.error_code, info.value.retriable) == (422, 42201, False)
+
+
+async def test_server_error_is_retriable(client: SchemaRegistryClient) -> None:
+    with pytest.raises(SchemaRegistryError) as info:
+        await client.register("boom", json.dumps(SCHEMA))
+    assert (info.value.status, info.value.error_code, info.value.retriable) == (500, 50001, True)
+
+
+async def test_resolve_with_unreachable_registry_raises_retriable_registry_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    codec = Codec(SchemaRegistryClient(f"http://127.0.0.1:{port}", timeout_s=2))
+    try:
+        with pytest.raises(SchemaRegistryError) as info:
+            await codec.resolve(7)
+        assert info.value.retriable is True
+    finally:
+        await codec.aclose()
+
+
+async def test_unreachable_registry_is_retriable_without_status() -> None:
+    with socket.socket() as sock:  # a loopback port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with SchemaRegistryClient(f"http://127.0.0.1:{port}", timeout_s=2) as client:
+        with pytest.raises(SchemaRegistryError) as info:
+            await client.get_schema(1)
+    assert (info.value.status, info.value.retriable) == (None, True)
+    assert "ConnectError" in info.value.message
+
+
+def _message() -> InboundMessage:
+    return InboundMessage(
+        message_id="01HX",
+        tenant="acme",
+        channel="chat",
+        sender="u1",
+        content="hello",
+        created_at=datetime(2024, 5, 1, 12, tzinfo=UTC),
+    )
+
+
+async def test_codec_registers_every_schema_by_record_name_and_round_trips(
+    server: tuple[FakeRegistry, str],
+) -> None:
+    fake, url = server
+    codec = Codec(SchemaRegistryClient(url))
+    await codec.start()
+    try:
+        assert set(fake.subjects) == set(registry.schema_names())
+        schema_id = fake.subjects["switchboard.InboundMessage"][0]
+        data = codec.encode(_message())
+        assert data[:5] == b"\x00" + schema_id.to_bytes(4, "big")
+        assert codec.decode(data, InboundMessage) == _message()
+        assert json.loads(fake.schemas[schema_id]) == registry.raw_schema("InboundMessage")
+    finally:
+        await codec.aclose()
+
+
+async def test_record_from_another_producer_decodes_after_resolve(
+    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+) -> None:
+    _, url = server
+    newer: dict[str, Any] = registry.raw_schema("InboundMessage")
+    newer["fields"].append({"name": "locale", "type": "string", "default": "en"})
+    schema_id = await client.register("switchboard.InboundMessage", json.dumps(newer))
+    body = io.BytesIO()
+    datum = _message().to_avro() | {"locale": "fr"}
+    schemaless_writer(body, parse_schema(newer, named_schemas={}), datum)
+    data = b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
+
+    codec = Codec(SchemaRegistryClient(url))
+    await codec.start()
+    try:
+        with pytest.raises(UnknownSchemaError) as info:
+            codec.decode(data, InboundMessage)
+        assert info.value.schema_id == schema_id
+        assert await codec.resolve(schema_id) == "switchboard.InboundMessage"
+        assert codec.decode(data, InboundMessage) == _message()  # reader ignores "locale"
+        assert codec.decode(codec.encode(_message()), InboundMessage) == _message()
+    finally:
+        await codec.aclose()
+
+
+async def test_resolve_of_an_id_the_registry_lacks_is_an_unknown_schema_decode_error(
+    server: tuple[FakeRegistry, str],
+) -> None:
+    codec = Codec(SchemaRegistryClient(server[1]))
+    try:
+        with pytest.raises(UnknownSchemaError) as info:
+            await codec.resolve(4242)
+        assert info.value.reason == (
+            "Confluent framing: schema id 4242 unknown to the schema registry"
+        )
+        assert info.value.schema_id == 4242
+        single_object = Codec().encode(_message())  # reads the other framing meanwhile
+        assert codec.decode(single_object, InboundMessage) == _message()
+    finally:
+        await codec.aclose()
