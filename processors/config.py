@@ -40,7 +40,9 @@ class PreprocessConfig(_Strict):
     """Limits applied by the ingest stage before routing."""
 
     max_content_chars: int = Field(4000, ge=1, description="Longer content is dead-lettered.")
-    min_content_chars: int = Field(1, ge=0, description="Shorter (after trimming) is dead-lettered.")
+    min_content_chars: int = Field(
+        1, ge=0, description="Shorter (after trimming) is dead-lettered."
+    )
     dedup_window_s: int = Field(
         3600, ge=0, description="A message id seen within this window is dropped (0 = off)."
     )
@@ -139,7 +141,9 @@ class RouteAction(_Strict):
 
     persona: str | None = None
     flow: str | None = None
-    drop: str | None = Field(None, description="Drop with this reason (dead-lettered, stage route).")
+    drop: str | None = Field(
+        None, description="Drop with this reason (dead-lettered, stage route)."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RouteAction:
@@ -162,7 +166,8 @@ class RoutingRule(_Strict):
         None, description="Required unless a custom rule decides the action itself."
     )
     override_continuity: bool = Field(
-        False, description="When true, the decision replaces the persona of an ongoing conversation."
+        False,
+        description="When true, the decision replaces the persona of an ongoing conversation.",
     )
 
     @model_validator(mode="after")
@@ -225,7 +230,10 @@ class SwitchboardConfig(_Strict):
                 f"routing.default_persona {self.routing.default_persona!r} is not a persona "
                 f"(known: {sorted(personas)})"
             )
-        if self.routing.notification_flow is not None and self.routing.notification_flow not in flows:
+        if (
+            self.routing.notification_flow is not None
+            and self.routing.notification_flow not in flows
+        ):
             raise ValueError(
                 f"routing.notification_flow {self.routing.notification_flow!r} is not a flow "
                 f"(known: {sorted(flows)})"
@@ -243,7 +251,10 @@ class SwitchboardConfig(_Strict):
                     f"(known: {sorted(flows)})"
                 )
         for pname, persona in self.personas.items():
-            if persona.knowledge_base is not None and persona.knowledge_base not in self.knowledge_bases:
+            if (
+                persona.knowledge_base is not None
+                and persona.knowledge_base not in self.knowledge_bases
+            ):
                 raise ValueError(
                     f"persona {pname!r}: unknown knowledge_base {persona.knowledge_base!r} "
                     f"(known: {sorted(self.knowledge_bases)})"
@@ -251,6 +262,7 @@ class SwitchboardConfig(_Strict):
             for engine in persona.engines:
                 if engine not in self.engines:
                     raise ValueError(
-                        f"persona {pname!r}: unknown engine {engine!r} (known: {sorted(self.engines)})"
+                        f"persona {pname!r}: unknown engine {engine!r} "
+                        f"(known: {sorted(self.engines)})"
                     )
         return self

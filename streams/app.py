@@ -85,8 +85,8 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
     llm.register(app, rt, topics)
     delivery.register(app, rt, topics)
 
-    @app.on_before_shutdown.connect  # type: ignore[misc]
-    async def _close_runtime(app: Any, **kwargs: Any) -> None:
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types receivers narrowly
+    async def _close_runtime(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await rt.aclose()
 
     return app, rt

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -260,4 +259,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

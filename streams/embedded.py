@@ -129,9 +129,7 @@ def _spawn(name: str, argv: list[str], port: int, log_dir: Path | None) -> Manag
         log_path = log_dir / f"{name}.log"
         log_file = log_path.open("ab")
     out = log_file if log_file is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return ManagedProcess(name, f"127.0.0.1:{port}", proc, log_path, log_file)
 
 

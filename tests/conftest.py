@@ -23,7 +23,7 @@ def smtp_server() -> Iterator[tuple[str, int, list[object]]]:
     received: list[object] = []
 
     class Handler:
-        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
             received.append(envelope)
             return "250 OK"
 
@@ -37,7 +37,9 @@ def smtp_server() -> Iterator[tuple[str, int, list[object]]]:
 
 
 @pytest.fixture(scope="session")
-def pipeline_config(tmp_path_factory: pytest.TempPathFactory, smtp_server: tuple[str, int, list[object]]) -> Path:
+def pipeline_config(
+    tmp_path_factory: pytest.TempPathFactory, smtp_server: tuple[str, int, list[object]]
+) -> Path:
     """The bundled config with the e-mail channel pointed at the test SMTP server."""
     host, port, _ = smtp_server
     raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))

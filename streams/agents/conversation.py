@@ -152,7 +152,7 @@ def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
 def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     """Register the conversation agent and its deadline/timeout timer on ``app``."""
 
-    @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[misc]
+    @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation(stream: Any) -> None:
         await rt.start()
         async for event in stream.events():
@@ -172,7 +172,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
 
     interval = max(0.5, min(rt.config.conversation.llm_deadline_s / 4, 30.0))
 
-    @app.timer(interval=interval)  # type: ignore[misc]
+    @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation_ticks() -> None:
         now = utcnow()
         due: list[ConversationState] = []

@@ -143,7 +143,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     """Register the delivery agent on ``app`` (consumes the delivery requests topic)."""
 
-    @app.agent(topics["delivery_requests"], name="delivery")  # type: ignore[misc]
+    @app.agent(topics["delivery_requests"], name="delivery")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def delivery(stream: Any) -> None:
         await rt.start()
         async for event in stream.events():

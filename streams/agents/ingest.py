@@ -182,7 +182,7 @@ async def _to_flow(
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     """Register the ingest agent on ``app`` (consumes the inbound topic)."""
 
-    @app.agent(topics["inbound"], name="ingest")  # type: ignore[misc]  # faust is untyped
+    @app.agent(topics["inbound"], name="ingest")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def ingest(stream: Any) -> None:
         await rt.start()
         async for event in stream.events():

@@ -119,7 +119,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     """Register the LLM agent on ``app`` (consumes the LLM requests topic)."""
 
-    @app.agent(topics["llm_requests"], name="llm")  # type: ignore[misc]
+    @app.agent(topics["llm_requests"], name="llm")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def llm(stream: Any) -> None:
         await rt.start()
         async for event in stream.events():

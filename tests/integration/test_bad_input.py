@@ -51,20 +51,34 @@ async def test_each_bad_record_is_dead_lettered_with_reason_and_bytes_and_neighb
         "wrong_magic": (b"\xc3\x02" + avro[2:], "magic"),
         "json_missing_fields": (_json(tenant="t", channel="chat"), "Field required"),
         "json_wrong_types": (
-            _json(message_id=1, tenant="t", channel="pigeon", sender="s", content="hi",
-                  created_at=now_ms),
+            _json(
+                message_id=1,
+                tenant="t",
+                channel="pigeon",
+                sender="s",
+                content="hi",
+                created_at=now_ms,
+            ),
             "channel",
         ),
         "one_megabyte_body": (
-            _json(message_id=new_message_id(utcnow()), tenant="t", channel="chat", sender="s",
-                  content="x" * 1_000_000, created_at=now_ms),
+            _json(
+                message_id=new_message_id(utcnow()),
+                tenant="t",
+                channel="chat",
+                sender="s",
+                content="x" * 1_000_000,
+                created_at=now_ms,
+            ),
             "limit is 4000",
         ),
         "invalid_utf8": (b'{"content": "\xff\xfe"}', "UTF-8"),
         "empty": (b"", "empty"),
     }
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.broker_list(), group_id=None, enable_auto_commit=False,
+        bootstrap_servers=settings.broker_list(),
+        group_id=None,
+        enable_auto_commit=False,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
     await consumer.start()
@@ -78,8 +92,9 @@ async def test_each_bad_record_is_dead_lettered_with_reason_and_bytes_and_neighb
         producer.produce(settings.topics.inbound, codec.encode(good_before), key=b"k1")
         for value, _ in bad.values():
             producer.produce(settings.topics.inbound, value, key=b"bad")
-        producer.produce(settings.topics.inbound, _json(**json.loads(
-            good_after.model_dump_json())), key=b"k2")
+        producer.produce(
+            settings.topics.inbound, _json(**json.loads(good_after.model_dump_json())), key=b"k2"
+        )
         assert producer.flush(30) == 0
 
         wanted_reports = {good_before.message_id, good_after.message_id}
