@@ -169,7 +169,7 @@ def replay_cmd(
 
 @app.command()
 def demo(
-    users: Annotated[int, typer.Option(help="Simulated users (one conversation each).")] = 400,
+    users: Annotated[int, typer.Option(help="Simulated users (one conversation each).")] = 1000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     samples: Annotated[int, typer.Option(help="Sample exchanges to print.")] = 6,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for outcomes.")] = 300.0,
@@ -195,6 +195,8 @@ def demo(
             f"broker kafka://{stack.broker.address} · redis redis://{stack.redis.address}"
             f" · {workers} worker(s)"
         )
+        ready_s = stack.wait_ready()
+        err.print(f"pipeline ready in {ready_s:.1f} s (consumer group joined, warm-up answered)")
         result = _progress_replay(stack.settings(), lines, timeout, False)
         _print_samples(result, samples)
     summary = result.summary()

@@ -150,6 +150,40 @@ class EmbeddedStack:
         self.worker_procs = [w for w in self.worker_procs if w.index != index] + [worker]
         return worker
 
+    def wait_ready(self, timeout_s: float = 120.0) -> float:
+        """Block until a warm-up message went through the whole pipeline; return seconds taken.
+
+        The warm-up message (tenant ``_warmup``) is delivered like any other, so it also
+        appears in the outbox. Consumer-group joins take a few seconds; waiting here keeps
+        them out of the latency figures that follow.
+
+        Raises:
+            RuntimeError: a worker died, or the warm-up message was not answered in time.
+        """
+        from streams.replay import replay
+
+        started = time.monotonic()
+        line = {
+            "tenant": "_warmup",
+            "channel": "chat",
+            "sender": "warmup@switchboard.local",
+            "content": "ping",
+            "conversation_id": f"_warmup-{os.getpid()}-{time.time_ns()}",
+        }
+        result = asyncio.run(
+            replay(
+                self.settings(),
+                [line],
+                timeout_s=timeout_s,
+                on_progress=lambda *_: self.check_workers(),
+            )
+        )
+        if result.summary()["unaccounted"]:
+            raise RuntimeError(
+                f"the pipeline did not answer within {timeout_s} s; see {self.log_dir}"
+            )
+        return time.monotonic() - started
+
     def check_workers(self) -> None:
         """Raise RuntimeError naming the log of any worker that exited."""
         for worker in self.worker_procs:
