@@ -54,7 +54,7 @@ def _load(settings: Settings) -> Any:
     try:
         return load_config(settings.config_path())
     except ConfigError as exc:
-        err.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]config error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
