@@ -44,6 +44,30 @@ def _faust_settings(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def _limit_fetch_wait(max_wait_ms: int) -> None:
+    """Make Faust's worker consumers wait at most ``max_wait_ms`` per fetch.
+
+    Faust 0.15 hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer; on a broker that
+    does not complete a waiting fetch when new data arrives, every topic hop then costs up to
+    1.5 s. aiokafka reads the value when the consumer starts, so setting it on the freshly
+    built consumer is enough.
+    """
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    thread_cls: Any = faust_aiokafka.AIOKafkaConsumerThread
+    original = getattr(thread_cls, "_switchboard_original_create", None)
+    if original is None:
+        original = thread_cls._create_worker_consumer
+        thread_cls._switchboard_original_create = original
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = max_wait_ms
+        return consumer
+
+    thread_cls._create_worker_consumer = create
+
+
 def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runtime]:
     """Create the Faust app with every agent registered, and the Runtime they share.
 
@@ -51,6 +75,8 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         ``(app, runtime)``; run the app with ``faust.Worker(app).execute_from_commandline()``.
     """
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    if settings.fetch_max_wait_ms is not None:
+        _limit_fetch_wait(settings.fetch_max_wait_ms)
     app = faust.App(settings.app_id, **_faust_settings(settings))
     rt = Runtime(settings, config)
     names = settings.topics

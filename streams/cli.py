@@ -82,12 +82,20 @@ def worker() -> None:
 def up(
     workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 1,
     data_dir: Annotated[Path, typer.Option(help="Logs, outbox and state.")] = Path("var"),
+    broker_port: Annotated[int, typer.Option(help="Broker port (0 = any free port).")] = 9092,
+    redis_port: Annotated[int, typer.Option(help="Redis port (0 = any free port).")] = 6379,
 ) -> None:
     """Start the embedded stack (Tansu broker, redis-server, workers) in the foreground."""
     from streams.stack import EmbeddedStack
 
+    _setup_logging("WARNING")
     _load(_settings())
-    stack = EmbeddedStack(workers=workers, data_dir=data_dir)
+    stack = EmbeddedStack(
+        workers=workers,
+        data_dir=data_dir,
+        broker_port=broker_port or None,
+        redis_port=redis_port or None,
+    )
     with stack:
         assert stack.broker is not None
         assert stack.redis is not None
@@ -96,6 +104,9 @@ def up(
         for w in stack.worker_procs:
             out.print(f"worker-{w.index} pid {w.process.pid}   log {w.log_path}")
         out.print(f"outbox   {data_dir / 'outbox.jsonl'}")
+        if workers:
+            ready_s = stack.wait_ready()
+            out.print(f"pipeline answered a warm-up message in {ready_s:.1f} s")
         out.print("Ready. Publish to 'switchboard.inbound'; Ctrl-C stops everything.")
         stop = False
 

@@ -182,6 +182,7 @@ async def replay(
         group_id=None,
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms or 100,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.broker_list(),
@@ -194,7 +195,9 @@ async def replay(
     started = time.monotonic()
     try:
         await _assign_from_end(consumer, [topics.delivery_reports, topics.deadletter])
-        for msg in messages:
+        for index, msg in enumerate(messages):
+            msg = msg.model_copy(update={"created_at": utcnow()})  # latency starts at the send
+            messages[index] = outcomes[msg.message_id].message = msg
             key = f"{msg.tenant}/{conversation_id_for(msg)}".encode()
             await producer.send(topics.inbound, codec.encode(msg), key=key)
         await producer.flush()

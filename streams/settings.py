@@ -83,6 +83,15 @@ class Settings(BaseSettings):
             "offset of the newest batch (Tansu); slows producing ~20x."
         ),
     )
+    fetch_max_wait_ms: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Longest a consumer fetch waits for data (ms); None keeps Faust's 1500. Lower it on "
+            "brokers that do not answer a waiting fetch when data arrives (Tansu with several "
+            "partitions per fetch)."
+        ),
+    )
     data_dir: Path = Field(Path("var"), description="Table stores and outbox files live here.")
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")

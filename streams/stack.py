@@ -74,6 +74,8 @@ class EmbeddedStack:
     app_id: str = "switchboard"
     config: Path | None = None
     partitions: int = 4
+    broker_port: int | None = None
+    redis_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     broker: ManagedProcess | None = None
     redis: ManagedProcess | None = None
@@ -98,6 +100,7 @@ class EmbeddedStack:
             data_dir=self.data_dir,
             session_timeout_s=6.0,
             single_record_batches=True,
+            fetch_max_wait_ms=50,
             metrics_port=0,
         )
 
@@ -115,6 +118,7 @@ class EmbeddedStack:
                 "SWITCHBOARD_DATA_DIR": str(s.data_dir),
                 "SWITCHBOARD_SESSION_TIMEOUT_S": "6",
                 "SWITCHBOARD_SINGLE_RECORD_BATCHES": "true",
+                "SWITCHBOARD_FETCH_MAX_WAIT_MS": "50",
                 "SWITCHBOARD_METRICS_PORT": "0",
                 "PYTHONUNBUFFERED": "1",
             }
@@ -127,8 +131,8 @@ class EmbeddedStack:
     def start(self) -> EmbeddedStack:
         """Start the servers, create the topics, start the workers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.broker = start_broker(log_dir=self.log_dir)
-        self.redis = start_redis(log_dir=self.log_dir)
+        self.broker = start_broker(self.broker_port, log_dir=self.log_dir)
+        self.redis = start_redis(self.redis_port, log_dir=self.log_dir)
         asyncio.run(create_topics(self.settings()))
         for index in range(self.workers):
             self.start_worker(index)
