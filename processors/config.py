@@ -22,6 +22,8 @@ __all__ = [
     "EngineConfig",
     "FlowConfig",
     "KnowledgeBaseConfig",
+    "LLMConfig",
+    "ModelPrice",
     "PersonaConfig",
     "PreprocessConfig",
     "RouteAction",
@@ -83,12 +85,52 @@ class KnowledgeBaseConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    """One LLM engine a persona may use."""
+    """One LLM engine a persona may use, with its call policy and provider limits."""
 
     kind: Literal["local", "openai"] = "local"
     model: str = ""
     temperature: float | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1, description="Completion token cap.")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint; None = OPENAI_BASE_URL or api.openai.com."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one HTTP call (s).")
+    max_retries: int = Field(
+        3, ge=0, description="Retries after the first attempt (429, 5xx, timeouts, bad bodies)."
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="First backoff window (s).")
+    backoff_max_s: float = Field(20.0, gt=0, description="Largest backoff window (s).")
+    requests_per_minute: int | None = Field(None, ge=1, description="Provider request limit.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Provider token limit.")
+    context_tokens: int = Field(
+        8192, ge=256, description="Prompt token budget; older history is trimmed to fit."
+    )
+    latency_s: float = Field(
+        0.0, ge=0, description="Local engine only: simulated latency per call (benchmarks)."
+    )
+
+
+class ModelPrice(_Strict):
+    """Price of one model in USD per 1,000 tokens."""
+
+    prompt_per_1k: float = Field(0.0, ge=0)
+    completion_per_1k: float = Field(0.0, ge=0)
+
+
+class LLMConfig(_Strict):
+    """The LLM stage: concurrency, what happens when every engine fails, prices."""
+
+    max_in_flight: int = Field(256, ge=1, description="LLM calls in flight per worker.")
+    on_failure: Literal["apology", "handoff"] = Field(
+        "apology",
+        description="apology: the persona's apology_reply; handoff: escalate to the handoff topic.",
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Per model name; unknown models cost 0."
+    )
 
 
 class PersonaConfig(_Strict):
@@ -102,8 +144,21 @@ class PersonaConfig(_Strict):
     knowledge_base: str | None = Field(None, description="Name of a knowledge_bases entry.")
     fallback_reply: str = "Sorry, I don't know how to help with that yet."
     apology_reply: str = "Sorry, something went wrong on our side. Please try again shortly."
-    business_rules: list[str] = Field(default_factory=list)
-    engines: list[str] = Field(default_factory=lambda: ["local"])
+    business_rules: list[str] = Field(
+        default_factory=list, description="Free-text domain rules added to the system prompt."
+    )
+    disclaimer: str | None = Field(None, description="Appended to every reply when set.")
+    forbidden_topics: list[str] = Field(
+        default_factory=list,
+        description="Topics the persona must not discuss (prompt rule; a user turn naming one "
+        "gets the fallback reply without an engine call).",
+    )
+    escalation_triggers: list[str] = Field(
+        default_factory=list,
+        description="Case-insensitive phrases that hand the conversation to a human.",
+    )
+    handoff_reply: str = "I'm passing you to a human colleague who will get back to you shortly."
+    engines: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
 
 
 class FlowConfig(_Strict):
@@ -221,6 +276,7 @@ class SwitchboardConfig(_Strict):
         default_factory=lambda: {Channel.CHAT: ChannelConfig(connector="outbox")}
     )
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SwitchboardConfig:

@@ -96,6 +96,7 @@ class LLMStatus(StrEnum):
     OK = "ok"
     FALLBACK = "fallback"
     FAILED = "failed"
+    ESCALATED = "escalated"
 
 
 class DeliveryStatus(StrEnum):
@@ -210,6 +211,8 @@ class LLMResponse(AvroRecord):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    attempts: int = 1
     created_at: datetime
 
 
