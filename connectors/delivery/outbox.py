@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from connectors.delivery.base import DeliveryConnector, SendResult
 from connectors.delivery.registry import OptionReader, OptionValue, register_connector
@@ -26,10 +27,15 @@ STDOUT = "-"
 class OutboxConnector(DeliveryConnector):
     """Appends each delivery as one JSON object per line (JSON Lines) to ``path``.
 
-    The file is opened in append mode on the first send (parent directories are created) and
-    each line is written with a single ``write`` and flushed, so concurrent sends never
+    The file is opened with ``O_APPEND`` on the first send (parent directories are created) and
+    each line is written with a single ``os.write``, so sends from several processes never
     interleave and a reader sees whole lines. ``path`` ``"-"`` writes to ``sys.stdout``.
     Writes are small and done inline under an ``asyncio.Lock``.
+
+    Idempotent by ``delivery_id`` (file mode): before writing, the connector reads whatever was
+    appended to the file since it last looked — by itself, by an earlier run that crashed, or by
+    another worker — and skips a delivery id already in the file. A delivery replayed after a
+    crash between the write and its delivery report is therefore not written twice.
 
     Line fields: delivery_id, message_id, conversation_id, tenant, channel, recipient, subject,
     content, persona, delivered_at (ISO-8601, UTC, milliseconds).
@@ -40,8 +46,10 @@ class OutboxConnector(DeliveryConnector):
     def __init__(self, path: Path | str) -> None:
         """Write to ``path``, or to stdout when ``path`` is ``"-"``."""
         self._path: Path | None = None if str(path) == STDOUT else Path(path)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         self._lock = asyncio.Lock()
+        self._delivered: set[str] = set()
+        self._scanned = 0
 
     @classmethod
     def from_options(cls, options: Mapping[str, OptionValue], *, data_dir: Path) -> OutboxConnector:
@@ -60,13 +68,39 @@ class OutboxConnector(DeliveryConnector):
         """The outbox file, or None when writing to stdout."""
         return self._path
 
-    def _stream(self) -> IO[str]:
+    def _refresh_index(self, path: Path) -> None:
+        """Add the delivery ids of lines appended since the last look (whole lines only)."""
+        try:
+            with path.open("rb") as handle:
+                handle.seek(self._scanned)
+                tail = handle.read()
+        except FileNotFoundError:
+            return
+        end = tail.rfind(b"\n") + 1
+        for raw in tail[:end].splitlines():
+            try:
+                delivery_id = json.loads(raw).get("delivery_id")
+            except (ValueError, AttributeError):
+                continue  # a foreign or torn line: not ours to index
+            if isinstance(delivery_id, str):
+                self._delivered.add(delivery_id)
+        self._scanned += end
+
+    def _write(self, request: DeliveryRequest, data: bytes) -> bool:
+        """Write one line unless the delivery id is already in the file; True if written."""
         if self._path is None:
-            return sys.stdout
-        if self._file is None:
+            sys.stdout.write(data.decode("utf-8"))
+            sys.stdout.flush()
+            return True
+        self._refresh_index(self._path)
+        if request.delivery_id in self._delivered:
+            return False
+        if self._fd is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self._path.open("a", encoding="utf-8")
-        return self._file
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self._fd, data)
+        self._delivered.add(request.delivery_id)
+        return True
 
     async def send(self, request: DeliveryRequest) -> SendResult:
         """Append ``request`` as one line and return ``outbox:<delivery_id>``.
@@ -87,25 +121,27 @@ class OutboxConnector(DeliveryConnector):
             "persona": request.persona,
             "delivered_at": utcnow().isoformat(timespec="milliseconds"),
         }
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         async with self._lock:
             try:
-                stream = self._stream()
-                stream.write(line)
-                stream.flush()
+                written = self._write(request, data)
             except OSError as exc:
                 raise DeliveryError(
                     f"outbox write to {self._path or 'stdout'} failed: {exc}", retriable=True
                 ) from exc
-        log.debug("outbox: wrote delivery %s for %s", request.delivery_id, request.recipient)
+        if not written:
+            log.info(
+                "outbox: delivery %s is already in the outbox; not written again",
+                request.delivery_id,
+            )
         return SendResult(provider_message_id=f"outbox:{request.delivery_id}")
 
     async def aclose(self) -> None:
         """Close the file (a later send reopens it)."""
         async with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_outbox(path: Path | str) -> list[dict[str, Any]]:

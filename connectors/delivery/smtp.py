@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid, parseaddr
+from email.utils import format_datetime, parseaddr
 from pathlib import Path
 
 import aiosmtplib
@@ -17,6 +17,14 @@ from connectors.delivery.base import DeliveryConnector, SendResult
 from connectors.delivery.registry import OptionReader, OptionValue, register_connector
 from connectors.errors import DeliveryError
 from schemas.models import DeliveryRequest
+
+_NOT_ATEXT = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+
+
+def _local_part(delivery_id: str) -> str:
+    """``delivery_id`` made safe as the left part of a Message-ID (RFC 5322 dot-atom text)."""
+    return _NOT_ATEXT.sub("-", delivery_id).strip(".") or "delivery"
+
 
 __all__ = ["DELIVERY_ID_HEADER", "SmtpConnector", "parse_address"]
 
@@ -130,7 +138,10 @@ class SmtpConnector(DeliveryConnector):
         if subject:
             msg["Subject"] = subject
         msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = make_msgid(domain=self._sender_addr.rpartition("@")[2])
+        # Derived from the delivery id (RFC 5322 §3.6.4): a delivery re-sent after a crash carries
+        # the same Message-ID, which mail stores and clients use to drop the duplicate.
+        domain = self._sender_addr.rpartition("@")[2] or "switchboard.local"
+        msg["Message-ID"] = f"<{_local_part(request.delivery_id)}@{domain}>"
         msg[DELIVERY_ID_HEADER] = request.delivery_id
         if request.content_type.split(";")[0].strip().lower() == "text/html":
             msg.set_content(html.unescape(_TAG.sub("", request.content)))

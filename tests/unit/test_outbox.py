@@ -154,3 +154,31 @@ async def test_unwritable_path_raises_retriable_delivery_error(tmp_path: Path) -
         await connector.send(make_request(5))
     assert info.value.retriable is True
     assert "a-file" in str(info.value)
+
+
+async def test_delivery_id_already_in_the_file_is_not_written_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    crashed = OutboxConnector(path)
+    await crashed.send(make_request(1))
+    # A new process (the crashed worker restarted) replays the same delivery, then a new one.
+    restarted = OutboxConnector(path)
+    again = await restarted.send(make_request(1))
+    await restarted.send(make_request(2))
+    await restarted.send(make_request(2))
+    await crashed.aclose()
+    await restarted.aclose()
+    assert again.provider_message_id == "outbox:d-1"
+    assert [r["delivery_id"] for r in read_outbox(path)] == ["d-1", "d-2"]
+
+
+async def test_lines_appended_by_another_writer_are_seen_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    first, second = OutboxConnector(path), OutboxConnector(path)
+    await first.send(make_request(1))
+    await second.send(make_request(3))
+    await first.send(make_request(3))  # written by the other writer meanwhile
+    await first.aclose()
+    await second.aclose()
+    assert [r["delivery_id"] for r in read_outbox(path)] == ["d-1", "d-3"]
