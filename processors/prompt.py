@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from processors.business_rules import business_rule_lines
 from processors.config import PersonaConfig
 from schemas.models import ChatMessage, Role
 
@@ -33,6 +34,12 @@ def build_system_prompt(persona: PersonaConfig) -> str:
         Answer in language: en.
         Rules:
         - Never promise refunds.
+        - Do not discuss: crypto.
+        - If the user mentions "complaint", say you will hand over to a human.
+        - End every reply with: This is not financial advice.
+
+    The rules block is :func:`processors.business_rules.business_rule_lines`: the free-text
+    business rules, then the forbidden topics, escalation triggers and disclaimer.
 
     Args:
         persona: The persona's config.
@@ -47,7 +54,7 @@ def build_system_prompt(persona: PersonaConfig) -> str:
         lines.append(f"Personality: {', '.join(traits)}.")
     lines.append(f"Tone: {_one_line(persona.tone)}.")
     lines.append(f"Answer in language: {_one_line(persona.language)}.")
-    rules = [_one_line(r) for r in persona.business_rules if r.strip()]
+    rules = business_rule_lines(persona)
     if rules:
         lines.append("Rules:")
         lines.extend(f"- {rule}" for rule in rules)

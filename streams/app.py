@@ -103,7 +103,11 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         "conversations",
         default=None,
         partitions=settings.partitions,
-        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        # Raw bytes both ways: the agent stores ConversationState as JSON it encodes itself.
+        # Faust derives the changelog serializers from key_type/value_type (bytes -> raw,
+        # anything else -> json); a Schema alone made recovery JSON-decode raw keys.
+        key_type=bytes,
+        value_type=bytes,
         help="Conversation state (processors.conversation.ConversationState) by conversation_id.",
     )
     ingest.register(app, rt, topics)

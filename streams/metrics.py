@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
     "DEADLETTERS",
     "DELIVERIES",
     "DROPPED",
     "END_TO_END_LATENCY",
+    "LLM_COST",
+    "LLM_IN_FLIGHT",
     "LLM_LATENCY",
+    "LLM_OUTCOMES",
     "LLM_TOKENS",
     "RECORDS_IN",
     "RECORDS_OUT",
@@ -57,6 +60,15 @@ LLM_LATENCY = Histogram(
 )
 LLM_TOKENS = Counter(
     "switchboard_llm_tokens_total", "Tokens used.", ["tenant", "persona", "engine", "kind"]
+)
+LLM_IN_FLIGHT = Gauge("switchboard_llm_in_flight", "LLM calls in flight in this worker.")
+LLM_COST = Counter(
+    "switchboard_llm_cost_usd_total", "Cost of LLM calls in USD.", ["tenant", "persona", "model"]
+)
+LLM_OUTCOMES = Counter(
+    "switchboard_llm_outcomes_total",
+    "LLM turns by outcome (ok, fallback, escalated) and engine.",
+    ["persona", "engine", "status"],
 )
 DELIVERIES = Counter(
     "switchboard_deliveries_total", "Delivery outcomes.", ["channel", "connector", "status"]

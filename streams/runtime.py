@@ -40,7 +40,7 @@ def build_engines(
     engines: dict[str, LLMEngine] = {}
     for name, engine_cfg in config.engines.items():
         if engine_cfg.kind == "local":
-            engines[name] = LocalEngine(knowledge_bases)
+            engines[name] = LocalEngine(knowledge_bases, latency_s=engine_cfg.latency_s)
         else:
             raise NotImplementedError(
                 f"engine {name!r}: kind {engine_cfg.kind!r} is not available in this build"

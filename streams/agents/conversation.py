@@ -102,7 +102,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
         return
     key = record.conversation_id.encode()
     stored = table.get(key)
-    state = ConversationState.model_validate(stored) if stored is not None else None
+    state = ConversationState.model_validate_json(stored) if stored is not None else None
     transition = apply(rt, state, record, utcnow())
     if transition is None:
         return
@@ -136,7 +136,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
     # re-creates the same effects with the same ids, which the next stages drop.
     for ack in acks:
         await ack
-    table[key] = transition.state.model_dump(mode="json")
+    table[key] = transition.state.model_dump_json().encode()
 
 
 def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
@@ -177,7 +177,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
         now = utcnow()
         due: list[ConversationState] = []
         for _, stored in list(table.items()):
-            state = ConversationState.model_validate(stored)
+            state = ConversationState.model_validate_json(stored)
             if _overdue(state, rt, now):
                 due.append(state)
         for state in due:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from processors.prompt import build_messages
 from schemas.errors import DecodeError
 from schemas.models import LLMRequest, LLMResponse, LLMStatus, Role, utcnow
 from streams.agents.common import RawMessage, dead_letter, send_record
-from streams.metrics import LLM_LATENCY, LLM_TOKENS, RECORDS_IN, STAGE_ERRORS
+from streams.metrics import LLM_IN_FLIGHT, LLM_LATENCY, LLM_TOKENS, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
 
 __all__ = ["answer", "register"]
@@ -117,22 +118,48 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
 
 
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
-    """Register the LLM agent on ``app`` (consumes the LLM requests topic)."""
+    """Register the LLM agent on ``app`` (consumes the LLM requests topic).
+
+    Up to ``llm.max_in_flight`` requests are answered concurrently by one worker. No two of
+    them belong to the same conversation (the conversation agent keeps at most one turn per
+    conversation in flight), so their completion order does not matter. When the pool is full
+    the agent stops reading: backpressure, not buffering. Offsets may be committed while calls
+    are still in flight; a request lost with a crashed worker is re-issued by the conversation
+    agent once its deadline passes (``conversation.llm_deadline_s``), and a duplicate response
+    is dropped there by turn id (ARCHITECTURE.md principle 5).
+    """
 
     @app.agent(topics["llm_requests"], name="llm")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def llm(stream: Any) -> None:
         await rt.start()
-        async for event in stream.events():
+        slots = asyncio.Semaphore(rt.config.llm.max_in_flight)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def run(message: RawMessage) -> None:
             try:
-                await _handle(rt, topics, event.message)
-            except Exception as exc:  # a bad record must never stop the partition
+                await _handle(rt, topics, message)
+            except Exception as exc:  # a bad record must never stop the stage
                 STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                log.exception("llm failed on offset %s", event.message.offset)
+                log.exception("llm failed on offset %s", message.offset)
                 await dead_letter(
                     rt,
                     topics["deadletter"],
-                    event.message,
+                    message,
                     stage="llm.internal",
                     reason=f"unexpected error: {exc!r}",
                     error_type=type(exc).__name__,
                 )
+            finally:
+                slots.release()
+                LLM_IN_FLIGHT.dec()
+
+        try:
+            async for event in stream.events():
+                await slots.acquire()
+                LLM_IN_FLIGHT.inc()
+                task = asyncio.ensure_future(run(event.message))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()

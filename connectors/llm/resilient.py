@@ -1,0 +1,156 @@
+"""Retries, a per-call timeout and the provider rate limit around any LLM engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from connectors.errors import EngineError
+from connectors.llm.base import Completion, CompletionRequest, LLMEngine
+from connectors.llm.local import estimate_tokens
+from connectors.llm.ratelimit import ProviderRateLimiter
+from processors.backoff import backoff_delay
+from processors.config import EngineConfig
+
+__all__ = ["DEFAULT_COMPLETION_TOKENS", "ResilientEngine", "attempts_of", "estimate_call_tokens"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_TOKENS = 256
+"""Completion tokens assumed for the rate limit when neither request nor config caps them."""
+
+
+def estimate_call_tokens(request: CompletionRequest, cfg: EngineConfig) -> int:
+    """Tokens a call may use: ``ceil(chars / 4)`` per prompt message plus the completion cap.
+
+    The cap is ``request.max_tokens``, else ``cfg.max_tokens``, else
+    ``DEFAULT_COMPLETION_TOKENS``.
+    """
+    prompt = sum(estimate_tokens(m.content) for m in request.messages)
+    return prompt + (request.max_tokens or cfg.max_tokens or DEFAULT_COMPLETION_TOKENS)
+
+
+def attempts_of(error: BaseException) -> int:
+    """Attempts made before ``error`` was raised by :class:`ResilientEngine` (1 if unknown)."""
+    attempts = getattr(error, "attempts", 1)
+    return attempts if isinstance(attempts, int) else 1
+
+
+def _with_attempts(error: EngineError, attempts: int) -> EngineError:
+    error.attempts = attempts  # type: ignore[attr-defined]  # ConnectorError is shared; additive
+    return error
+
+
+class ResilientEngine(LLMEngine):
+    """Wraps an engine with the call policy of its :class:`EngineConfig`.
+
+    Each attempt first waits for the ``limiter`` (if any) with an estimated
+    :func:`estimate_call_tokens`, then calls ``inner.complete`` bounded by
+    ``asyncio.timeout(cfg.timeout_s)`` (expiry is a retriable ``EngineError``). Retriable
+    ``EngineError`` s are retried up to ``cfg.max_retries`` times after
+    ``processors.backoff.backoff_delay`` (full jitter, never sooner than the error's
+    ``retry_after``); an error with ``retry_after`` (a 429's ``Retry-After``) also pauses the
+    shared limiter, so every call to the provider slows down, not only this one.
+    Non-retriable errors are raised at once.
+
+    Every ``EngineError`` raised carries ``attempts`` (read it with :func:`attempts_of`); after
+    the last retry it is a new ``EngineError("gave up after N attempts: ...",
+    retriable=False)`` chained to the last failure (``__cause__``).
+
+    Args:
+        inner: The engine doing the calls; its ``name`` is this engine's name.
+        cfg: ``timeout_s``, ``max_retries``, ``backoff_initial_s``, ``backoff_max_s`` (s).
+        limiter: The provider's shared rate limiter, or None for no limit.
+        rng: Randomness of the jitter (seed one in tests).
+        sleep: Awaitable sleep of the backoff (s); tests may pass a recording one.
+    """
+
+    def __init__(
+        self,
+        inner: LLMEngine,
+        cfg: EngineConfig,
+        *,
+        limiter: ProviderRateLimiter | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._cfg = cfg
+        self._limiter = limiter
+        self._rng = rng
+        self._sleep = sleep
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """Answer ``request``, retrying as configured (see :meth:`complete_with_attempts`)."""
+        completion, _ = await self.complete_with_attempts(request)
+        return completion
+
+    async def _attempt(self, request: CompletionRequest) -> Completion:
+        try:
+            async with asyncio.timeout(self._cfg.timeout_s):
+                return await self._inner.complete(request)
+        except TimeoutError as exc:
+            raise EngineError(
+                f"{self.name}: no completion within {self._cfg.timeout_s} s", retriable=True
+            ) from exc
+
+    async def complete_with_attempts(self, request: CompletionRequest) -> tuple[Completion, int]:
+        """Answer ``request`` and say how many attempts it took.
+
+        Args:
+            request: The prompt.
+
+        Returns:
+            ``(completion, attempts)``, attempts from 1 to ``cfg.max_retries + 1``.
+
+        Raises:
+            EngineError: Non-retriable (raised at once), or retries exhausted
+                (``retriable=False``, message "gave up after N attempts: ..."); either way
+                with an ``attempts`` attribute.
+        """
+        cfg = self._cfg
+        tokens = estimate_call_tokens(request, cfg)
+        attempts = cfg.max_retries + 1
+        for attempt in range(attempts):
+            if self._limiter is not None:
+                await self._limiter.acquire(tokens)
+            try:
+                return await self._attempt(request), attempt + 1
+            except EngineError as exc:
+                if not exc.retriable:
+                    _with_attempts(exc, attempt + 1)
+                    raise
+                last = exc
+            if last.retry_after is not None and self._limiter is not None:
+                self._limiter.penalize(last.retry_after)
+            if attempt + 1 == attempts:
+                break
+            delay = backoff_delay(
+                attempt,
+                initial_s=cfg.backoff_initial_s,
+                max_s=cfg.backoff_max_s,
+                rng=self._rng,
+                retry_after_s=last.retry_after,
+            )
+            logger.warning(
+                "%s attempt %d/%d failed (%s); retrying in %.3f s",
+                self.name,
+                attempt + 1,
+                attempts,
+                last,
+                delay,
+            )
+            await self._sleep(delay)
+        error = EngineError(
+            f"gave up after {attempts} attempts: {last}",
+            retriable=False,
+            retry_after=last.retry_after,
+        )
+        raise _with_attempts(error, attempts) from last
+
+    async def aclose(self) -> None:
+        """Close the inner engine."""
+        await self._inner.aclose()

@@ -1,0 +1,97 @@
+"""SIGKILL the worker twice mid-replay: every turn still gets exactly one reply, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streams.replay import replay
+from streams.settings import default_config_path
+from streams.stack import EmbeddedStack
+
+pytestmark = pytest.mark.integration
+
+CONVERSATIONS = 60
+TURNS = 5
+QUESTIONS = [
+    "My mouse is not responding.",
+    "My internet is not working.",
+    "I forgot my password.",
+    "My laptop screen is black.",
+    "I can't hear any sound.",
+]
+
+
+@pytest.fixture
+def crash_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
+    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
+    raw["conversation"]["llm_deadline_s"] = 4  # re-issue turns lost with a killed worker soon
+    raw["engines"]["local"]["latency_s"] = 0.05  # keep calls in flight when the kill lands
+    config = tmp_path / "switchboard.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    unique = uuid.uuid4().hex[:8]
+    stack = EmbeddedStack(
+        workers=1,
+        data_dir=tmp_path / "stack",
+        topic_prefix=f"crash-{unique}",
+        app_id=f"crash-{unique}",
+        config=config,
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_turn_is_answered_once_and_in_order_after_worker_is_killed_twice(
+    crash_stack: EmbeddedStack,
+) -> None:
+    stack = crash_stack
+    stack.wait_ready()
+    lines = [
+        {
+            "tenant": "crash",
+            "channel": "chat",
+            "sender": f"user-{c}@crash.test",
+            "conversation_id": f"crash-conv-{c}",
+            "content": f"{QUESTIONS[t % len(QUESTIONS)]} (turn {t})",
+        }
+        for t in range(TURNS)
+        for c in range(CONVERSATIONS)
+    ]
+    total = len(lines)
+    kills: list[int] = []
+
+    def chaos(accounted: int, _: int) -> None:
+        # Kill at two different points of the run, restart at once (the broker stays up).
+        for threshold in (total // 5, total * 3 // 5):
+            if accounted >= threshold and threshold not in kills:
+                kills.append(threshold)
+                stack.worker_procs[0].kill()
+                stack.start_worker(0)
+        stack.check_workers()
+
+    result = asyncio.run(replay(stack.settings(), lines, timeout_s=180, on_progress=chaos))
+    summary = result.summary()
+    assert len(kills) == 2, f"the run ended before both kills: {summary}"
+    assert summary["unaccounted"] == 0, summary
+    assert summary["replies_delivered"] == total, summary
+
+    published: dict[str, list[str]] = defaultdict(list)
+    for message_id, outcome in result.outcomes.items():
+        published[outcome.message.conversation_id or ""].append(message_id)
+    delivered: dict[str, list[str]] = defaultdict(list)
+    for line in (stack.data_dir / "outbox.jsonl").read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry["message_id"] in result.outcomes:
+            delivered[entry["conversation_id"]].append(entry["message_id"])
+    # exactly one reply per turn (no duplicates, none missing), in the order the turns arrived
+    assert delivered == published

@@ -1,0 +1,348 @@
+"""The real AsyncOpenAI client, through OpenAIEngine and ResilientEngine, against a fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+from support.fake_openai import FakeOpenAI, fake_openai_server
+
+from connectors.errors import EngineError
+from connectors.llm.base import CompletionRequest, LLMEngine
+from connectors.llm.openai_engine import OpenAIEngine, build_openai_engine, parse_retry_after
+from connectors.llm.ratelimit import ProviderRateLimiter
+from connectors.llm.resilient import ResilientEngine, attempts_of
+from processors.config import EngineConfig, PersonaConfig
+from schemas.models import ChatMessage, Role
+
+pytestmark = pytest.mark.integration
+
+PERSONA = PersonaConfig(name="Ada")
+
+
+def config(**overrides: Any) -> EngineConfig:
+    values: dict[str, Any] = {
+        "kind": "openai",
+        "model": "gpt-test",
+        "timeout_s": 2.0,
+        "max_retries": 2,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.05,
+    }
+    values.update(overrides)
+    return EngineConfig.model_validate(values)
+
+
+def ask(*turns: tuple[Role, str], **options: Any) -> CompletionRequest:
+    return CompletionRequest(
+        persona_id="ada",
+        persona=PERSONA,
+        messages=[ChatMessage(role=role, content=content) for role, content in turns],
+        **options,
+    )
+
+
+HELLO = ask((Role.SYSTEM, "You are Ada."), (Role.USER, "hello there"))
+
+
+@asynccontextmanager
+async def resilient(
+    server: FakeOpenAI, cfg: EngineConfig, limiter: ProviderRateLimiter | None = None
+) -> AsyncIterator[ResilientEngine]:
+    inner = OpenAIEngine(cfg, api_key=server.api_key, base_url=server.base_url)
+    engine = ResilientEngine(inner, cfg, limiter=limiter)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+
+
+async def test_completion_carries_reply_model_and_reported_usage() -> None:
+    async with fake_openai_server() as server, resilient(server, config()) as engine:
+        completion, attempts = await engine.complete_with_attempts(HELLO)
+
+    assert completion.content == "echo: hello there"
+    assert completion.model == "gpt-test"
+    assert completion.finish_reason == "stop"
+    # The fake counts ceil(chars / 4): "You are Ada." 3 + "hello there" 3; "echo: hello there" 5.
+    assert (completion.prompt_tokens, completion.completion_tokens) == (6, 5)
+    assert attempts == 1
+    assert len(server.requests) == 1
+
+
+async def test_request_sends_bearer_key_model_messages_and_sampling_options() -> None:
+    cfg = config(temperature=0.3, max_tokens=64)
+    async with fake_openai_server(api_key="sk-secret") as server, resilient(server, cfg) as engine:
+        await engine.complete(HELLO)
+        await engine.complete(ask((Role.USER, "hi"), model="gpt-other", temperature=1.5))
+
+    first, second = server.requests
+    assert first.headers["authorization"] == "Bearer sk-secret"
+    assert first.body["model"] == "gpt-test"
+    assert first.body["messages"] == [
+        {"role": "system", "content": "You are Ada."},
+        {"role": "user", "content": "hello there"},
+    ]
+    assert (first.body["temperature"], first.body["max_tokens"]) == (0.3, 64)
+    assert second.body["model"] == "gpt-other"
+    assert second.body["temperature"] == 1.5
+
+
+async def test_unset_sampling_options_are_not_sent() -> None:
+    async with fake_openai_server() as server, resilient(server, config()) as engine:
+        await engine.complete(HELLO)
+
+    assert "temperature" not in server.requests[0].body
+    assert "max_tokens" not in server.requests[0].body
+
+
+async def test_missing_usage_is_estimated_from_characters() -> None:
+    async with (
+        fake_openai_server(include_usage=False) as server,
+        resilient(server, config()) as engine,
+    ):
+        completion = await engine.complete(ask((Role.USER, "abcdefghi")))
+
+    assert completion.content == "echo: abcdefghi"
+    assert (completion.prompt_tokens, completion.completion_tokens) == (3, 4)
+
+
+async def test_rate_limited_call_waits_retry_after_then_succeeds() -> None:
+    async with (
+        fake_openai_server(faults=["429:0.3"]) as server,
+        resilient(server, config(), ProviderRateLimiter(None, None)) as engine,
+    ):
+        completion, attempts = await engine.complete_with_attempts(HELLO)
+
+    assert completion.content == "echo: hello there"
+    assert attempts == 2
+    first, second = server.requests
+    assert first.fault == "429:0.3"
+    assert second.received_at - first.received_at >= 0.3
+
+
+class SignallingLimiter(ProviderRateLimiter):
+    """A limiter that also signals when a call penalized it."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)
+        self.penalized = asyncio.Event()
+
+    def penalize(self, retry_after_s: float) -> None:
+        super().penalize(retry_after_s)
+        self.penalized.set()
+
+
+async def test_rate_limit_pauses_other_calls_sharing_the_limiter() -> None:
+    limiter = SignallingLimiter()
+    async with (
+        fake_openai_server(faults=["429:0.4"]) as server,
+        resilient(server, config(), limiter) as engine,
+    ):
+        limited = asyncio.create_task(engine.complete(ask((Role.USER, "first"))))
+        await asyncio.wait_for(limiter.penalized.wait(), timeout=5)
+        other = await engine.complete(ask((Role.USER, "second")))
+        await limited
+
+    assert other.content == "echo: second"
+    first_429 = server.requests[0]
+    later = [r for r in server.requests if r.body["messages"][0]["content"] == "second"]
+    assert later[0].received_at - first_429.received_at >= 0.4
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "timeout", "malformed", "html", "empty_choices"])
+async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
+    cfg = config(timeout_s=0.3)
+    async with (
+        fake_openai_server(faults=[fault], hang_s=5.0) as server,
+        resilient(server, cfg) as engine,
+    ):
+        completion, attempts = await engine.complete_with_attempts(HELLO)
+
+    assert completion.content == "echo: hello there"
+    assert attempts == 2
+    assert [r.fault for r in server.requests] == [fault, None]
+
+
+@pytest.mark.parametrize(
+    ("fault", "retriable", "retry_after", "fragment"),
+    [
+        ("429:0.25", True, 0.25, "rate limited 429"),
+        ("500", True, None, "500"),
+        ("400", False, None, "400"),
+        ("404", False, None, "404"),
+        ("422", False, None, "422"),
+        ("malformed", True, None, "malformed body"),
+        ("html", True, None, "malformed body"),
+        ("empty_choices", True, None, "empty choices"),
+    ],
+)
+async def test_openai_engine_maps_fault_to_engine_error(
+    fault: str, retriable: bool, retry_after: float | None, fragment: str
+) -> None:
+    async with fake_openai_server(faults=[fault]) as server:
+        engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
+        try:
+            with pytest.raises(EngineError) as caught:
+                await engine.complete(HELLO)
+        finally:
+            await engine.aclose()
+
+    assert caught.value.retriable is retriable
+    assert caught.value.retry_after == retry_after
+    assert fragment in str(caught.value)
+
+
+async def test_retry_after_ms_header_wins_over_retry_after() -> None:
+    async with fake_openai_server(faults=["429"], retry_after="7", retry_after_ms="150") as server:
+        engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
+        try:
+            with pytest.raises(EngineError) as caught:
+                await engine.complete(HELLO)
+        finally:
+            await engine.aclose()
+
+    assert caught.value.retry_after == pytest.approx(0.15)
+
+
+async def test_bad_request_is_not_retried() -> None:
+    async with (
+        fake_openai_server(faults=["400"]) as server,
+        resilient(server, config()) as engine,
+    ):
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(HELLO)
+
+    assert caught.value.retriable is False
+    assert attempts_of(caught.value) == 1
+    assert len(server.requests) == 1
+
+
+async def test_wrong_api_key_is_not_retried() -> None:
+    async with fake_openai_server(api_key="right") as server:
+        cfg = config()
+        engine = ResilientEngine(OpenAIEngine(cfg, api_key="wrong", base_url=server.base_url), cfg)
+        try:
+            with pytest.raises(EngineError) as caught:
+                await engine.complete(HELLO)
+        finally:
+            await engine.aclose()
+
+    assert caught.value.retriable is False
+    assert "401" in str(caught.value)
+    assert len(server.requests) == 1
+
+
+async def test_persistent_server_errors_give_up_after_max_retries_plus_one_requests() -> None:
+    async with (
+        fake_openai_server(faults=["500"] * 5) as server,
+        resilient(server, config(max_retries=2)) as engine,
+    ):
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(HELLO)
+
+    assert len(server.requests) == 3
+    assert len(server.faults) == 2
+    assert caught.value.retriable is False
+    assert str(caught.value).startswith("gave up after 3 attempts: ")
+    assert "500" in str(caught.value)
+    assert attempts_of(caught.value) == 3
+
+
+async def test_unreachable_endpoint_is_a_retriable_connection_error() -> None:
+    async with fake_openai_server() as server:
+        base_url = server.base_url
+    engine = OpenAIEngine(config(), api_key="k", base_url=base_url)
+    try:
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(HELLO)
+    finally:
+        await engine.aclose()
+
+    assert caught.value.retriable is True
+    assert "connection" in str(caught.value)
+
+
+async def test_empty_model_is_a_non_retriable_error_without_a_request() -> None:
+    async with fake_openai_server() as server:
+        engine = OpenAIEngine(config(model=""), api_key=server.api_key, base_url=server.base_url)
+        try:
+            with pytest.raises(EngineError) as caught:
+                await engine.complete(HELLO)
+        finally:
+            await engine.aclose()
+
+    assert caught.value.retriable is False
+    assert server.requests == []
+
+
+async def test_build_openai_engine_reads_key_and_base_url_from_the_environment() -> None:
+    async with fake_openai_server(api_key="from-env") as server:
+        env = {"SB_LLM_KEY": "from-env", "OPENAI_BASE_URL": server.base_url}
+        engine: LLMEngine = build_openai_engine(config(api_key_env="SB_LLM_KEY"), env)
+        try:
+            completion = await engine.complete(HELLO)
+        finally:
+            await engine.aclose()
+
+    assert engine.name == "openai"
+    assert completion.content == "echo: hello there"
+    assert server.requests[0].headers["authorization"] == "Bearer from-env"
+
+
+def test_build_openai_engine_without_key_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="SB_LLM_KEY"):
+        build_openai_engine(config(api_key_env="SB_LLM_KEY"), {"OPENAI_API_KEY": "other"})
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "3"}, 3.0),
+        ({"retry-after": "0.2"}, 0.2),
+        ({"Retry-After": "3", "retry-after-ms": "1500"}, 1.5),
+        ({"Retry-After": "-4"}, 0.0),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "inf"}, None),
+        ({}, None),
+    ],
+)
+def test_parse_retry_after_reads_delay_seconds(
+    headers: dict[str, str], expected: float | None
+) -> None:
+    assert parse_retry_after(headers) == (None if expected is None else pytest.approx(expected))
+
+
+def test_parse_retry_after_reads_http_dates_against_the_clock() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=42), usegmt=True)
+    earlier = format_datetime(now - timedelta(seconds=42), usegmt=True)
+
+    assert later.endswith("GMT")
+    assert parse_retry_after({"Retry-After": later}, now=now.timestamp) == pytest.approx(42.0)
+    assert parse_retry_after({"Retry-After": earlier}, now=now.timestamp) == 0.0
+
+
+def test_fake_server_rejects_unknown_faults() -> None:
+    with pytest.raises(ValueError, match="unknown fault"):
+        FakeOpenAI(faults=["explode"])
+
+
+async def test_fake_server_rejects_a_request_breaking_the_contract() -> None:
+    async with fake_openai_server() as server, httpx.AsyncClient() as client:
+        no_key = await client.post(f"{server.base_url}/chat/completions", json={})
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        no_messages = await client.post(
+            f"{server.base_url}/chat/completions", json={"model": "m"}, headers=headers
+        )
+
+    assert no_key.status_code == 401
+    assert no_messages.status_code == 400
+    assert no_messages.json()["error"]["param"] == "messages"
+    assert len(server.requests) == 2

@@ -1,0 +1,3 @@
+"""Test doubles and loopback servers shared by the unit, integration and benchmark suites."""
+
+__all__: list[str] = []

@@ -1,0 +1,376 @@
+"""An OpenAI-compatible Chat Completions server on loopback, with scripted faults, for tests.
+
+The server speaks the request and response shapes of the OpenAI API reference, *Chat > Create
+chat completion* (``POST /v1/chat/completions``), so the real ``openai`` client can be pointed at
+it with ``base_url=server.base_url``. It answers deterministically (``"echo: <last user
+content>"`` unless a ``reply`` function is given), counts tokens as ``ceil(chars / 4)``, and
+records every request it receives.
+
+Faults are scripted per server in ``server.faults`` (a mutable deque; one fault is consumed per
+valid request, oldest first; an empty deque means "answer normally"):
+
+- ``"429"``: 429 ``rate_limit_exceeded`` with ``Retry-After: <retry_after>`` (and
+  ``retry-after-ms`` when ``retry_after_ms`` is set); ``"429:V"`` sends the header value ``V``
+  (``"429:0.2"``, or an HTTP-date).
+- ``"500"``, ``"400"`` or any other 4xx/5xx status ``"NNN"``: that status with an OpenAI-style
+  error body (``{"error": {"message", "type", "param", "code"}}``).
+- ``"timeout"``: no answer for ``hang_s`` seconds (longer than any client timeout in tests).
+- ``"malformed"``: 200 ``application/json`` whose body is not valid JSON (a flaky proxy).
+- ``"html"``: 200 ``text/html`` (a proxy's error page instead of JSON).
+- ``"empty_choices"``: 200, a valid completion with ``choices: []``.
+
+Faults given to the constructor are checked; one appended later and unknown is answered with a
+500 naming it.
+
+Example::
+
+    async with fake_openai_server(faults=["429", "500"], retry_after="0.2") as server:
+        client = openai.AsyncOpenAI(api_key=server.api_key, base_url=server.base_url)
+        ...
+        assert len(server.requests) == 3
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "NAMED_FAULTS",
+    "FakeOpenAI",
+    "RecordedRequest",
+    "fake_openai_server",
+]
+
+logger = logging.getLogger(__name__)
+
+NAMED_FAULTS = frozenset({"429", "500", "400", "timeout", "malformed", "html", "empty_choices"})
+"""Faults with a name; any other three-digit 4xx/5xx status and ``"429:<value>"`` work too."""
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_MALFORMED_BODY = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": ['
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request the server received.
+
+    Attributes:
+        body: The JSON-decoded body, or None when it was not valid JSON.
+        headers: Request headers, names lower-cased.
+        fault: The fault applied to it, or None (answered normally, or rejected as invalid).
+        received_at: ``time.monotonic()`` when it arrived (s).
+    """
+
+    body: Any
+    headers: dict[str, str]
+    fault: str | None
+    received_at: float
+
+
+def _tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _contract_problem(body: Any) -> tuple[str, str | None] | None:
+    """``(message, param)`` of the first way ``body`` breaks the request contract, or None."""
+    if not isinstance(body, dict):
+        return "We could not parse the JSON body of your request.", None
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return "You must provide a model parameter.", "model"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty array.", "messages"
+    for index, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in _ROLES
+            or not isinstance(message.get("content"), str | list)
+        ):
+            return f"Invalid 'messages[{index}]': needs a valid 'role' and a 'content'.", (
+                f"messages[{index}]"
+            )
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        return "'max_tokens' must be an integer >= 1.", "max_tokens"
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        not isinstance(temperature, int | float) or not 0 <= temperature <= 2
+    ):
+        return "'temperature' must be a number between 0 and 2.", "temperature"
+    return None
+
+
+def _is_status_fault(fault: str) -> bool:
+    return len(fault) == 3 and fault.isdigit() and 400 <= int(fault) <= 599
+
+
+def _check_fault(fault: str) -> None:
+    if fault in NAMED_FAULTS or fault.startswith("429:") or _is_status_fault(fault):
+        return
+    raise ValueError(
+        f"unknown fault {fault!r}; expected one of {sorted(NAMED_FAULTS)}, a 4xx/5xx "
+        "status or '429:<Retry-After value>'"
+    )
+
+
+def _default_reply(messages: list[dict[str, Any]]) -> str:
+    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    content = last_user.get("content") if last_user is not None else ""
+    return f"echo: {content if isinstance(content, str) else ''}"
+
+
+class FakeOpenAI:
+    """The server; use :func:`fake_openai_server`, or ``await start()`` / ``await aclose()``.
+
+    Args:
+        api_key: The key clients must send as ``Authorization: Bearer <key>`` (401 otherwise);
+            None accepts any or no key.
+        latency_s: Seconds to wait before answering each valid request.
+        faults: Initial fault script (see the module docstring).
+        retry_after: ``Retry-After`` header value of ``"429"`` faults; None sends none.
+        retry_after_ms: ``retry-after-ms`` header value of ``"429"`` faults (OpenAI's
+            non-standard header); None sends none.
+        hang_s: How long a ``"timeout"`` fault withholds the answer (s); closing the server
+            ends the wait early.
+        reply: Computes the reply text from the request's ``messages``; default
+            ``"echo: <last user content>"``.
+        include_usage: Whether completions carry ``usage``.
+
+    Raises:
+        ValueError: An unknown fault, or a negative ``latency_s`` / ``hang_s``.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "test-key",
+        latency_s: float = 0.0,
+        faults: Iterable[str] = (),
+        retry_after: str | None = "1",
+        retry_after_ms: str | None = None,
+        hang_s: float = 30.0,
+        reply: Callable[[list[dict[str, Any]]], str] | None = None,
+        include_usage: bool = True,
+    ) -> None:
+        if hang_s < 0:
+            raise ValueError(f"hang_s must be >= 0, got {hang_s}")
+        self.api_key = api_key
+        self.faults: deque[str] = deque()
+        for fault in faults:
+            _check_fault(fault)
+            self.faults.append(fault)
+        self.requests: list[RecordedRequest] = []
+        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+        self.hang_s = hang_s
+        self.include_usage = include_usage
+        self._reply = reply or _default_reply
+        self._latency_s = 0.0
+        self.set_latency(latency_s)
+        self._served = 0
+        self._port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``, the ``base_url`` for ``openai.AsyncOpenAI``.
+
+        Raises:
+            RuntimeError: The server is not started.
+        """
+        if self._port is None:
+            raise RuntimeError("the fake OpenAI server is not started")
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    def set_latency(self, latency_s: float) -> None:
+        """Wait ``latency_s`` seconds before answering each later request.
+
+        Raises:
+            ValueError: ``latency_s`` is negative.
+        """
+        if latency_s < 0:
+            raise ValueError(f"latency_s must be >= 0, got {latency_s}")
+        self._latency_s = latency_s
+
+    async def start(self) -> FakeOpenAI:
+        """Listen on a free port of 127.0.0.1 and return self."""
+        self._closing = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        logger.debug("fake OpenAI server listening on %s", self.base_url)
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening; hanging ``"timeout"`` faults end at once."""
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAI:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def completion_body(self, body: Mapping[str, Any], *, empty: bool = False) -> dict[str, Any]:
+        """The ``chat.completion`` object answering a valid request ``body``.
+
+        ``max_tokens`` truncates the reply to ``4 * max_tokens`` characters with
+        ``finish_reason="length"``, as the real API stops at the cap.
+        """
+        reply = self._reply(list(body["messages"]))
+        finish_reason = "stop"
+        completion_tokens = _tokens(reply)
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and completion_tokens > max_tokens:
+            reply, completion_tokens, finish_reason = reply[: 4 * max_tokens], max_tokens, "length"
+        prompt_tokens = sum(
+            _tokens(m["content"]) for m in body["messages"] if isinstance(m["content"], str)
+        )
+        self._served += 1
+        result: dict[str, Any] = {
+            "id": f"chatcmpl-fake-{self._served}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": []
+            if empty
+            else [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "system_fingerprint": None,
+        }
+        if self.include_usage:
+            result["usage"] = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+        return result
+
+    async def _chat_completions(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        invalid: web.Response | None = None
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            invalid = _error(401, "Incorrect API key provided.", code="invalid_api_key")
+        elif (problem := _contract_problem(body)) is not None:
+            invalid = _error(400, problem[0], param=problem[1])
+        fault = self.faults.popleft() if invalid is None and self.faults else None
+        self.requests.append(RecordedRequest(body, headers, fault, time.monotonic()))
+        if invalid is not None:
+            return invalid
+        if self._latency_s > 0:
+            await asyncio.sleep(self._latency_s)
+        if fault is None:
+            return web.json_response(self.completion_body(body))
+        return await self._apply(fault, body)
+
+    async def _apply(self, fault: str, body: Mapping[str, Any]) -> web.Response:
+        if fault == "429" or fault.startswith("429:"):
+            value = fault[4:] if fault.startswith("429:") else self.retry_after
+            headers = {} if value is None else {"Retry-After": value}
+            if self.retry_after_ms is not None:
+                headers["retry-after-ms"] = self.retry_after_ms
+            return _error(
+                429,
+                "Rate limit reached for requests.",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers=headers,
+            )
+        if fault == "timeout":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.hang_s)
+            return web.json_response(self.completion_body(body))
+        if fault == "malformed":
+            return web.Response(body=_MALFORMED_BODY, content_type="application/json")
+        if fault == "html":
+            return web.Response(
+                text="<html><body>Bad gateway</body></html>", content_type="text/html"
+            )
+        if fault == "empty_choices":
+            return web.json_response(self.completion_body(body, empty=True))
+        if _is_status_fault(fault):
+            status = int(fault)
+            type_ = "server_error" if status >= 500 else "invalid_request_error"
+            return _error(status, f"Scripted fault {status}.", type_=type_)
+        logger.error("fake OpenAI server: unknown fault %r", fault)
+        return _error(500, f"fake OpenAI server: unknown fault {fault!r}", type_="server_error")
+
+
+@contextlib.asynccontextmanager
+async def fake_openai_server(
+    *,
+    api_key: str | None = "test-key",
+    latency_s: float = 0.0,
+    faults: Iterable[str] = (),
+    retry_after: str | None = "1",
+    retry_after_ms: str | None = None,
+    hang_s: float = 30.0,
+    reply: Callable[[list[dict[str, Any]]], str] | None = None,
+    include_usage: bool = True,
+) -> AsyncIterator[FakeOpenAI]:
+    """Run a :class:`FakeOpenAI` on a free loopback port for the ``async with`` block.
+
+    Args: as :class:`FakeOpenAI`.
+
+    Yields:
+        The started server (``.base_url``, ``.api_key``, ``.requests``, ``.faults``).
+    """
+    server = FakeOpenAI(
+        api_key=api_key,
+        latency_s=latency_s,
+        faults=faults,
+        retry_after=retry_after,
+        retry_after_ms=retry_after_ms,
+        hang_s=hang_s,
+        reply=reply,
+        include_usage=include_usage,
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.aclose()
