@@ -98,6 +98,7 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         "delivery_requests": topic(names.delivery_requests),
         "delivery_reports": topic(names.delivery_reports),
         "deadletter": topic(names.deadletter),
+        "handoff": topic(names.handoff),
     }
     table = app.Table(
         "conversations",

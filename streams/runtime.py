@@ -15,6 +15,9 @@ from connectors.delivery.registry import build_connector
 from connectors.llm.base import LLMEngine
 from connectors.llm.knowledge_loader import load_knowledge_base
 from connectors.llm.local import LocalEngine
+from connectors.llm.openai_engine import build_openai_engine
+from connectors.llm.ratelimit import ProviderRateLimiter
+from connectors.llm.resilient import ResilientEngine
 from connectors.redis_store import IdempotencyStore, connect_redis
 from processors.config import SwitchboardConfig
 from processors.knowledge import KnowledgeBase
@@ -34,17 +37,25 @@ class UnconfiguredChannelError(LookupError):
 
 
 def build_engines(
-    config: SwitchboardConfig, knowledge_bases: Mapping[str, KnowledgeBase]
-) -> dict[str, LLMEngine]:
-    """One engine instance per entry of ``config.engines``."""
-    engines: dict[str, LLMEngine] = {}
+    config: SwitchboardConfig,
+    knowledge_bases: Mapping[str, KnowledgeBase],
+    env: Mapping[str, str],
+) -> dict[str, ResilientEngine]:
+    """One engine per entry of ``config.engines``, each behind timeouts, retries and limits.
+
+    Raises:
+        ValueError: an OpenAI engine's API key variable is not set.
+    """
+    engines: dict[str, ResilientEngine] = {}
     for name, engine_cfg in config.engines.items():
+        inner: LLMEngine
         if engine_cfg.kind == "local":
-            engines[name] = LocalEngine(knowledge_bases, latency_s=engine_cfg.latency_s)
+            inner = LocalEngine(knowledge_bases, latency_s=engine_cfg.latency_s)
         else:
-            raise NotImplementedError(
-                f"engine {name!r}: kind {engine_cfg.kind!r} is not available in this build"
-            )
+            inner = build_openai_engine(engine_cfg, env)
+        engines[name] = ResilientEngine(
+            inner, engine_cfg, limiter=ProviderRateLimiter.from_config(engine_cfg)
+        )
     return engines
 
 
@@ -61,7 +72,7 @@ class Runtime:
     config: SwitchboardConfig
     codec: Codec = field(init=False)
     router: Router = field(init=False)
-    engines: dict[str, LLMEngine] = field(init=False)
+    engines: dict[str, ResilientEngine] = field(init=False)
     redis: aioredis.Redis | None = field(init=False, default=None)
     idempotency: IdempotencyStore | None = field(init=False, default=None)
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
@@ -77,7 +88,7 @@ class Runtime:
         self.codec = Codec(registry)
         self.router = Router(self.config)
         kbs = {name: load_knowledge_base(kb) for name, kb in self.config.knowledge_bases.items()}
-        self.engines = build_engines(self.config, kbs)
+        self.engines = build_engines(self.config, kbs, self.settings.engine_env())
 
     async def start(self) -> None:
         """Open Redis and register schemas (idempotent; safe to call from every agent)."""

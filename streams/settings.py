@@ -6,6 +6,7 @@ The environment is read here and nowhere else (STYLE.md §3); everything downstr
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,7 @@ class Topics:
         self.delivery_requests = f"{prefix}.delivery.requests"
         self.delivery_reports = f"{prefix}.delivery.reports"
         self.deadletter = f"{prefix}.deadletter"
+        self.handoff = f"{prefix}.handoff"
 
     def all(self) -> list[str]:
         """Every topic the pipeline reads or writes, in flow order."""
@@ -52,6 +54,7 @@ class Topics:
             self.delivery_requests,
             self.delivery_reports,
             self.deadletter,
+            self.handoff,
         ]
 
 
@@ -102,6 +105,16 @@ class Settings(BaseSettings):
     def topics(self) -> Topics:
         """Topic names under ``topic_prefix``."""
         return Topics(self.topic_prefix)
+
+    def engine_env(self) -> dict[str, str]:
+        """The variables LLM engines read: OPENAI_API_KEY / OPENAI_BASE_URL and any other
+        ``api_key_env`` a config names (read here, at the edge, like every other setting)."""
+        env = {k: v for k, v in os.environ.items() if k.endswith(("_API_KEY", "_BASE_URL"))}
+        if self.openai_api_key is not None:
+            env["OPENAI_API_KEY"] = self.openai_api_key.get_secret_value()
+        if self.openai_base_url is not None:
+            env["OPENAI_BASE_URL"] = self.openai_base_url
+        return env
 
     def broker_list(self) -> list[str]:
         """``kafka_brokers`` split into host:port entries."""

@@ -30,6 +30,7 @@ _TOPIC_DOCS = {
     "delivery_requests": ("recipient", "DeliveryRequest", "replies and notifications to send"),
     "delivery_reports": ("message_id", "DeliveryReport", "outcome of every delivery"),
     "deadletter": ("original key", "DeadLetter", "records that could not be processed"),
+    "handoff": ("conversation_id", "ConversationEvent", "turns escalated to a human agent"),
 }
 
 

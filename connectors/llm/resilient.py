@@ -48,8 +48,8 @@ class ResilientEngine(LLMEngine):
 
     Each attempt first waits for the ``limiter`` (if any) with an estimated
     :func:`estimate_call_tokens`, then calls ``inner.complete`` bounded by
-    ``asyncio.timeout(cfg.timeout_s)`` (expiry is a retriable ``EngineError``). Retriable
-    ``EngineError`` s are retried up to ``cfg.max_retries`` times after
+    ``asyncio.timeout(cfg.timeout_s)`` (expiry is a retriable ``EngineError``). Retriable errors
+    are retried up to ``cfg.max_retries`` times after
     ``processors.backoff.backoff_delay`` (full jitter, never sooner than the error's
     ``retry_after``); an error with ``retry_after`` (a 429's ``Retry-After``) also pauses the
     shared limiter, so every call to the provider slows down, not only this one.

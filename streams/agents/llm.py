@@ -9,11 +9,31 @@ from typing import Any
 
 from connectors.errors import EngineError
 from connectors.llm.base import Completion, CompletionRequest
+from connectors.llm.resilient import attempts_of
+from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
+from processors.pricing import cost_usd
 from processors.prompt import build_messages
+from processors.tokens import trim_to_budget
 from schemas.errors import DecodeError
-from schemas.models import LLMRequest, LLMResponse, LLMStatus, Role, utcnow
+from schemas.models import (
+    ConversationEvent,
+    ConversationEventKind,
+    LLMRequest,
+    LLMResponse,
+    LLMStatus,
+    Role,
+    utcnow,
+)
 from streams.agents.common import RawMessage, dead_letter, send_record
-from streams.metrics import LLM_IN_FLIGHT, LLM_LATENCY, LLM_TOKENS, RECORDS_IN, STAGE_ERRORS
+from streams.metrics import (
+    LLM_COST,
+    LLM_IN_FLIGHT,
+    LLM_LATENCY,
+    LLM_OUTCOMES,
+    LLM_TOKENS,
+    RECORDS_IN,
+    STAGE_ERRORS,
+)
 from streams.runtime import Runtime
 
 __all__ = ["answer", "register"]
@@ -22,23 +42,86 @@ log = logging.getLogger(__name__)
 STAGE = "llm"
 
 
-async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
-    """Answer one request with the persona's engines in order; an apology when all fail."""
+def _response(
+    request: LLMRequest, status: LLMStatus, content: str, engine: str, **fields: Any
+) -> LLMResponse:
+    return LLMResponse(
+        request_id=request.request_id,
+        conversation_id=request.conversation_id,
+        tenant=request.tenant,
+        turn_id=request.turn_id,
+        persona=request.persona,
+        status=status,
+        content=content,
+        engine=engine,
+        created_at=utcnow(),
+        **fields,
+    )
+
+
+def _handoff_event(request: LLMRequest, user_content: str, reason: str) -> ConversationEvent:
+    now = utcnow()
+    return ConversationEvent(
+        event_id=f"{request.turn_id}:handoff",
+        conversation_id=request.conversation_id,
+        tenant=request.tenant,
+        kind=ConversationEventKind.HANDOFF,
+        content=user_content,
+        persona=request.persona,
+        metadata={**request.metadata, "handoff.reason": reason},
+        origin_created_at=request.created_at,
+        created_at=now,
+    )
+
+
+async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, ConversationEvent | None]:
+    """Answer one request as its persona.
+
+    Business rules first (an escalation trigger hands the turn to a human, a forbidden topic
+    gets the fallback reply without an engine call); then the persona's engines in order, each
+    with its own timeouts, retries and rate limits (``ResilientEngine``); when every engine
+    fails, the apology reply or a handoff, as ``llm.on_failure`` says.
+
+    Returns:
+        The response, and the handoff event to publish when the turn was escalated.
+    """
     persona = rt.config.personas.get(request.persona)
     if persona is None:
         persona = rt.config.personas[rt.config.routing.default_persona]
-    history, last = request.messages[:-1], request.messages[-1] if request.messages else None
+    last = request.messages[-1] if request.messages else None
     user_content = last.content if last is not None and last.role == Role.USER else ""
-    messages = build_messages(
+    verdict = check_turn(persona, user_content)
+    if isinstance(verdict, Escalate):
+        LLM_OUTCOMES.labels(request.persona, "rules", "escalated").inc()
+        reason = f"escalation trigger {verdict.trigger!r}"
+        reply = finalize_reply(persona, persona.handoff_reply)
+        return (
+            _response(request, LLMStatus.ESCALATED, reply, "rules", error=reason, attempts=0),
+            _handoff_event(request, user_content, reason),
+        )
+    if isinstance(verdict, Decline):
+        LLM_OUTCOMES.labels(request.persona, "rules", "ok").inc()
+        reply = finalize_reply(persona, persona.fallback_reply)
+        return _response(
+            request, LLMStatus.OK, reply, "rules", finish_reason="declined", attempts=0
+        ), None
+    history = request.messages[:-1]
+    prompt = build_messages(
         persona, history, user_content, rt.config.conversation.max_history_turns
     )
     errors: list[str] = []
+    attempts = 0
     for engine_name in persona.engines:
-        engine = rt.engines[engine_name]
-        engine_cfg = rt.config.engines[engine_name]
+        engine, engine_cfg = rt.engines[engine_name], rt.config.engines[engine_name]
+        messages = trim_to_budget(
+            prompt,
+            budget_tokens=engine_cfg.context_tokens,
+            reserve_tokens=engine_cfg.max_tokens or 256,
+            model=engine_cfg.model,
+        )
         started = time.perf_counter()
         try:
-            completion: Completion = await engine.complete(
+            completion, used = await engine.complete_with_attempts(
                 CompletionRequest(
                     persona_id=request.persona,
                     persona=persona,
@@ -50,46 +133,60 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
                 )
             )
         except EngineError as exc:
+            attempts += attempts_of(exc)
             STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
             errors.append(f"{engine_name}: {exc}")
             log.warning("engine %s failed for %s: %s", engine_name, request.request_id, exc)
             continue
+        attempts += used
         elapsed = time.perf_counter() - started
-        LLM_LATENCY.labels(engine_name).observe(elapsed)
-        LLM_TOKENS.labels(request.tenant, request.persona, engine_name, "prompt").inc(
-            completion.prompt_tokens
+        cost = cost_usd(
+            completion.model,
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            rt.config.llm.prices,
         )
-        LLM_TOKENS.labels(request.tenant, request.persona, engine_name, "completion").inc(
-            completion.completion_tokens
+        _record_usage(request, engine_name, completion, elapsed, cost)
+        return (
+            _response(
+                request,
+                LLMStatus.OK,
+                finalize_reply(persona, completion.content),
+                engine_name,
+                model=completion.model,
+                finish_reason=completion.finish_reason,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                latency_ms=elapsed * 1000.0,
+                cost_usd=cost,
+                attempts=attempts,
+            ),
+            None,
         )
-        return LLMResponse(
-            request_id=request.request_id,
-            conversation_id=request.conversation_id,
-            tenant=request.tenant,
-            turn_id=request.turn_id,
-            persona=request.persona,
-            status=LLMStatus.OK,
-            content=completion.content,
-            engine=engine_name,
-            model=completion.model,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            latency_ms=elapsed * 1000.0,
-            created_at=utcnow(),
+    error = "; ".join(errors) or "no engine configured"
+    if rt.config.llm.on_failure == "handoff":
+        LLM_OUTCOMES.labels(request.persona, "none", "escalated").inc()
+        reply = finalize_reply(persona, persona.handoff_reply)
+        return (
+            _response(request, LLMStatus.ESCALATED, reply, "none", error=error, attempts=attempts),
+            _handoff_event(request, user_content, f"every engine failed: {error}"),
         )
-    return LLMResponse(
-        request_id=request.request_id,
-        conversation_id=request.conversation_id,
-        tenant=request.tenant,
-        turn_id=request.turn_id,
-        persona=request.persona,
-        status=LLMStatus.FALLBACK,
-        content=persona.apology_reply,
-        engine="none",
-        error="; ".join(errors) or "no engine configured",
-        created_at=utcnow(),
-    )
+    LLM_OUTCOMES.labels(request.persona, "none", "fallback").inc()
+    reply = finalize_reply(persona, persona.apology_reply)
+    return _response(
+        request, LLMStatus.FALLBACK, reply, "none", error=error, attempts=attempts
+    ), None
+
+
+def _record_usage(
+    request: LLMRequest, engine: str, completion: Completion, elapsed_s: float, cost: float
+) -> None:
+    LLM_OUTCOMES.labels(request.persona, engine, "ok").inc()
+    LLM_LATENCY.labels(engine).observe(elapsed_s)
+    tokens = LLM_TOKENS.labels
+    tokens(request.tenant, request.persona, engine, "prompt").inc(completion.prompt_tokens)
+    tokens(request.tenant, request.persona, engine, "completion").inc(completion.completion_tokens)
+    LLM_COST.labels(request.tenant, request.persona, completion.model).inc(cost)
 
 
 async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> None:
@@ -106,7 +203,17 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
             error_type=exc.error_type,
         )
         return
-    response = await answer(rt, request)
+    response, handoff = await answer(rt, request)
+    if handoff is not None:
+        for name in ("handoff", "conversations"):  # humans' queue; the conversation's lifecycle
+            await send_record(
+                rt,
+                topics[name],
+                handoff,
+                key=request.conversation_id,
+                stage=STAGE,
+                parent=message,
+            )
     await send_record(
         rt,
         topics["llm_responses"],
