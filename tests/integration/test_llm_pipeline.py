@@ -1,0 +1,202 @@
+"""The LLM stage on a real worker, with the real openai client against a loopback server.
+
+The worker process talks to an OpenAI-compatible server that this test runs and scripts with
+faults; the assertions look at what users receive (delivery reports), what the provider saw
+(requests recorded by the server) and what the pipeline accounted (LLMResponse records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import pytest_asyncio
+import yaml
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from support.fake_openai import FakeOpenAI
+
+from schemas.codec import Codec
+from schemas.models import AvroRecord, ConversationEvent, LLMResponse, LLMStatus
+from streams.replay import Outcome, replay
+from streams.settings import default_config_path, load_config
+from streams.stack import EmbeddedStack
+
+pytestmark = pytest.mark.integration
+R = TypeVar("R", bound=AvroRecord)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def provider() -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI(retry_after="0.3")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.aclose()
+
+
+@pytest.fixture(scope="module")
+def llm_stack(
+    provider: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
+    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
+    raw["engines"]["gpt"] = {
+        "kind": "openai",
+        "model": "gpt-test",
+        "base_url": provider.base_url,
+        "max_retries": 2,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.05,
+        "timeout_s": 2,
+    }
+    raw["personas"]["support"]["engines"] = ["gpt", "local"]
+    raw["personas"]["support"]["escalation_triggers"] = ["speak to a human"]
+    raw["personas"]["sales"]["engines"] = ["gpt"]
+    raw["llm"] = {"prices": {"gpt-test": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}}
+    directory = tmp_path_factory.mktemp("llm-stack")
+    config = directory / "switchboard.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    unique = uuid.uuid4().hex[:8]
+    stack = EmbeddedStack(
+        workers=1,
+        data_dir=directory,
+        topic_prefix=f"llm-{unique}",
+        app_id=f"llm-{unique}",
+        config=config,
+        extra_env={"OPENAI_API_KEY": provider.api_key or ""},
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def _ask(stack: EmbeddedStack, content: str) -> Outcome:
+    line = {
+        "tenant": "llm",
+        "channel": "chat",
+        "sender": f"{uuid.uuid4().hex[:6]}@llm.test",
+        "content": content,
+    }
+    result = await replay(
+        stack.settings(), [line], timeout_s=60, on_progress=lambda *_: stack.check_workers()
+    )
+    (outcome,) = result.outcomes.values()
+    assert outcome.report is not None, outcome.dead_letter
+    return outcome
+
+
+async def _find(stack: EmbeddedStack, topic: str, model: type[R], match: Callable[[R], bool]) -> R:
+    """The first record of ``topic`` (from the beginning) that ``match`` accepts."""
+    codec = Codec()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=stack.settings().broker_list(), group_id=None, fetch_max_wait_ms=100
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(stack.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    decoded = codec.decode(record.value, model)
+                    if match(decoded):
+                        return decoded
+            await asyncio.sleep(0)
+    finally:
+        await consumer.stop()
+    raise AssertionError(f"no matching {model.__name__} on {topic}")
+
+
+def _sent(provider: FakeOpenAI, content: str) -> list[Any]:
+    return [r for r in provider.requests if r.body["messages"][-1]["content"] == content]
+
+
+async def test_429_and_500_are_retried_then_answer_carries_usage_and_cost(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    provider.faults.extend(["429", "500"])
+    content = "My mouse is not responding."
+    outcome = await _ask(llm_stack, content)
+    assert outcome.report is not None
+    assert outcome.report.content == f"echo: {content}"
+    requests = _sent(provider, content)
+    assert [r.fault for r in requests] == ["429", "500", None]
+    assert requests[1].received_at - requests[0].received_at >= 0.3  # Retry-After honoured
+    headers = {k.lower(): v for k, v in requests[0].headers.items()}
+    assert headers["authorization"] == f"Bearer {provider.api_key}"
+    assert requests[0].body["model"] == "gpt-test"
+    assert requests[0].body["messages"][0]["role"] == "system"
+    response = await _find(
+        llm_stack,
+        llm_stack.settings().topics.llm_responses,
+        LLMResponse,
+        lambda r: r.turn_id == outcome.message.message_id,
+    )
+    assert response.status == LLMStatus.OK
+    assert (response.engine, response.model, response.attempts) == ("gpt", "gpt-test", 3)
+    assert response.prompt_tokens > 0
+    assert response.completion_tokens > 0
+    expected = (response.prompt_tokens * 1.0 + response.completion_tokens * 2.0) / 1000
+    assert response.cost_usd == pytest.approx(expected)
+
+
+async def test_request_that_cannot_succeed_falls_back_to_the_next_engine(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    provider.faults.append("400")
+    content = "My internet is not working."
+    outcome = await _ask(llm_stack, content)
+    assert outcome.report is not None
+    assert outcome.report.content == (
+        "Restart your router and check if the cables are connected properly."
+    )
+    assert [r.fault for r in _sent(provider, content)] == ["400"]  # a 400 is not retried
+
+
+async def test_persona_apologises_when_its_only_engine_keeps_failing(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    provider.faults.extend(["500", "timeout", "malformed"])
+    content = "What is the price of the pro plan?"
+    outcome = await _ask(llm_stack, content)
+    sales = load_config(llm_stack.settings().config_path()).personas["sales"]
+    assert outcome.report is not None
+    assert outcome.report.persona == "sales"
+    assert outcome.report.content == sales.apology_reply
+    assert [r.fault for r in _sent(provider, content)] == ["500", "timeout", "malformed"]
+    response = await _find(
+        llm_stack,
+        llm_stack.settings().topics.llm_responses,
+        LLMResponse,
+        lambda r: r.turn_id == outcome.message.message_id,
+    )
+    assert response.status == LLMStatus.FALLBACK
+    assert "gave up after 3 attempts" in (response.error or "")
+
+
+async def test_escalation_trigger_hands_the_turn_to_a_human_without_an_llm_call(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    content = "My laptop is broken, I want to speak to a human"
+    outcome = await _ask(llm_stack, content)
+    support = load_config(llm_stack.settings().config_path()).personas["support"]
+    assert outcome.report is not None
+    assert outcome.report.content == support.handoff_reply
+    assert _sent(provider, content) == []
+    handoff = await _find(
+        llm_stack,
+        llm_stack.settings().topics.handoff,
+        ConversationEvent,
+        lambda e: e.conversation_id == outcome.report.conversation_id,  # type: ignore[union-attr]
+    )
+    assert handoff.kind.value == "handoff"
+    assert handoff.content == content
+    assert "speak to a human" in handoff.metadata["handoff.reason"]
