@@ -241,6 +241,48 @@ def _print_samples(result: Any, count: int) -> None:
     err.print(table)
 
 
+bench = typer.Typer(help="Benchmarks; each prints one JSON line with a same-run ratio.")
+app.add_typer(bench, name="bench")
+
+
+@bench.command("llm")
+def bench_llm_cmd(
+    conversations: Annotated[int, typer.Option(help="Simulated conversations.")] = 2000,
+    turns: Annotated[int, typer.Option(help="Turns per conversation.")] = 4,
+    latency: Annotated[float, typer.Option(help="Engine latency L (s).")] = 0.5,
+    in_flight: Annotated[int, typer.Option(help="LLM calls in flight C per worker.")] = 512,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """I/O-bound: turns/s against the ideal C/L, and against one turn in flight per partition."""
+    from streams.bench import bench_llm
+
+    _setup_logging("WARNING")
+    print(
+        json.dumps(
+            bench_llm(
+                conversations=conversations,
+                turns=turns,
+                latency_s=latency,
+                in_flight=in_flight,
+                workers=workers,
+            )
+        )
+    )
+
+
+@bench.command("pipeline")
+def bench_pipeline_cmd(
+    conversations: Annotated[int, typer.Option(help="Simulated conversations.")] = 2000,
+    turns: Annotated[int, typer.Option(help="Turns per conversation.")] = 3,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """CPU-bound: the whole pipeline against a raw aiokafka chain with as many topic hops."""
+    from streams.bench import bench_pipeline
+
+    _setup_logging("WARNING")
+    print(json.dumps(bench_pipeline(conversations=conversations, turns=turns, workers=workers)))
+
+
 @app.command()
 def topics() -> None:
     """List the pipeline's topics with key, schema and purpose."""

@@ -1,0 +1,253 @@
+"""``switchboard bench``: throughput benchmarks of the pipeline, each against a same-run baseline.
+
+Both benchmarks run the embedded stack (Tansu, redis-server, worker processes) on this machine
+and print one JSON line whose ``ratio`` compares the pipeline with a baseline measured in the
+same run, so the figure holds on a noisy machine where absolute times do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams.replay import ReplayResult, replay
+from streams.settings import default_config_path
+from streams.stack import EmbeddedStack
+
+__all__ = ["bench_llm", "bench_pipeline", "conversation_lines", "raw_chain_throughput"]
+
+_QUESTIONS = (
+    "My mouse is not responding.",
+    "My internet is not working.",
+    "I forgot my password.",
+    "My laptop screen is black.",
+    "I can't hear any sound.",
+    "My system is overheating.",
+)
+PIPELINE_HOPS = 5
+"""inbound → conversations → llm.requests → llm.responses → delivery.requests → reports."""
+
+
+def conversation_lines(
+    conversations: int, turns: int, tenant: str = "bench"
+) -> list[dict[str, Any]]:
+    """``conversations`` users with ``turns`` turns each, interleaved turn by turn."""
+    return [
+        {
+            "tenant": tenant,
+            "channel": "chat",
+            "sender": f"user-{c}@bench",
+            "conversation_id": f"{tenant}-{c}",
+            "content": f"{_QUESTIONS[(c + t) % len(_QUESTIONS)]} (turn {t})",
+        }
+        for t in range(turns)
+        for c in range(conversations)
+    ]
+
+
+def _config(directory: Path, mutate: Callable[[dict[str, Any]], None]) -> Path:
+    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
+    mutate(raw)
+    path = directory / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _order_violations(result: ReplayResult, outbox: Path) -> int:
+    """Conversations whose outbox order differs from their publish order (or with duplicates)."""
+    published: dict[str, list[str]] = defaultdict(list)
+    for message_id, outcome in result.outcomes.items():
+        published[outcome.message.conversation_id or ""].append(message_id)
+    delivered: dict[str, list[str]] = defaultdict(list)
+    with outbox.open(encoding="utf-8") as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry["message_id"] in result.outcomes:
+                delivered[entry["conversation_id"]].append(entry["message_id"])
+    return sum(1 for conv, ids in published.items() if delivered.get(conv) != ids)
+
+
+def _run(
+    lines: list[dict[str, Any]],
+    *,
+    workers: int,
+    timeout_s: float,
+    mutate: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
+    unique = uuid.uuid4().hex[:8]
+    stack = EmbeddedStack(
+        workers=workers,
+        data_dir=directory,
+        topic_prefix=f"bench-{unique}",
+        app_id=f"bench-{unique}",
+        config=_config(directory, mutate),
+    )
+    with stack:
+        stack.wait_ready()
+        result = asyncio.run(
+            replay(
+                stack.settings(),
+                lines,
+                timeout_s=timeout_s,
+                on_progress=lambda *_: stack.check_workers(),
+            )
+        )
+    summary = result.summary()
+    latencies = sorted(o.report.latency_ms for o in result.outcomes.values() if o.report)
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0
+    return {
+        "turns": summary["records_in"],
+        "unaccounted": summary["unaccounted"],
+        "turns_per_s": summary["throughput_msg_s"],
+        "p50_ms": summary["latency_p50_ms"],
+        "p99_ms": round(p99, 1),
+        "order_violations": _order_violations(result, directory / "outbox.jsonl"),
+    }
+
+
+def bench_llm(
+    *,
+    conversations: int = 2000,
+    turns: int = 4,
+    latency_s: float = 0.5,
+    in_flight: int = 512,
+    workers: int = 1,
+    baseline_conversations: int = 60,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
+    """I/O-bound: an engine of fixed latency L, C calls in flight; ratio = turns/s ÷ (C / L).
+
+    The baseline is the same pipeline with as many calls in flight as partitions — what a
+    consumer answering one turn per partition at a time achieves.
+    """
+
+    def tune(limit: int) -> Callable[[dict[str, Any]], None]:
+        def mutate(raw: dict[str, Any]) -> None:
+            raw["engines"]["local"]["latency_s"] = latency_s
+            raw["llm"] = {"max_in_flight": limit}
+            raw["conversation"]["llm_deadline_s"] = 600  # no re-issues during the run
+
+        return mutate
+
+    ours = _run(
+        conversation_lines(conversations, turns),
+        workers=workers,
+        timeout_s=timeout_s,
+        mutate=tune(in_flight),
+    )
+    partitions = EmbeddedStack().partitions
+    naive = _run(
+        conversation_lines(baseline_conversations, 2),
+        workers=workers,
+        timeout_s=timeout_s,
+        mutate=tune(partitions),
+    )
+    ideal = in_flight / latency_s
+    return {
+        "benchmark": "llm",
+        "latency_s": latency_s,
+        "in_flight": in_flight,
+        "workers": workers,
+        "ideal_turns_per_s": ideal,
+        **ours,
+        "baseline_one_per_partition": naive,
+        "ratio": round(ours["turns_per_s"] / ideal, 3),
+        "speedup_vs_baseline": round(ours["turns_per_s"] / max(naive["turns_per_s"], 1e-9), 1),
+    }
+
+
+async def raw_chain_throughput(
+    brokers: str, records: int, hops: int, partitions: int, value_size: int = 300
+) -> float:
+    """Records/s through ``hops`` raw aiokafka consume→produce stages in one process.
+
+    Stage i consumes topic i and produces every record to topic i+1 (no decoding), like a
+    pipeline stage with no work; the rate is measured from the first send to the last record
+    read from the final topic.
+    """
+    prefix = f"raw-{uuid.uuid4().hex[:8]}"
+    names = [f"{prefix}.{i}" for i in range(hops + 1)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
+    await admin.start()
+    await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, linger_ms=5)
+    await producer.start()
+
+    async def consumer_for(topic: str) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(bootstrap_servers=brokers, group_id=None, fetch_max_wait_ms=50)
+        await consumer.start()
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        return consumer
+
+    consumers = [await consumer_for(n) for n in names]
+
+    async def stage(i: int) -> None:
+        moved = 0
+        while moved < records:
+            for batch in (await consumers[i].getmany(timeout_ms=100, max_records=2000)).values():
+                for record in batch:
+                    await producer.send(names[i + 1], record.value, key=record.key)
+                moved += len(batch)
+
+    async def sink() -> None:
+        seen = 0
+        while seen < records:
+            batch = await consumers[-1].getmany(timeout_ms=100, max_records=5000)
+            seen += sum(len(b) for b in batch.values())
+
+    value = b"x" * value_size
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(stage(i)) for i in range(hops)]
+    for n in range(records):
+        await producer.send(names[0], value, key=f"k{n % 997}".encode())
+    await sink()
+    elapsed = time.perf_counter() - started
+    for task in tasks:
+        task.cancel()
+    for consumer in consumers:
+        await consumer.stop()
+    await producer.stop()
+    return records / elapsed
+
+
+def bench_pipeline(
+    *, conversations: int = 2000, turns: int = 3, workers: int = 1, timeout_s: float = 900.0
+) -> dict[str, Any]:
+    """CPU-bound: zero-latency engine and the outbox connector, against a raw aiokafka chain
+    with the same number of topic hops measured on the same broker in the same run."""
+
+    def mutate(raw: dict[str, Any]) -> None:
+        raw["engines"]["local"]["latency_s"] = 0.0
+
+    lines = conversation_lines(conversations, turns)
+    ours = _run(lines, workers=workers, timeout_s=timeout_s, mutate=mutate)
+    directory = Path(tempfile.mkdtemp(prefix="switchboard-bench-raw-"))
+    with EmbeddedStack(workers=0, data_dir=directory) as stack:
+        raw_rate = asyncio.run(
+            raw_chain_throughput(
+                stack.settings().kafka_brokers, len(lines), PIPELINE_HOPS, stack.partitions
+            )
+        )
+    return {
+        "benchmark": "pipeline",
+        "workers": workers,
+        "hops": PIPELINE_HOPS,
+        **ours,
+        "raw_chain_turns_per_s": round(raw_rate, 1),
+        "ratio": round(ours["turns_per_s"] / raw_rate, 3),
+    }
