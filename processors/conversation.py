@@ -52,6 +52,7 @@ from schemas.models import (
     ChatMessage,
     ConversationEvent,
     ConversationEventKind,
+    ConversationSummary,
     DeliveryRequest,
     LLMRequest,
     LLMResponse,
@@ -79,6 +80,7 @@ __all__ = [
     "on_llm_response",
     "on_user_turn",
     "reissue_due",
+    "summarize",
 ]
 
 RECENT_IDS_LIMIT = 256
@@ -164,6 +166,9 @@ class ConversationState(BaseModel):
     last_activity_at: datetime
     total_reply_latency_ms: float = 0.0
     last_engine: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +495,9 @@ def on_llm_response(
         "answered_ids": _bounded(state.answered_ids, pending.turn_id, ANSWERED_IDS_LIMIT),
         "last_activity_at": now,
         "last_engine": response.engine,
+        "prompt_tokens": state.prompt_tokens + response.prompt_tokens,
+        "completion_tokens": state.completion_tokens + response.completion_tokens,
+        "cost_usd": state.cost_usd + response.cost_usd,
     }
     if response.content:
         reply = Turn(
@@ -581,6 +589,33 @@ def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig
     reissued = pending.model_copy(update={"attempt": pending.attempt + 1, "issued_at": now})
     state = state.model_copy(update={"pending": reissued, "reissues": state.reissues + 1})
     return Transition(state, [IssueLLM(_request(state, reissued, cfg))])
+
+
+def summarize(state: ConversationState, reason: str, now: datetime) -> ConversationSummary:
+    """The analytics record of a session that just ended (after a ``Closed`` effect).
+
+    Counters are the conversation's lifetime totals; ``session`` says which session ended.
+    """
+    answered = max(state.assistant_turns, 1)
+    return ConversationSummary(
+        conversation_id=state.conversation_id,
+        tenant=state.tenant,
+        persona=state.persona,
+        status=state.status.value,
+        reason=reason,
+        session=max(state.sessions, 1),
+        user_turns=state.user_turns,
+        assistant_turns=state.assistant_turns,
+        fallback_replies=state.fallback_replies,
+        reissues=state.reissues,
+        avg_reply_latency_ms=round(state.total_reply_latency_ms / answered, 3),
+        last_engine=state.last_engine,
+        prompt_tokens=state.prompt_tokens,
+        completion_tokens=state.completion_tokens,
+        cost_usd=round(state.cost_usd, 9),
+        opened_at=_ms(state.opened_at),
+        closed_at=_ms(now),
+    )
 
 
 def check_timeout(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:

@@ -20,6 +20,7 @@ __all__ = [
     "ChatMessage",
     "ConversationEvent",
     "ConversationEventKind",
+    "ConversationSummary",
     "DeadLetter",
     "DeliveryReport",
     "DeliveryRequest",
@@ -261,6 +262,30 @@ class DeliveryReport(AvroRecord):
     origin_created_at: datetime
     created_at: datetime
     latency_ms: float = 0.0
+
+
+class ConversationSummary(AvroRecord):
+    """Analytics of one ended conversation session, on ``switchboard.conversation.analytics``."""
+
+    avro_name: ClassVar[str] = "switchboard.ConversationSummary"
+
+    conversation_id: str
+    tenant: str
+    persona: str
+    status: str
+    reason: str = ""
+    session: int = 1
+    user_turns: int = 0
+    assistant_turns: int = 0
+    fallback_replies: int = 0
+    reissues: int = 0
+    avg_reply_latency_ms: float = 0.0
+    last_engine: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    opened_at: datetime
+    closed_at: datetime
 
 
 class Header(AvroRecord):

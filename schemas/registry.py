@@ -40,6 +40,7 @@ MODELS: Final[dict[str, type[AvroRecord]]] = {
         models.DeliveryRequest,
         models.DeliveryReport,
         models.DeadLetter,
+        models.ConversationSummary,
     )
 }
 """Full record name (``"switchboard.InboundMessage"``) → model, one per bundled ``.avsc``."""

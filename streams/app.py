@@ -99,6 +99,7 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         "delivery_reports": topic(names.delivery_reports),
         "deadletter": topic(names.deadletter),
         "handoff": topic(names.handoff),
+        "analytics": topic(names.analytics),
     }
     table = app.Table(
         "conversations",

@@ -10,6 +10,7 @@ import logging
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
+    "CONVERSATIONS_ENDED",
     "DEADLETTERS",
     "DELIVERIES",
     "DROPPED",
@@ -60,6 +61,9 @@ LLM_LATENCY = Histogram(
 )
 LLM_TOKENS = Counter(
     "switchboard_llm_tokens_total", "Tokens used.", ["tenant", "persona", "engine", "kind"]
+)
+CONVERSATIONS_ENDED = Counter(
+    "switchboard_conversations_ended_total", "Conversation sessions ended, by how.", ["status"]
 )
 LLM_IN_FLIGHT = Gauge("switchboard_llm_in_flight", "LLM calls in flight in this worker.")
 LLM_COST = Counter(

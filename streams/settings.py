@@ -43,6 +43,7 @@ class Topics:
         self.delivery_reports = f"{prefix}.delivery.reports"
         self.deadletter = f"{prefix}.deadletter"
         self.handoff = f"{prefix}.handoff"
+        self.analytics = f"{prefix}.conversation.analytics"
 
     def all(self) -> list[str]:
         """Every topic the pipeline reads or writes, in flow order."""
@@ -55,6 +56,7 @@ class Topics:
             self.delivery_reports,
             self.deadletter,
             self.handoff,
+            self.analytics,
         ]
 
 

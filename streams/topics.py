@@ -31,6 +31,7 @@ _TOPIC_DOCS = {
     "delivery_reports": ("message_id", "DeliveryReport", "outcome of every delivery"),
     "deadletter": ("original key", "DeadLetter", "records that could not be processed"),
     "handoff": ("conversation_id", "ConversationEvent", "turns escalated to a human agent"),
+    "analytics": ("conversation_id", "ConversationSummary", "analytics of each ended session"),
 }
 
 

@@ -27,6 +27,7 @@ from processors.conversation import (
     on_llm_response,
     on_user_turn,
     reissue_due,
+    summarize,
 )
 from schemas.errors import DecodeError
 from schemas.models import (
@@ -36,7 +37,7 @@ from schemas.models import (
     utcnow,
 )
 from streams.agents.common import RawMessage, dead_letter, send_record
-from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
+from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
 
 __all__ = ["apply", "register"]
@@ -130,6 +131,13 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
+            summary = summarize(transition.state, effect.reason, utcnow())
+            CONVERSATIONS_ENDED.labels(summary.status).inc()
+            acks.append(
+                await send_record(
+                    rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
+                )
+            )
     # The effects must be on the broker before the new state can reach the changelog: a worker
     # killed in between would otherwise restore a state that says "answered" for a reply that
     # was never sent, and drop the replayed response as a duplicate. Replaying the input
@@ -170,7 +178,8 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
                     error_type=type(exc).__name__,
                 )
 
-    interval = max(0.5, min(rt.config.conversation.llm_deadline_s / 4, 30.0))
+    cfg = rt.config.conversation
+    interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))
 
     @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation_ticks() -> None:

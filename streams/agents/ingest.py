@@ -11,6 +11,7 @@ from processors.router import RouteDecision
 from schemas.errors import DecodeError, UnknownSchemaError
 from schemas.models import (
     ConversationEvent,
+    ConversationEventKind,
     DeliveryRequest,
     InboundMessage,
     MessageType,
@@ -20,7 +21,14 @@ from streams.agents.common import RawMessage, dead_letter, remember_after_ack, s
 from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
 
-__all__ = ["handle_inbound", "register"]
+__all__ = ["COMMAND_KEY", "handle_inbound", "register"]
+
+COMMAND_KEY = "switchboard.command"
+"""Metadata key of lifecycle commands: ``close`` or ``handoff`` (content = the reason)."""
+_COMMANDS = {
+    "close": ConversationEventKind.CLOSE,
+    "handoff": ConversationEventKind.HANDOFF,
+}
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
@@ -99,10 +107,13 @@ async def _to_conversation(
     conversation_id: str,
     decision: RouteDecision,
 ) -> Awaitable[Any]:
+    command = msg.metadata.get(COMMAND_KEY, "")
+    kind = _COMMANDS.get(command, ConversationEventKind.TURN)
     event = ConversationEvent(
         event_id=msg.message_id,
         conversation_id=conversation_id,
         tenant=msg.tenant,
+        kind=kind,
         persona=decision.target,
         route_rule=decision.rule,
         override_continuity=decision.override_continuity,
