@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -113,6 +113,34 @@ class IdempotencyStore:
         """
         with self._errors("EXISTS", key):
             return bool(await self._client.exists(self.key(key)))
+
+    async def seen_many(self, keys: Sequence[str]) -> list[bool]:
+        """``seen`` for many keys in one round trip (Redis ``MGET``), in the order given.
+
+        Raises:
+            StoreError: The command failed.
+        """
+        if not keys:
+            return []
+        with self._errors("MGET", keys[0]):
+            values = await self._client.mget([self.key(k) for k in keys])
+        return [value is not None for value in values]
+
+    async def mark_many(self, keys: Sequence[str], ttl_s: int) -> None:
+        """``mark`` for many keys in one round trip (a non-transactional pipeline of ``SET``).
+
+        Raises:
+            ValueError: ``ttl_s`` is not an integer >= 1.
+            StoreError: The command failed.
+        """
+        self._check_ttl(ttl_s)
+        if not keys:
+            return
+        with self._errors("SET (pipeline)", keys[0]):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(self.key(key), 1, ex=ttl_s)
+                await pipe.execute()
 
     async def mark(self, key: str, ttl_s: int) -> None:
         """Record ``key`` for ``ttl_s`` seconds, replacing any TTL (``SET key 1 EX ttl_s``).

@@ -110,6 +110,11 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
         # anything else -> json); a Schema alone made recovery JSON-decode raw keys.
         key_type=bytes,
         value_type=bytes,
+        # The changelog partition is chosen from the key by the producer's partitioner, the
+        # same murmur2 partitioning as the conversation_id-keyed input topics, so state can be
+        # written after a batch (outside a single event's context) and still land in the
+        # partition that is recovered together with its inputs.
+        use_partitioner=True,
         help="Conversation state (processors.conversation.ConversationState) by conversation_id.",
     )
     ingest.register(app, rt, topics)

@@ -117,19 +117,21 @@ async def dead_letter(
 _background: set[asyncio.Task[None]] = set()
 
 
-def remember_after_ack(rt: Runtime, key: str, window_s: int, acks: list[Awaitable[Any]]) -> None:
-    """Mark the message id as seen once the broker acknowledged everything it produced.
+def remember_after_ack(
+    rt: Runtime, keys: list[str], ttl_s: int, acks: list[Awaitable[Any]]
+) -> None:
+    """Record ``keys`` as done (Redis, ``ttl_s``) once the broker acknowledged ``acks``.
 
-    Marking earlier would lose the message if the worker died before the producer flushed:
-    the replayed record would look like a duplicate.
+    Marking earlier would lose work if the worker died before the producer flushed: the
+    replayed record would look like a duplicate. Runs in the background.
     """
 
     async def remember() -> None:
         try:
             await asyncio.gather(*acks)
-            await rt.store.mark(key, window_s)
+            await rt.store.mark_many(keys, ttl_s)
         except Exception:
-            log.exception("could not record dedup key %s", key)
+            log.exception("could not record %d idempotency key(s)", len(keys))
 
     task = asyncio.ensure_future(remember())
     _background.add(task)

@@ -10,8 +10,10 @@ lives in the changelog-backed table, the ticks are ordinary records).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -44,6 +46,10 @@ __all__ = ["apply", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
+BATCH_MAX = 500
+"""Most inputs applied before one wait for acknowledgements and one round of table writes."""
+BATCH_WITHIN_S = 0.005
+"""Longest a partial batch waits for more inputs (s)."""
 
 
 def apply(
@@ -87,7 +93,45 @@ def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse
     return record
 
 
-async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawMessage) -> None:
+class Batch:
+    """States changed by a batch of inputs, and the acknowledgements of what it produced.
+
+    States are written to the table only after every record the batch produced was
+    acknowledged: a worker killed in between would otherwise restore a state that says
+    "answered" for a reply that was never sent, and drop the replayed response as a duplicate.
+    Replaying the inputs re-creates the same records with the same ids, which the next stages
+    drop. One acknowledgement wait per batch instead of per record keeps this cheap.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.states: dict[bytes, ConversationState | None] = {}
+        self.changed: set[bytes] = set()
+        self.acks: list[Awaitable[Any]] = []
+
+    def get(self, key: bytes) -> ConversationState | None:
+        """The state as of the inputs applied so far (staged, else stored)."""
+        if key in self.states:
+            return self.states[key]
+        stored = self.table.get(key)
+        state = ConversationState.model_validate_json(stored) if stored is not None else None
+        self.states[key] = state
+        return state
+
+    async def commit(self) -> None:
+        """Wait for every produced record, then write the changed states."""
+        await asyncio.gather(*self.acks)
+        for key, state in self.states.items():
+            if state is not None and key in self.changed:
+                self.table[key] = state.model_dump_json().encode()
+
+    def stage(self, key: bytes, state: ConversationState) -> None:
+        """Record the new state of ``key`` (written by ``commit``)."""
+        self.states[key] = state
+        self.changed.add(key)
+
+
+async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: RawMessage) -> None:
     RECORDS_IN.labels(STAGE).inc()
     try:
         record = _decode(rt, message)
@@ -102,21 +146,18 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
         )
         return
     key = record.conversation_id.encode()
-    stored = table.get(key)
-    state = ConversationState.model_validate_json(stored) if stored is not None else None
-    transition = apply(rt, state, record, utcnow())
+    transition = apply(rt, batch.get(key), record, utcnow())
     if transition is None:
         return
-    acks = []
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
-            acks.append(
+            batch.acks.append(
                 await send_record(
                     rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
                 )
             )
         elif isinstance(effect, Deliver):
-            acks.append(
+            batch.acks.append(
                 await send_record(
                     rt,
                     topics["delivery_requests"],
@@ -133,18 +174,12 @@ async def _handle(rt: Runtime, topics: dict[str, Any], table: Any, message: RawM
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
             summary = summarize(transition.state, effect.reason, utcnow())
             CONVERSATIONS_ENDED.labels(summary.status).inc()
-            acks.append(
+            batch.acks.append(
                 await send_record(
                     rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
                 )
             )
-    # The effects must be on the broker before the new state can reach the changelog: a worker
-    # killed in between would otherwise restore a state that says "answered" for a reply that
-    # was never sent, and drop the replayed response as a duplicate. Replaying the input
-    # re-creates the same effects with the same ids, which the next stages drop.
-    for ack in acks:
-        await ack
-    table[key] = transition.state.model_dump_json().encode()
+    batch.stage(key, transition.state)
 
 
 def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
@@ -163,20 +198,23 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation(stream: Any) -> None:
         await rt.start()
-        async for event in stream.events():
-            try:
-                await _handle(rt, topics, table, event.message)
-            except Exception as exc:  # a bad record must never stop the partition
-                STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                log.exception("conversation failed on offset %s", event.message.offset)
-                await dead_letter(
-                    rt,
-                    topics["deadletter"],
-                    event.message,
-                    stage="conversation.internal",
-                    reason=f"unexpected error: {exc!r}",
-                    error_type=type(exc).__name__,
-                )
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            batch = Batch(table)
+            for event in events:
+                try:
+                    await _handle(rt, topics, batch, event.message)
+                except Exception as exc:  # a bad record must never stop the partition
+                    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+                    log.exception("conversation failed on offset %s", event.message.offset)
+                    await dead_letter(
+                        rt,
+                        topics["deadletter"],
+                        event.message,
+                        stage="conversation.internal",
+                        reason=f"unexpected error: {exc!r}",
+                        error_type=type(exc).__name__,
+                    )
+            await batch.commit()
 
     cfg = rt.config.conversation
     interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))

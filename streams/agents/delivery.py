@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -17,10 +19,16 @@ from streams.agents.common import RawMessage, dead_letter, remember_after_ack, s
 from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime, UnconfiguredChannelError
 
-__all__ = ["deliver", "register"]
+__all__ = ["deliver", "handle_batch", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "delivery"
+BATCH_MAX = 500
+"""Most delivery requests handled with one Redis look-up."""
+BATCH_WITHIN_S = 0.005
+"""Longest a partial batch waits for more requests (s)."""
+MAX_CONCURRENT_SENDS = 64
+"""Connector sends in flight per worker."""
 _DELIVERED_TTL_S = 7 * 24 * 3600
 
 
@@ -98,10 +106,12 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
     )
 
 
-async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> None:
+async def _decode(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage
+) -> DeliveryRequest | None:
     RECORDS_IN.labels(STAGE).inc()
     try:
-        request = rt.codec.decode(message.value or b"", DeliveryRequest)
+        return rt.codec.decode(message.value or b"", DeliveryRequest)
     except DecodeError as exc:
         await dead_letter(
             rt,
@@ -111,33 +121,90 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
             reason=exc.reason,
             error_type=exc.error_type,
         )
-        return
-    done_key = f"delivered:{request.delivery_id}"
-    if await rt.store.seen(done_key):
-        DROPPED.labels(STAGE, "already_delivered").inc()
-        return
-    report = await deliver(rt, request)
-    ack = await send_record(
+        return None
+
+
+async def _internal_error(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
+) -> None:
+    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+    log.exception("delivery failed on offset %s", message.offset)
+    await dead_letter(
         rt,
-        topics["delivery_reports"],
-        report,
-        key=request.message_id,
-        stage=STAGE,
-        parent=message,
+        topics["deadletter"],
+        message,
+        stage="delivery.internal",
+        reason=f"unexpected error: {exc!r}",
+        error_type=type(exc).__name__,
     )
-    if report.status == DeliveryStatus.DELIVERED:
-        remember_after_ack(rt, done_key, _DELIVERED_TTL_S, [ack])
-    else:
-        await dead_letter(
-            rt,
-            topics["deadletter"],
-            message,
-            stage="deliver",
-            reason=f"delivery failed after {report.attempts} attempt(s): {report.error}",
-            error_type="DeliveryFailed",
-            message_id=request.message_id,
-            tenant=request.tenant,
+
+
+async def handle_batch(
+    rt: Runtime, topics: dict[str, Any], messages: list[RawMessage], slots: asyncio.Semaphore
+) -> None:
+    """Deliver a batch: recipients in parallel (at most ``slots`` sends at once), each
+    recipient's messages one after another in arrival order.
+
+    Already-delivered ids are found with one Redis round trip, and this batch's deliveries are
+    recorded once the broker acknowledged their reports (see ``remember_after_ack``).
+    """
+    decoded: list[tuple[RawMessage, DeliveryRequest]] = []
+    for message in messages:
+        try:
+            request = await _decode(rt, topics, message)
+        except Exception as exc:  # a bad record must never stop the partition
+            await _internal_error(rt, topics, message, exc)
+            continue
+        if request is not None:
+            decoded.append((message, request))
+    keys = [f"delivered:{r.delivery_id}" for _, r in decoded]
+    seen = await rt.store.seen_many(keys)
+    groups: dict[tuple[str, str], list[tuple[RawMessage, DeliveryRequest, str]]] = {}
+    in_batch: set[str] = set()
+    for (message, request), key, duplicate in zip(decoded, keys, seen, strict=True):
+        if duplicate or key in in_batch:
+            DROPPED.labels(STAGE, "already_delivered").inc()
+            continue
+        in_batch.add(key)
+        groups.setdefault((request.channel.value, request.recipient), []).append(
+            (message, request, key)
         )
+    delivered: list[str] = []
+    acks: list[Awaitable[Any]] = []
+
+    async def one_recipient(items: list[tuple[RawMessage, DeliveryRequest, str]]) -> None:
+        for message, request, key in items:
+            try:
+                async with slots:
+                    report = await deliver(rt, request)
+                ack = await send_record(
+                    rt,
+                    topics["delivery_reports"],
+                    report,
+                    key=request.message_id,
+                    stage=STAGE,
+                    parent=message,
+                )
+                if report.status == DeliveryStatus.DELIVERED:
+                    acks.append(ack)
+                    delivered.append(key)
+                    continue
+                await dead_letter(
+                    rt,
+                    topics["deadletter"],
+                    message,
+                    stage="deliver",
+                    reason=f"delivery failed after {report.attempts} attempt(s): {report.error}",
+                    error_type="DeliveryFailed",
+                    message_id=request.message_id,
+                    tenant=request.tenant,
+                )
+            except Exception as exc:
+                await _internal_error(rt, topics, message, exc)
+
+    await asyncio.gather(*(one_recipient(items) for items in groups.values()))
+    if delivered:
+        remember_after_ack(rt, delivered, _DELIVERED_TTL_S, acks)
 
 
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
@@ -146,17 +213,6 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     @app.agent(topics["delivery_requests"], name="delivery")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def delivery(stream: Any) -> None:
         await rt.start()
-        async for event in stream.events():
-            try:
-                await _handle(rt, topics, event.message)
-            except Exception as exc:  # a bad record must never stop the partition
-                STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                log.exception("delivery failed on offset %s", event.message.offset)
-                await dead_letter(
-                    rt,
-                    topics["deadletter"],
-                    event.message,
-                    stage="delivery.internal",
-                    reason=f"unexpected error: {exc!r}",
-                    error_type=type(exc).__name__,
-                )
+        slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle_batch(rt, topics, [event.message for event in events], slots)

@@ -21,7 +21,7 @@ from streams.agents.common import RawMessage, dead_letter, remember_after_ack, s
 from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
 
-__all__ = ["COMMAND_KEY", "handle_inbound", "register"]
+__all__ = ["COMMAND_KEY", "handle_batch", "register"]
 
 COMMAND_KEY = "switchboard.command"
 """Metadata key of lifecycle commands: ``close`` or ``handoff`` (content = the reason)."""
@@ -32,6 +32,10 @@ _COMMANDS = {
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
+BATCH_MAX = 500
+"""Most records handled with one Redis look-up and one acknowledgement wait."""
+BATCH_WITHIN_S = 0.005
+"""Longest a partial batch waits for more records (s)."""
 
 
 async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
@@ -44,8 +48,8 @@ async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
         return rt.codec.decode_inbound(data)
 
 
-async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> None:
-    """Process one record of the inbound topic; every outcome is a record on some topic."""
+async def _accept(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> Accepted | None:
+    """Decode, validate and pre-process one record; dead-letter it and return None if bad."""
     RECORDS_IN.labels(STAGE).inc()
     dlq = topics["deadletter"]
     value = message.value if isinstance(message.value, bytes) else b""
@@ -55,7 +59,7 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
         await dead_letter(
             rt, dlq, message, stage="ingest.decode", reason=exc.reason, error_type=exc.error_type
         )
-        return
+        return None
     result = preprocess(inbound, rt.config.preprocess, utcnow())
     if not isinstance(result, Accepted):
         await dead_letter(
@@ -68,20 +72,20 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
             message_id=inbound.message_id,
             tenant=inbound.tenant,
         )
-        return
-    msg = result.message
-    window = rt.config.preprocess.dedup_window_s
-    key = dedup_key(msg)
-    if window and await rt.store.seen(key):
-        DROPPED.labels(STAGE, "duplicate_message_id").inc()
-        log.info("dropped duplicate message %s", msg.message_id)
-        return
+        return None
+    return result
+
+
+async def _route(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage, accepted: Accepted
+) -> list[Awaitable[Any]]:
+    """Route one accepted message and send what the decision says; the sends' acks."""
+    msg = accepted.message
     decision = rt.router.route(msg)
-    acks: list[Awaitable[Any]] = []
     if decision.kind == "drop":
         await dead_letter(
             rt,
-            dlq,
+            topics["deadletter"],
             message,
             stage="route",
             reason=f"dropped by rule {decision.rule!r}: {decision.target}",
@@ -89,14 +93,64 @@ async def handle_inbound(rt: Runtime, topics: dict[str, Any], message: RawMessag
             message_id=msg.message_id,
             tenant=msg.tenant,
         )
-    elif decision.kind == "persona":
-        acks.append(
-            await _to_conversation(rt, topics, message, msg, result.conversation_id, decision)
-        )
-    else:
-        acks.extend(await _to_flow(rt, topics, message, msg, decision))
-    if window and acks:
-        remember_after_ack(rt, key, window, acks)
+        return []
+    if decision.kind == "persona":
+        return [
+            await _to_conversation(rt, topics, message, msg, accepted.conversation_id, decision)
+        ]
+    return await _to_flow(rt, topics, message, msg, decision)
+
+
+async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMessage]) -> None:
+    """Process a batch of inbound records; every outcome is a record on some topic.
+
+    Dedup costs one Redis round trip per batch (``MGET``), and the ids are recorded
+    (``SET … EX`` in one pipeline) only once the broker acknowledged everything the batch
+    produced — marking earlier would lose a message whose output was still in the producer's
+    buffer when the worker died: its replay would look like a duplicate.
+    """
+    accepted: list[tuple[RawMessage, Accepted]] = []
+    for message in messages:
+        try:
+            result = await _accept(rt, topics, message)
+        except Exception as exc:  # a bad record must never stop the partition
+            await _internal_error(rt, topics, message, exc)
+            continue
+        if result is not None:
+            accepted.append((message, result))
+    window = rt.config.preprocess.dedup_window_s
+    keys = [dedup_key(a.message) for _, a in accepted]
+    seen = await rt.store.seen_many(keys) if window else [False] * len(keys)
+    acks: list[Awaitable[Any]] = []
+    done: list[str] = []
+    for (message, result), key, duplicate in zip(accepted, keys, seen, strict=True):
+        if duplicate or key in done:
+            DROPPED.labels(STAGE, "duplicate_message_id").inc()
+            log.info("dropped duplicate message %s", result.message.message_id)
+            continue
+        try:
+            acks.extend(await _route(rt, topics, message, result))
+        except Exception as exc:
+            await _internal_error(rt, topics, message, exc)
+            continue
+        done.append(key)
+    if window and done:
+        remember_after_ack(rt, done, window, acks)
+
+
+async def _internal_error(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
+) -> None:
+    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+    log.exception("ingest failed on offset %s", message.offset)
+    await dead_letter(
+        rt,
+        topics["deadletter"],
+        message,
+        stage="ingest.internal",
+        reason=f"unexpected error: {exc!r}",
+        error_type=type(exc).__name__,
+    )
 
 
 async def _to_conversation(
@@ -196,17 +250,5 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     @app.agent(topics["inbound"], name="ingest")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def ingest(stream: Any) -> None:
         await rt.start()
-        async for event in stream.events():
-            try:
-                await handle_inbound(rt, topics, event.message)
-            except Exception as exc:  # a bad record must never stop the partition
-                STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                log.exception("ingest failed on offset %s", event.message.offset)
-                await dead_letter(
-                    rt,
-                    topics["deadletter"],
-                    event.message,
-                    stage="ingest.internal",
-                    reason=f"unexpected error: {exc!r}",
-                    error_type=type(exc).__name__,
-                )
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle_batch(rt, topics, [event.message for event in events])

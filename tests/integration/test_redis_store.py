@@ -129,3 +129,12 @@ async def test_store_on_an_unreachable_redis_raises_retriable_store_error() -> N
         assert "dead:k" in str(info.value)
     finally:
         await dead.aclose()
+
+
+async def test_many_keys_are_marked_and_looked_up_in_order_in_one_round_trip(
+    store: IdempotencyStore, client: redis.asyncio.Redis
+) -> None:
+    await store.mark_many(["b1", "b3"], ttl_s=60)
+    assert await store.seen_many(["b1", "b2", "b3"]) == [True, False, True]
+    assert await store.seen_many([]) == []
+    assert 0 < await client.ttl(store.key("b3")) <= 60
