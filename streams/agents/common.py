@@ -64,12 +64,13 @@ async def send_record(
     """
     trace = child_traceparent(traceparent_of(parent) if parent is not None else None)
     key_bytes = key.encode() if isinstance(key, str) else key
-    ack: Awaitable[Any] = await topic.send(
-        key=key_bytes,
-        value=rt.codec.encode(record),
-        headers=[(TRACEPARENT, trace.encode())],
+    name = topic.get_topic_name()
+    # Straight to the app's producer, past Faust's Topic.send bookkeeping (a measurable share
+    # of the CPU per record). Faust still flushes this producer before it commits offsets.
+    ack: Awaitable[Any] = await topic.app.producer.send(
+        name, key_bytes, rt.codec.encode(record), None, None, [(TRACEPARENT, trace.encode())]
     )
-    RECORDS_OUT.labels(stage, topic.get_topic_name()).inc()
+    RECORDS_OUT.labels(stage, name).inc()
     return ack
 
 
