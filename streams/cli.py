@@ -45,6 +45,16 @@ def _setup_logging(level: str, fmt: str = "console") -> None:
         )
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when installed (less CPU per record), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 def _settings(**overrides: Any) -> Settings:
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**clean)
@@ -73,7 +83,7 @@ def worker() -> None:
     asyncio.run(create_topics(settings))
     faust_app, _ = create_app(settings, config)
     serve_metrics(settings.metrics_port)
-    asyncio.set_event_loop(asyncio.new_event_loop())
+    asyncio.set_event_loop(_new_event_loop())
     worker_ = faust.Worker(faust_app, loglevel=settings.log_level.lower(), quiet=True)
     worker_.execute_from_commandline()
 
