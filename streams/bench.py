@@ -17,13 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.replay import ReplayResult, replay
-from streams.settings import default_config_path
-from streams.stack import EmbeddedStack
+from streams.stack import EmbeddedStack, config_variant
 
 __all__ = ["bench_llm", "bench_pipeline", "conversation_lines", "raw_chain_throughput"]
 
@@ -56,14 +54,6 @@ def conversation_lines(
     ]
 
 
-def _config(directory: Path, mutate: Callable[[dict[str, Any]], None]) -> Path:
-    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
-    mutate(raw)
-    path = directory / "bench.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return path
-
-
 def _order_violations(result: ReplayResult, outbox: Path) -> int:
     """Conversations whose outbox order differs from their publish order (or with duplicates)."""
     published: dict[str, list[str]] = defaultdict(list)
@@ -92,7 +82,7 @@ def _run(
         data_dir=directory,
         topic_prefix=f"bench-{unique}",
         app_id=f"bench-{unique}",
-        config=_config(directory, mutate),
+        config=config_variant(directory, mutate),
     )
     with stack:
         stack.wait_ready()

@@ -14,16 +14,33 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from streams.embedded import ManagedProcess, start_broker, start_redis
-from streams.settings import Settings
+from streams.settings import Settings, default_config_path
 from streams.topics import create_topics
 
-__all__ = ["EmbeddedStack", "StackWorker"]
+__all__ = ["EmbeddedStack", "StackWorker", "config_variant"]
 
 log = logging.getLogger(__name__)
+
+
+def config_variant(
+    directory: Path, change: Callable[[dict[str, Any]], None], *, base: Path | None = None
+) -> Path:
+    """Write ``base`` (default: the bundled config) with ``change`` applied to its parsed YAML
+    as ``directory/switchboard.yaml``, and return that path (tests and benchmarks use it)."""
+    raw = yaml.safe_load((base or default_config_path()).read_text(encoding="utf-8"))
+    change(raw)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "switchboard.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
 
 
 @dataclass

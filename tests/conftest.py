@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
+from support.stacks import new_stack
 
-from streams.settings import default_config_path
-from streams.stack import EmbeddedStack
+from streams.stack import EmbeddedStack, config_variant
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +41,12 @@ def pipeline_config(
 ) -> Path:
     """The bundled config with the e-mail channel pointed at the test SMTP server."""
     host, port, _ = smtp_server
-    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
-    raw["channels"]["email"]["options"].update({"host": host, "port": port})
-    raw["delivery"] = {"max_attempts": 3, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
-    path = tmp_path_factory.mktemp("config") / "switchboard.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return path
+
+    def change(raw: dict[str, Any]) -> None:
+        raw["channels"]["email"]["options"].update({"host": host, "port": port})
+        raw["delivery"] = {"max_attempts": 3, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+
+    return config_variant(tmp_path_factory.mktemp("config"), change)
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +54,9 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, pipeline_config: Path
 ) -> Iterator[EmbeddedStack]:
     """Tansu + redis-server + one worker, on a unique topic prefix and consumer group."""
-    unique = uuid.uuid4().hex[:8]
     data_dir = tmp_path_factory.mktemp("stack")
-    embedded = EmbeddedStack(
-        workers=1,
-        data_dir=data_dir,
-        topic_prefix=f"it-{unique}",
-        app_id=f"it-{unique}",
-        config=pipeline_config,
-    )
+    embedded = new_stack(data_dir, "it")
+    embedded.config = pipeline_config
     embedded.start()
     try:
         yield embedded

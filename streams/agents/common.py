@@ -10,13 +10,14 @@ from typing import Any
 
 from processors.tracing import TRACEPARENT, child_traceparent
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
-from streams.metrics import DEADLETTERS, RECORDS_OUT
+from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
 
 __all__ = [
     "RawMessage",
     "dead_letter",
     "headers_of",
+    "internal_error",
     "remember_after_ack",
     "send_record",
     "traceparent_of",
@@ -72,6 +73,26 @@ async def send_record(
     )
     RECORDS_OUT.labels(stage, name).inc()
     return ack
+
+
+async def internal_error(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception, *, stage: str
+) -> None:
+    """Count, log and dead-letter a record whose processing raised unexpectedly.
+
+    The record goes to the dead-letter topic with stage ``<stage>.internal`` so that a bad
+    record never stops its partition and nothing is lost.
+    """
+    STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
+    log.exception("%s failed on %s[%s]@%s", stage, message.topic, message.partition, message.offset)
+    await dead_letter(
+        rt,
+        topics["deadletter"],
+        message,
+        stage=f"{stage}.internal",
+        reason=f"unexpected error: {exc!r}",
+        error_type=type(exc).__name__,
+    )
 
 
 async def dead_letter(

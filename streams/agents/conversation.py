@@ -38,8 +38,8 @@ from schemas.models import (
     LLMResponse,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, send_record
-from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, STAGE_ERRORS
+from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
+from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN
 from streams.runtime import Runtime
 
 __all__ = ["apply", "register"]
@@ -204,16 +204,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
                 try:
                     await _handle(rt, topics, batch, event.message)
                 except Exception as exc:  # a bad record must never stop the partition
-                    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                    log.exception("conversation failed on offset %s", event.message.offset)
-                    await dead_letter(
-                        rt,
-                        topics["deadletter"],
-                        event.message,
-                        stage="conversation.internal",
-                        reason=f"unexpected error: {exc!r}",
-                        error_type=type(exc).__name__,
-                    )
+                    await internal_error(rt, topics, event.message, exc, stage=STAGE)
             await batch.commit()
 
     cfg = rt.config.conversation

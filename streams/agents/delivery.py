@@ -15,7 +15,13 @@ from connectors.errors import ConnectorError
 from processors.backoff import backoff_delay
 from schemas.errors import DecodeError
 from schemas.models import DeliveryReport, DeliveryRequest, DeliveryStatus, utcnow
-from streams.agents.common import RawMessage, dead_letter, remember_after_ack, send_record
+from streams.agents.common import (
+    RawMessage,
+    dead_letter,
+    internal_error,
+    remember_after_ack,
+    send_record,
+)
 from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime, UnconfiguredChannelError
 
@@ -124,21 +130,6 @@ async def _decode(
         return None
 
 
-async def _internal_error(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
-) -> None:
-    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-    log.exception("delivery failed on offset %s", message.offset)
-    await dead_letter(
-        rt,
-        topics["deadletter"],
-        message,
-        stage="delivery.internal",
-        reason=f"unexpected error: {exc!r}",
-        error_type=type(exc).__name__,
-    )
-
-
 async def handle_batch(
     rt: Runtime, topics: dict[str, Any], messages: list[RawMessage], slots: asyncio.Semaphore
 ) -> None:
@@ -153,7 +144,7 @@ async def handle_batch(
         try:
             request = await _decode(rt, topics, message)
         except Exception as exc:  # a bad record must never stop the partition
-            await _internal_error(rt, topics, message, exc)
+            await internal_error(rt, topics, message, exc, stage=STAGE)
             continue
         if request is not None:
             decoded.append((message, request))
@@ -200,7 +191,7 @@ async def handle_batch(
                     tenant=request.tenant,
                 )
             except Exception as exc:
-                await _internal_error(rt, topics, message, exc)
+                await internal_error(rt, topics, message, exc, stage=STAGE)
 
     await asyncio.gather(*(one_recipient(items) for items in groups.values()))
     if delivered:

@@ -17,7 +17,13 @@ from schemas.models import (
     MessageType,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, remember_after_ack, send_record
+from streams.agents.common import (
+    RawMessage,
+    dead_letter,
+    internal_error,
+    remember_after_ack,
+    send_record,
+)
 from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
 
@@ -114,7 +120,7 @@ async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMe
         try:
             result = await _accept(rt, topics, message)
         except Exception as exc:  # a bad record must never stop the partition
-            await _internal_error(rt, topics, message, exc)
+            await internal_error(rt, topics, message, exc, stage=STAGE)
             continue
         if result is not None:
             accepted.append((message, result))
@@ -131,26 +137,11 @@ async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMe
         try:
             acks.extend(await _route(rt, topics, message, result))
         except Exception as exc:
-            await _internal_error(rt, topics, message, exc)
+            await internal_error(rt, topics, message, exc, stage=STAGE)
             continue
         done.append(key)
     if window and done:
         remember_after_ack(rt, done, window, acks)
-
-
-async def _internal_error(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
-) -> None:
-    STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-    log.exception("ingest failed on offset %s", message.offset)
-    await dead_letter(
-        rt,
-        topics["deadletter"],
-        message,
-        stage="ingest.internal",
-        reason=f"unexpected error: {exc!r}",
-        error_type=type(exc).__name__,
-    )
 
 
 async def _to_conversation(

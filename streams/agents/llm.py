@@ -24,7 +24,7 @@ from schemas.models import (
     Role,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, send_record
+from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.metrics import (
     LLM_COST,
     LLM_IN_FLIGHT,
@@ -246,16 +246,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
             try:
                 await _handle(rt, topics, message)
             except Exception as exc:  # a bad record must never stop the stage
-                STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
-                log.exception("llm failed on offset %s", message.offset)
-                await dead_letter(
-                    rt,
-                    topics["deadletter"],
-                    message,
-                    stage="llm.internal",
-                    reason=f"unexpected error: {exc!r}",
-                    error_type=type(exc).__name__,
-                )
+                await internal_error(rt, topics, message, exc, stage=STAGE)
             finally:
                 slots.release()
                 LLM_IN_FLIGHT.dec()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
+from support.stacks import new_stack
 
 from streams.replay import replay
-from streams.settings import default_config_path
 from streams.stack import EmbeddedStack
 
 pytestmark = pytest.mark.integration
@@ -31,19 +30,11 @@ QUESTIONS = [
 
 @pytest.fixture
 def crash_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
-    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
-    raw["conversation"]["llm_deadline_s"] = 4  # re-issue turns lost with a killed worker soon
-    raw["engines"]["local"]["latency_s"] = 0.05  # keep calls in flight when the kill lands
-    config = tmp_path / "switchboard.yaml"
-    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    unique = uuid.uuid4().hex[:8]
-    stack = EmbeddedStack(
-        workers=1,
-        data_dir=tmp_path / "stack",
-        topic_prefix=f"crash-{unique}",
-        app_id=f"crash-{unique}",
-        config=config,
-    )
+    def change(raw: dict[str, Any]) -> None:
+        raw["conversation"]["llm_deadline_s"] = 4  # re-issue turns lost with a killed worker
+        raw["engines"]["local"]["latency_s"] = 0.05  # keep calls in flight when the kill lands
+
+    stack = new_stack(tmp_path, "crash", change)
     stack.start()
     try:
         yield stack

@@ -4,20 +4,17 @@ survive a worker restart; each ended session publishes its analytics."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from support.stacks import new_stack
+from support.topics import find_record
 
-from schemas.codec import Codec
 from schemas.models import ConversationSummary
 from streams.agents.ingest import COMMAND_KEY
 from streams.replay import replay
-from streams.settings import default_config_path
 from streams.stack import EmbeddedStack
 
 pytestmark = pytest.mark.integration
@@ -26,19 +23,10 @@ TIMEOUT_S = 3
 
 @pytest.fixture(scope="module")
 def lifecycle_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
-    raw["conversation"]["inactivity_timeout_s"] = TIMEOUT_S
-    directory: Path = tmp_path_factory.mktemp("lifecycle")
-    config = directory / "switchboard.yaml"
-    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    unique = uuid.uuid4().hex[:8]
-    stack = EmbeddedStack(
-        workers=1,
-        data_dir=directory,
-        topic_prefix=f"life-{unique}",
-        app_id=f"life-{unique}",
-        config=config,
-    )
+    def change(raw: dict[str, Any]) -> None:
+        raw["conversation"]["inactivity_timeout_s"] = TIMEOUT_S
+
+    stack = new_stack(tmp_path_factory.mktemp("lifecycle"), "life", change)
     stack.start()
     try:
         yield stack
@@ -58,28 +46,13 @@ def _turn(conversation: str, content: str, **metadata: str) -> dict[str, object]
 
 
 async def _summary(stack: EmbeddedStack, conversation: str, wait_s: float) -> ConversationSummary:
-    codec = Codec()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=stack.settings().broker_list(), group_id=None, fetch_max_wait_ms=100
+    return await find_record(
+        stack,
+        stack.settings().topics.analytics,
+        ConversationSummary,
+        lambda s: s.conversation_id == conversation,
+        wait_s=wait_s,
     )
-    await consumer.start()
-    try:
-        tps = [
-            TopicPartition(stack.settings().topics.analytics, p) for p in range(stack.partitions)
-        ]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    summary = codec.decode(record.value, ConversationSummary)
-                    if summary.conversation_id == conversation:
-                        return summary
-            await asyncio.sleep(0)
-    finally:
-        await consumer.stop()
-    raise AssertionError(f"no analytics for {conversation} within {wait_s} s")
 
 
 def test_close_command_ends_the_conversation_and_publishes_its_analytics(

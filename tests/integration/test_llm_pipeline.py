@@ -7,22 +7,19 @@ faults; the assertions look at what users receive (delivery reports), what the p
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
-import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from support.fake_openai import FakeOpenAI
+from support.stacks import new_stack
+from support.topics import find_record
 
-from schemas.codec import Codec
 from schemas.models import AvroRecord, ConversationEvent, LLMResponse, LLMStatus
 from streams.replay import Outcome, replay
-from streams.settings import default_config_path, load_config
+from streams.settings import load_config
 from streams.stack import EmbeddedStack
 
 pytestmark = pytest.mark.integration
@@ -43,30 +40,25 @@ async def provider() -> AsyncIterator[FakeOpenAI]:
 def llm_stack(
     provider: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
-    raw = yaml.safe_load(default_config_path().read_text(encoding="utf-8"))
-    raw["engines"]["gpt"] = {
-        "kind": "openai",
-        "model": "gpt-test",
-        "base_url": provider.base_url,
-        "max_retries": 2,
-        "backoff_initial_s": 0.01,
-        "backoff_max_s": 0.05,
-        "timeout_s": 2,
-    }
-    raw["personas"]["support"]["engines"] = ["gpt", "local"]
-    raw["personas"]["support"]["escalation_triggers"] = ["speak to a human"]
-    raw["personas"]["sales"]["engines"] = ["gpt"]
-    raw["llm"] = {"prices": {"gpt-test": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}}
-    directory = tmp_path_factory.mktemp("llm-stack")
-    config = directory / "switchboard.yaml"
-    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    unique = uuid.uuid4().hex[:8]
-    stack = EmbeddedStack(
-        workers=1,
-        data_dir=directory,
-        topic_prefix=f"llm-{unique}",
-        app_id=f"llm-{unique}",
-        config=config,
+    def change(raw: dict[str, Any]) -> None:
+        raw["engines"]["gpt"] = {
+            "kind": "openai",
+            "model": "gpt-test",
+            "base_url": provider.base_url,
+            "max_retries": 2,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
+            "timeout_s": 2,
+        }
+        raw["personas"]["support"]["engines"] = ["gpt", "local"]
+        raw["personas"]["support"]["escalation_triggers"] = ["speak to a human"]
+        raw["personas"]["sales"]["engines"] = ["gpt"]
+        raw["llm"] = {"prices": {"gpt-test": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}}
+
+    stack = new_stack(
+        tmp_path_factory.mktemp("llm-stack"),
+        "llm",
+        change,
         extra_env={"OPENAI_API_KEY": provider.api_key or ""},
     )
     stack.start()
@@ -91,30 +83,6 @@ async def _ask(stack: EmbeddedStack, content: str) -> Outcome:
     return outcome
 
 
-async def _find(stack: EmbeddedStack, topic: str, model: type[R], match: Callable[[R], bool]) -> R:
-    """The first record of ``topic`` (from the beginning) that ``match`` accepts."""
-    codec = Codec()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=stack.settings().broker_list(), group_id=None, fetch_max_wait_ms=100
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(stack.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    decoded = codec.decode(record.value, model)
-                    if match(decoded):
-                        return decoded
-            await asyncio.sleep(0)
-    finally:
-        await consumer.stop()
-    raise AssertionError(f"no matching {model.__name__} on {topic}")
-
-
 def _sent(provider: FakeOpenAI, content: str) -> list[Any]:
     return [r for r in provider.requests if r.body["messages"][-1]["content"] == content]
 
@@ -134,7 +102,7 @@ async def test_429_and_500_are_retried_then_answer_carries_usage_and_cost(
     assert headers["authorization"] == f"Bearer {provider.api_key}"
     assert requests[0].body["model"] == "gpt-test"
     assert requests[0].body["messages"][0]["role"] == "system"
-    response = await _find(
+    response = await find_record(
         llm_stack,
         llm_stack.settings().topics.llm_responses,
         LLMResponse,
@@ -172,7 +140,7 @@ async def test_persona_apologises_when_its_only_engine_keeps_failing(
     assert outcome.report.persona == "sales"
     assert outcome.report.content == sales.apology_reply
     assert [r.fault for r in _sent(provider, content)] == ["500", "timeout", "malformed"]
-    response = await _find(
+    response = await find_record(
         llm_stack,
         llm_stack.settings().topics.llm_responses,
         LLMResponse,
@@ -191,7 +159,7 @@ async def test_escalation_trigger_hands_the_turn_to_a_human_without_an_llm_call(
     assert outcome.report is not None
     assert outcome.report.content == support.handoff_reply
     assert _sent(provider, content) == []
-    handoff = await _find(
+    handoff = await find_record(
         llm_stack,
         llm_stack.settings().topics.handoff,
         ConversationEvent,
