@@ -159,6 +159,9 @@ class PersonaConfig(_Strict):
     )
     handoff_reply: str = "I'm passing you to a human colleague who will get back to you shortly."
     engines: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    model: str | None = Field(None, description="Overrides the engines' model for this persona.")
+    temperature: float | None = Field(None, description="Overrides the engines' temperature.")
+    max_tokens: int | None = Field(None, ge=1, description="Overrides the engines' max_tokens.")
 
 
 class FlowConfig(_Strict):

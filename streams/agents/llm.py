@@ -113,11 +113,16 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
     attempts = 0
     for engine_name in persona.engines:
         engine, engine_cfg = rt.engines[engine_name], rt.config.engines[engine_name]
+        model = persona.model or engine_cfg.model
+        max_tokens = persona.max_tokens or engine_cfg.max_tokens
+        temperature = (
+            persona.temperature if persona.temperature is not None else engine_cfg.temperature
+        )
         messages = trim_to_budget(
             prompt,
             budget_tokens=engine_cfg.context_tokens,
-            reserve_tokens=engine_cfg.max_tokens or 256,
-            model=engine_cfg.model,
+            reserve_tokens=max_tokens or 256,
+            model=model,
         )
         started = time.perf_counter()
         try:
@@ -126,9 +131,9 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
                     persona_id=request.persona,
                     persona=persona,
                     messages=messages,
-                    model=engine_cfg.model,
-                    temperature=engine_cfg.temperature,
-                    max_tokens=engine_cfg.max_tokens,
+                    model=model,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
                     metadata=request.metadata,
                 )
             )

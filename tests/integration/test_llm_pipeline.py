@@ -53,6 +53,7 @@ def llm_stack(
         raw["personas"]["support"]["engines"] = ["gpt", "local"]
         raw["personas"]["support"]["escalation_triggers"] = ["speak to a human"]
         raw["personas"]["sales"]["engines"] = ["gpt"]
+        raw["personas"]["sales"]["model"] = "gpt-sales"  # a persona's own model
         raw["llm"] = {"prices": {"gpt-test": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}}
 
     stack = new_stack(
@@ -139,7 +140,9 @@ async def test_persona_apologises_when_its_only_engine_keeps_failing(
     assert outcome.report is not None
     assert outcome.report.persona == "sales"
     assert outcome.report.content == sales.apology_reply
-    assert [r.fault for r in _sent(provider, content)] == ["500", "timeout", "malformed"]
+    sent = _sent(provider, content)
+    assert [r.fault for r in sent] == ["500", "timeout", "malformed"]
+    assert {r.body["model"] for r in sent} == {"gpt-sales"}
     response = await find_record(
         llm_stack,
         llm_stack.settings().topics.llm_responses,
