@@ -76,6 +76,7 @@ __all__ = [
     "Transition",
     "Turn",
     "check_timeout",
+    "next_due_at",
     "on_close",
     "on_llm_response",
     "on_user_turn",
@@ -616,6 +617,23 @@ def summarize(state: ConversationState, reason: str, now: datetime) -> Conversat
         opened_at=_ms(state.opened_at),
         closed_at=_ms(now),
     )
+
+
+def next_due_at(state: ConversationState, cfg: ConversationConfig) -> datetime | None:
+    """When this conversation next needs a timer tick, or None if it never will by itself.
+
+    The pending turn's LLM deadline (``issued_at + llm_deadline_s``), else for an open or
+    active idle session its inactivity timeout (``last_activity_at + inactivity_timeout_s``).
+    A tick at that time makes :func:`reissue_due` or :func:`check_timeout` act.
+    """
+    pending = state.pending
+    if pending is not None:
+        if pending.issued_at is None:
+            return None
+        return pending.issued_at + timedelta(seconds=cfg.llm_deadline_s)
+    if state.status in _ONGOING and not state.queue:
+        return state.last_activity_at + timedelta(seconds=cfg.inactivity_timeout_s)
+    return None
 
 
 def check_timeout(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:

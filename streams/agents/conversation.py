@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
+from processors.config import ConversationConfig
 from processors.conversation import (
     Closed,
     ConversationState,
@@ -25,6 +26,7 @@ from processors.conversation import (
     IssueLLM,
     Transition,
     check_timeout,
+    next_due_at,
     on_close,
     on_llm_response,
     on_user_turn,
@@ -103,8 +105,9 @@ class Batch:
     drop. One acknowledgement wait per batch instead of per record keeps this cheap.
     """
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, index: DueIndex | None = None) -> None:
         self.table = table
+        self.index = index
         self.states: dict[bytes, ConversationState | None] = {}
         self.changed: set[bytes] = set()
         self.acks: list[Awaitable[Any]] = []
@@ -124,6 +127,8 @@ class Batch:
         for key, state in self.states.items():
             if state is not None and key in self.changed:
                 self.table[key] = state.model_dump_json().encode()
+                if self.index is not None:
+                    self.index.update(key, state)
 
     def stage(self, key: bytes, state: ConversationState) -> None:
         """Record the new state of ``key`` (written by ``commit``)."""
@@ -182,24 +187,66 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
     batch.stage(key, transition.state)
 
 
-def _overdue(state: ConversationState, rt: Runtime, now: datetime) -> bool:
-    cfg = rt.config.conversation
-    pending = state.pending
-    if pending is not None and pending.issued_at is not None:
-        return now - pending.issued_at > timedelta(seconds=cfg.llm_deadline_s)
-    if state.status.value in ("open", "active") and pending is None:
-        return now - state.last_activity_at > timedelta(seconds=cfg.inactivity_timeout_s)
-    return False
+class DueIndex:
+    """When each conversation next needs a timer tick (LLM deadline or inactivity timeout).
+
+    Kept up to date from every batch the agent commits, so a timer run looks at a dict instead
+    of parsing every stored state. The whole table is rescanned when it holds keys the index
+    has never seen (states restored from the changelog after a restart or a rebalance), and
+    at the latest every ``rescan_s`` seconds.
+    """
+
+    def __init__(self, cfg: ConversationConfig, rescan_s: float) -> None:
+        self.cfg = cfg
+        self.rescan_s = rescan_s
+        self._due: dict[bytes, tuple[datetime, str]] = {}
+        self._known: set[bytes] = set()
+        self._scanned_at: datetime | None = None
+
+    def update(self, key: bytes, state: ConversationState) -> None:
+        """Record the next due time of ``key`` (or forget it when nothing is due)."""
+        self._known.add(key)
+        due = next_due_at(state, self.cfg)
+        if due is None:
+            self._due.pop(key, None)
+        else:
+            self._due[key] = (due, state.tenant)
+
+    def rescan(self, table: Any, now: datetime) -> None:
+        """Rebuild from the table when it has unseen keys or the last scan is ``rescan_s`` old."""
+        recent = (
+            self._scanned_at is not None
+            and (now - self._scanned_at).total_seconds() < self.rescan_s
+        )
+        if recent and len(table) <= len(self._known):
+            return
+        self._due.clear()
+        self._known.clear()
+        for key, stored in list(table.items()):
+            self.update(key, ConversationState.model_validate_json(stored))
+        self._scanned_at = now
+
+    def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str]]:
+        """Keys (with tenant) due at ``now``; each is asked again after ``retry_s`` unless a
+        commit updates it first (the tick's own processing normally does)."""
+        due = [(key, tenant) for key, (at, tenant) in self._due.items() if at <= now]
+        later = now + timedelta(seconds=retry_s)
+        for key, tenant in due:
+            self._due[key] = (later, tenant)
+        return due
 
 
 def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     """Register the conversation agent and its deadline/timeout timer on ``app``."""
+    cfg = rt.config.conversation
+    interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))
+    index = DueIndex(cfg, rescan_s=max(10 * interval, 30.0))
 
     @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation(stream: Any) -> None:
         await rt.start()
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            batch = Batch(table)
+            batch = Batch(table, index)
             for event in events:
                 try:
                     await _handle(rt, topics, batch, event.message)
@@ -207,26 +254,18 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
                     await internal_error(rt, topics, event.message, exc, stage=STAGE)
             await batch.commit()
 
-    cfg = rt.config.conversation
-    interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))
-
     @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation_ticks() -> None:
         now = utcnow()
-        due: list[ConversationState] = []
-        for _, stored in list(table.items()):
-            state = ConversationState.model_validate_json(stored)
-            if _overdue(state, rt, now):
-                due.append(state)
-        for state in due:
+        index.rescan(table, now)
+        for key, tenant in index.take_due(now, retry_s=interval):
+            conversation_id = key.decode()
             tick = ConversationEvent(
                 event_id=f"tick:{uuid.uuid4()}",
-                conversation_id=state.conversation_id,
-                tenant=state.tenant,
+                conversation_id=conversation_id,
+                tenant=tenant,
                 kind=ConversationEventKind.TIMEOUT,
                 origin_created_at=now,
                 created_at=now,
             )
-            await send_record(
-                rt, topics["conversations"], tick, key=state.conversation_id, stage=STAGE
-            )
+            await send_record(rt, topics["conversations"], tick, key=conversation_id, stage=STAGE)
