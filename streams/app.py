@@ -16,6 +16,9 @@ __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
+DRAIN_S = 10.0
+"""How long a stopping worker waits for its LLM calls in flight (s)."""
+
 
 def _faust_settings(settings: Settings) -> dict[str, Any]:
     session_s = settings.session_timeout_s
@@ -124,6 +127,10 @@ def create_app(settings: Settings, config: SwitchboardConfig) -> tuple[Any, Runt
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types receivers narrowly
     async def _close_runtime(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Sent after the consumer stopped and before the producer's final flush.
+        left = await rt.drain(DRAIN_S)
+        if left:
+            log.warning("%d LLM call(s) still in flight at shutdown; they will be re-issued", left)
         await rt.aclose()
 
     return app, rt

@@ -75,6 +75,8 @@ class Runtime:
     engines: dict[str, ResilientEngine] = field(init=False)
     redis: aioredis.Redis | None = field(init=False, default=None)
     idempotency: IdempotencyStore | None = field(init=False, default=None)
+    llm_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    """LLM calls in flight in this worker (drained on shutdown)."""
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _started: bool = field(init=False, default=False)
@@ -127,6 +129,17 @@ class Runtime:
         )
         self._connectors[channel] = built
         return built
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` seconds for the LLM calls in flight; return how many remain.
+
+        Called after the consumer stopped and before the producer's final flush, so the
+        responses of calls that finish in time are sent; the rest are re-issued by the
+        conversation agent once their deadline passes.
+        """
+        if self.llm_tasks:
+            await asyncio.wait(set(self.llm_tasks), timeout=timeout_s)
+        return sum(1 for task in self.llm_tasks if not task.done())
 
     async def aclose(self) -> None:
         """Close connectors, engines, the codec and Redis."""

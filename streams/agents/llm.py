@@ -245,7 +245,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     async def llm(stream: Any) -> None:
         await rt.start()
         slots = asyncio.Semaphore(rt.config.llm.max_in_flight)
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight = rt.llm_tasks  # drained by the app's shutdown hook (streams.app)
 
         async def run(message: RawMessage) -> None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,40 @@ def test_turn_is_answered_once_and_in_order_after_worker_is_killed_twice(
             delivered[entry["conversation_id"]].append(entry["message_id"])
     # exactly one reply per turn (no duplicates, none missing), in the order the turns arrived
     assert delivered == published
+
+
+def test_stopping_worker_finishes_its_llm_calls_in_flight(tmp_path: Path) -> None:
+    def change(raw: dict[str, Any]) -> None:
+        raw["engines"]["local"]["latency_s"] = 2.0  # the call is in flight when SIGTERM lands
+        raw["conversation"]["llm_deadline_s"] = 600  # a re-issue would come far too late
+
+    stack = new_stack(tmp_path, "drain", change)
+    stack.start()
+    try:
+        stack.wait_ready(timeout_s=60)
+        line = {
+            "tenant": "drain",
+            "channel": "chat",
+            "sender": "d@drain.test",
+            "content": "My mouse is not responding.",
+        }
+        stopped: list[bool] = []
+
+        def stop_mid_call(accounted: int, _: int) -> None:
+            if not stopped:
+                time.sleep(0.8)  # ingest and conversation done, the LLM call is running
+                stopped.append(True)
+                stack.worker_procs[0].stop()  # SIGTERM, not SIGKILL
+                stack.start_worker(0)
+
+        result = asyncio.run(
+            replay(stack.settings(), [line], timeout_s=60, on_progress=stop_mid_call)
+        )
+    finally:
+        stack.stop()
+    (outcome,) = result.outcomes.values()
+    assert stopped
+    assert outcome.report is not None, "the reply was lost with the stopped worker"
+    assert outcome.report.content == (
+        "Try plugging it into another USB port or changing the batteries."
+    )
