@@ -21,6 +21,7 @@ __all__ = [
     "check_content_filters",
     "content_filter",
     "conversation_id_for",
+    "conversation_key",
     "dedup_key",
     "find_blocked_term",
     "normalize_text",
@@ -90,6 +91,16 @@ def conversation_id_for(msg: InboundMessage) -> str:
     if msg.conversation_id:
         return msg.conversation_id
     return f"{msg.tenant}:{msg.channel.value}:{msg.sender}"
+
+
+def conversation_key(tenant: str, conversation_id: str) -> str:
+    """The Kafka record key and table key of a conversation: ``<tenant>/<conversation_id>``.
+
+    Conversation ids come from clients, so two tenants may use the same one; scoping the key
+    by tenant keeps their state, history and persona apart. Records of one conversation on
+    every conversation-keyed topic carry this key, which keeps those topics co-partitioned.
+    """
+    return f"{tenant}/{conversation_id}"
 
 
 def dedup_key(msg: InboundMessage) -> str:

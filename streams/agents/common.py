@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
+from connectors.errors import ConnectorError
+from processors.backoff import backoff_delay
 from processors.tracing import TRACEPARENT, child_traceparent
+from schemas.errors import SchemaRegistryError
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
 from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
@@ -16,8 +22,10 @@ from streams.runtime import Runtime
 __all__ = [
     "RawMessage",
     "dead_letter",
+    "guard_batch",
     "headers_of",
     "internal_error",
+    "is_transient",
     "remember_after_ack",
     "send_record",
     "traceparent_of",
@@ -75,14 +83,62 @@ async def send_record(
     return ack
 
 
+TRANSIENT_RETRY_MAX_S = 30.0
+"""Longest pause between two tries of a batch that failed on a transient error (s)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors the same batch may get past by trying again: Redis, the schema registry, the
+    broker (a produce that was not acknowledged)."""
+    if isinstance(exc, ConnectorError | SchemaRegistryError):
+        return exc.retriable
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
+    """Run one batch so that its records are never acknowledged without their outputs.
+
+    Faust acknowledges the events of a ``take_events`` batch when the batch's body returns *or
+    raises*, so an exception must not leave it. Per-record failures are dead-lettered by the
+    stages themselves; what reaches here failed for the whole batch. A transient error (Redis
+    down, schema registry unreachable, a produce not acknowledged) is retried with capped
+    exponential backoff — backpressure: the partition waits, nothing is dropped. Re-running a
+    batch re-creates outputs with the same ids, which the next stages drop. Anything else is a
+    bug: the worker exits at once (status 70) without committing, and its restart replays the
+    batch.
+    """
+    attempt = 0
+    while True:
+        try:
+            await body()
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                log.critical(
+                    "%s: unrecoverable error in a batch; exiting without commit",
+                    stage,
+                    exc_info=True,
+                )
+                logging.shutdown()
+                os._exit(70)
+            delay = backoff_delay(attempt, initial_s=0.5, max_s=TRANSIENT_RETRY_MAX_S)
+            STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
+            log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
 async def internal_error(
     rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception, *, stage: str
 ) -> None:
     """Count, log and dead-letter a record whose processing raised unexpectedly.
 
     The record goes to the dead-letter topic with stage ``<stage>.internal`` so that a bad
-    record never stops its partition and nothing is lost.
+    record never stops its partition and nothing is lost. A transient error (see
+    ``is_transient``) is re-raised instead, for ``guard_batch`` to retry the batch.
     """
+    if is_transient(exc):
+        raise exc
     STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
     log.exception("%s failed on %s[%s]@%s", stage, message.topic, message.partition, message.offset)
     await dead_letter(

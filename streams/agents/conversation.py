@@ -33,6 +33,7 @@ from processors.conversation import (
     reissue_due,
     summarize,
 )
+from processors.preprocess import conversation_key
 from schemas.errors import DecodeError
 from schemas.models import (
     ConversationEvent,
@@ -40,7 +41,13 @@ from schemas.models import (
     LLMResponse,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
+from streams.agents.common import (
+    RawMessage,
+    dead_letter,
+    guard_batch,
+    internal_error,
+    send_record,
+)
 from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN
 from streams.runtime import Runtime
 
@@ -122,13 +129,22 @@ class Batch:
         return state
 
     async def commit(self) -> None:
-        """Wait for every produced record, then write the changed states."""
+        """Wait for every produced record, write the changed states, and hand the changelog
+        records to the Kafka producer before the batch's inputs may be acknowledged.
+
+        Faust buffers table writes (``send_soon``) and its pre-commit flush gives up on that
+        buffer after 0.1 s without progress; draining it here means the offset commit that
+        follows always flushes the changelog records with it.
+        """
         await asyncio.gather(*self.acks)
         for key, state in self.states.items():
             if state is not None and key in self.changed:
                 self.table[key] = state.model_dump_json().encode()
                 if self.index is not None:
                     self.index.update(key, state)
+        buffer = self.table.app.producer.buffer
+        while buffer.size:
+            await buffer.flush_atmost(buffer.size)
 
     def stage(self, key: bytes, state: ConversationState) -> None:
         """Record the new state of ``key`` (written by ``commit``)."""
@@ -150,10 +166,11 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
             error_type=exc.error_type,
         )
         return
-    key = record.conversation_id.encode()
-    transition = apply(rt, batch.get(key), record, utcnow())
-    if transition is None:
-        return
+    key = conversation_key(record.tenant, record.conversation_id).encode()
+    before = batch.get(key)
+    transition = apply(rt, before, record, utcnow())
+    if transition is None or (not transition.effects and transition.state == before):
+        return  # nothing changed (e.g. a tick that found nothing due): no changelog write
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
             batch.acks.append(
@@ -199,7 +216,7 @@ class DueIndex:
     def __init__(self, cfg: ConversationConfig, rescan_s: float) -> None:
         self.cfg = cfg
         self.rescan_s = rescan_s
-        self._due: dict[bytes, tuple[datetime, str]] = {}
+        self._due: dict[bytes, tuple[datetime, str, str]] = {}
         self._known: set[bytes] = set()
         self._scanned_at: datetime | None = None
 
@@ -210,7 +227,7 @@ class DueIndex:
         if due is None:
             self._due.pop(key, None)
         else:
-            self._due[key] = (due, state.tenant)
+            self._due[key] = (due, state.tenant, state.conversation_id)
 
     def rescan(self, table: Any, now: datetime) -> None:
         """Rebuild from the table when it has unseen keys or the last scan is ``rescan_s`` old."""
@@ -226,13 +243,14 @@ class DueIndex:
             self.update(key, ConversationState.model_validate_json(stored))
         self._scanned_at = now
 
-    def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str]]:
-        """Keys (with tenant) due at ``now``; each is asked again after ``retry_s`` unless a
-        commit updates it first (the tick's own processing normally does)."""
-        due = [(key, tenant) for key, (at, tenant) in self._due.items() if at <= now]
+    def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str, str]]:
+        """(key, tenant, conversation_id) of the conversations due at ``now``; each is asked
+        again after ``retry_s`` unless a commit updates it first (the tick's own processing
+        normally does)."""
+        due = [(key, tenant, conv) for key, (at, tenant, conv) in self._due.items() if at <= now]
         later = now + timedelta(seconds=retry_s)
-        for key, tenant in due:
-            self._due[key] = (later, tenant)
+        for key, tenant, conv in due:
+            self._due[key] = (later, tenant, conv)
         return due
 
 
@@ -246,20 +264,24 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     async def conversation(stream: Any) -> None:
         await rt.start()
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            batch = Batch(table, index)
-            for event in events:
-                try:
-                    await _handle(rt, topics, batch, event.message)
-                except Exception as exc:  # a bad record must never stop the partition
-                    await internal_error(rt, topics, event.message, exc, stage=STAGE)
-            await batch.commit()
+            messages = [event.message for event in events]
+
+            async def run_batch(messages: list[RawMessage] = messages) -> None:
+                batch = Batch(table, index)  # a retried batch starts again from the table
+                for message in messages:
+                    try:
+                        await _handle(rt, topics, batch, message)
+                    except Exception as exc:  # a bad record must never stop the partition
+                        await internal_error(rt, topics, message, exc, stage=STAGE)
+                await batch.commit()
+
+            await guard_batch(STAGE, run_batch)
 
     @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation_ticks() -> None:
         now = utcnow()
         index.rescan(table, now)
-        for key, tenant in index.take_due(now, retry_s=interval):
-            conversation_id = key.decode()
+        for key, tenant, conversation_id in index.take_due(now, retry_s=interval):
             tick = ConversationEvent(
                 event_id=f"tick:{uuid.uuid4()}",
                 conversation_id=conversation_id,
@@ -268,4 +290,4 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
                 origin_created_at=now,
                 created_at=now,
             )
-            await send_record(rt, topics["conversations"], tick, key=conversation_id, stage=STAGE)
+            await send_record(rt, topics["conversations"], tick, key=key, stage=STAGE)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -18,6 +19,7 @@ from schemas.models import DeliveryReport, DeliveryRequest, DeliveryStatus, utcn
 from streams.agents.common import (
     RawMessage,
     dead_letter,
+    guard_batch,
     internal_error,
     remember_after_ack,
     send_record,
@@ -206,4 +208,5 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
         await rt.start()
         slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            await handle_batch(rt, topics, [event.message for event in events], slots)
+            messages = [event.message for event in events]
+            await guard_batch(STAGE, partial(handle_batch, rt, topics, messages, slots))

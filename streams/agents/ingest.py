@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 
-from processors.preprocess import Accepted, dedup_key, preprocess
+from processors.preprocess import Accepted, conversation_key, dedup_key, preprocess
 from processors.router import RouteDecision
 from schemas.errors import DecodeError, UnknownSchemaError
 from schemas.models import (
@@ -20,6 +21,7 @@ from schemas.models import (
 from streams.agents.common import (
     RawMessage,
     dead_letter,
+    guard_batch,
     internal_error,
     remember_after_ack,
     send_record,
@@ -172,8 +174,9 @@ async def _to_conversation(
         origin_created_at=msg.created_at,
         created_at=utcnow(),
     )
+    key = conversation_key(msg.tenant, conversation_id)
     return await send_record(
-        rt, topics["conversations"], event, key=conversation_id, stage=STAGE, parent=message
+        rt, topics["conversations"], event, key=key, stage=STAGE, parent=message
     )
 
 
@@ -242,4 +245,5 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     async def ingest(stream: Any) -> None:
         await rt.start()
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            await handle_batch(rt, topics, [event.message for event in events])
+            messages = [event.message for event in events]
+            await guard_batch(STAGE, partial(handle_batch, rt, topics, messages))

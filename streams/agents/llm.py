@@ -11,6 +11,7 @@ from connectors.errors import EngineError
 from connectors.llm.base import Completion, CompletionRequest
 from connectors.llm.resilient import attempts_of
 from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
+from processors.preprocess import conversation_key
 from processors.pricing import cost_usd
 from processors.prompt import build_messages
 from processors.tokens import trim_to_budget
@@ -215,7 +216,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
                 rt,
                 topics[name],
                 handoff,
-                key=request.conversation_id,
+                key=conversation_key(request.tenant, request.conversation_id),
                 stage=STAGE,
                 parent=message,
             )
@@ -223,7 +224,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
         rt,
         topics["llm_responses"],
         response,
-        key=request.conversation_id,
+        key=conversation_key(request.tenant, request.conversation_id),
         stage=STAGE,
         parent=message,
     )

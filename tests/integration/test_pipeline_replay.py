@@ -71,3 +71,34 @@ async def test_every_replayed_turn_is_answered_once_in_its_own_conversation_in_o
         if entry["message_id"] in ours:
             delivered[entry["conversation_id"]].append(entry["message_id"])
     assert delivered == published
+
+
+async def test_same_conversation_id_in_two_tenants_are_separate_conversations(
+    stack: EmbeddedStack,
+) -> None:
+    shared = "conv-shared-by-two-tenants"
+    lines = [
+        {
+            "tenant": "tenant-a",
+            "channel": "chat",
+            "sender": "a@a.test",
+            "conversation_id": shared,
+            "content": "My mouse is not responding.",
+        },
+        {
+            "tenant": "tenant-b",
+            "channel": "chat",
+            "sender": "b@b.test",
+            "conversation_id": shared,
+            "content": "Hello",
+        },
+    ]
+    first = await replay(stack.settings(), lines[:1], timeout_s=60)
+    second = await replay(stack.settings(), lines[1:], timeout_s=60)
+    (a,) = first.outcomes.values()
+    (b,) = second.outcomes.values()
+    assert a.report is not None
+    assert b.report is not None
+    assert (a.report.tenant, a.report.persona) == ("tenant-a", "support")
+    # With a shared key, continuity would have kept tenant A's support persona for tenant B.
+    assert (b.report.tenant, b.report.persona) == ("tenant-b", "concierge")

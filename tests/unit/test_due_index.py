@@ -55,12 +55,12 @@ def test_index_returns_due_keys_once_per_retry_window_and_follows_updates() -> N
     index.update(b"a", _state("a", pending=True))
     index.update(b"b", _state("b", pending=False))
     assert index.take_due(T0 + timedelta(seconds=59), retry_s=5) == []
-    assert index.take_due(T0 + timedelta(seconds=61), retry_s=5) == [(b"a", "t")]
+    assert index.take_due(T0 + timedelta(seconds=61), retry_s=5) == [(b"a", "t", "a")]
     assert index.take_due(T0 + timedelta(seconds=62), retry_s=5) == []  # asked again later
-    assert index.take_due(T0 + timedelta(seconds=67), retry_s=5) == [(b"a", "t")]
+    assert index.take_due(T0 + timedelta(seconds=67), retry_s=5) == [(b"a", "t", "a")]
     ended = _state("a", pending=False).model_copy(update={"status": "closed"})
     index.update(b"a", ended)
-    assert index.take_due(T0 + timedelta(seconds=700), retry_s=5) == [(b"b", "t")]
+    assert index.take_due(T0 + timedelta(seconds=700), retry_s=5) == [(b"b", "t", "b")]
 
 
 def test_index_rescans_a_table_holding_states_it_never_saw() -> None:
@@ -70,4 +70,4 @@ def test_index_rescans_a_table_holding_states_it_never_saw() -> None:
     table[b"r"] = _state("r", pending=True).model_dump_json().encode()  # restored from changelog
     index.rescan(table, T0 + timedelta(seconds=1))
     due = index.take_due(T0 + timedelta(seconds=61), retry_s=5)
-    assert sorted(due) == [(b"a", "t"), (b"r", "t")]
+    assert sorted(due) == [(b"a", "t", "a"), (b"r", "t", "r")]
