@@ -72,15 +72,24 @@ def _load(settings: Settings) -> Any:
 def worker() -> None:
     """Run the stream workers against SWITCHBOARD_KAFKA_BROKERS and SWITCHBOARD_REDIS_URL."""
     import faust
+    from aiokafka.errors import KafkaConnectionError
 
     from streams.app import create_app
     from streams.metrics import serve_metrics
-    from streams.topics import create_topics
+    from streams.topics import TopicLayoutError, create_topics
 
     settings = _settings()
     _setup_logging(settings.log_level, settings.log_format)
     config = _load(settings)
-    asyncio.run(create_topics(settings))
+    try:
+        asyncio.run(create_topics(settings))
+    except (TopicLayoutError, KafkaConnectionError) as exc:
+        err.print(
+            f"[bold red]cannot prepare topics on {settings.kafka_brokers}:[/] {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     faust_app, _ = create_app(settings, config)
     serve_metrics(settings.metrics_port)
     asyncio.set_event_loop(_new_event_loop())
@@ -169,6 +178,8 @@ def replay_cmd(
 
     Prints a one-line JSON summary; exits 0 only when nothing is unaccounted.
     """
+    from aiokafka.errors import KafkaConnectionError
+
     from streams.replay import load_jsonl
 
     settings = _settings(kafka_brokers=brokers, topic_prefix=topic_prefix)
@@ -179,7 +190,15 @@ def replay_cmd(
     lines, errors = load_jsonl(file)
     for problem in errors:
         err.print(f"[yellow]skipped[/] {problem}", highlight=False)
-    result = _progress_replay(settings, lines, timeout, keep_ids)
+    try:
+        result = _progress_replay(settings, lines, timeout, keep_ids)
+    except KafkaConnectionError as exc:
+        err.print(
+            f"[bold red]cannot reach the brokers {settings.kafka_brokers}:[/] {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     for problem in result.invalid_lines:
         err.print(f"[yellow]invalid[/] {problem}", highlight=False)
     summary = result.summary()

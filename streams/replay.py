@@ -190,10 +190,10 @@ async def replay(
         acks="all",
         max_request_size=4 * 1024 * 1024,
     )
-    await consumer.start()
-    await producer.start()
     started = time.monotonic()
     try:
+        await consumer.start()
+        await producer.start()
         await _assign_from_end(consumer, [topics.delivery_reports, topics.deadletter])
         for index, msg in enumerate(messages):
             msg = msg.model_copy(update={"created_at": utcnow()})  # latency starts at the send

@@ -134,12 +134,18 @@ class Runtime:
         """Wait up to ``timeout_s`` seconds for the LLM calls in flight; return how many remain.
 
         Called after the consumer stopped and before the producer's final flush, so the
-        responses of calls that finish in time are sent; the rest are re-issued by the
+        responses of calls that finish in time are sent; the rest are cancelled (so that no
+        call runs into closed engines and answers with an apology) and re-issued by the
         conversation agent once their deadline passes.
         """
         if self.llm_tasks:
             await asyncio.wait(set(self.llm_tasks), timeout=timeout_s)
-        return sum(1 for task in self.llm_tasks if not task.done())
+        left = [task for task in self.llm_tasks if not task.done()]
+        for task in left:  # cancel before the engines close under them
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=1.0)
+        return len(left)
 
     async def aclose(self) -> None:
         """Close connectors, engines, the codec and Redis."""

@@ -148,11 +148,15 @@ class EmbeddedStack:
     def start(self) -> EmbeddedStack:
         """Start the servers, create the topics, start the workers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.broker = start_broker(self.broker_port, log_dir=self.log_dir)
-        self.redis = start_redis(self.redis_port, log_dir=self.log_dir)
-        asyncio.run(create_topics(self.settings()))
-        for index in range(self.workers):
-            self.start_worker(index)
+        try:
+            self.broker = start_broker(self.broker_port, log_dir=self.log_dir)
+            self.redis = start_redis(self.redis_port, log_dir=self.log_dir)
+            asyncio.run(create_topics(self.settings()))
+            for index in range(self.workers):
+                self.start_worker(index)
+        except BaseException:
+            self.stop()  # no orphaned servers when a later step fails
+            raise
         return self
 
     def start_worker(self, index: int, env: dict[str, str] | None = None) -> StackWorker:

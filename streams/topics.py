@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from streams.settings import Settings
 
-__all__ = ["TABLE_NAMES", "create_topics", "internal_topics", "topic_table"]
+__all__ = [
+    "TABLE_NAMES",
+    "TopicLayoutError",
+    "create_topics",
+    "internal_topics",
+    "topic_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,10 @@ _TOPIC_DOCS = {
 }
 
 
+class TopicLayoutError(RuntimeError):
+    """An existing topic has a partition count the pipeline cannot work with."""
+
+
 def topic_table(settings: Settings) -> list[tuple[str, str, str, str]]:
     """(topic, key, schema, purpose) rows for the README and ``switchboard topics``."""
     topics = settings.topics
@@ -48,6 +59,27 @@ def internal_topics(settings: Settings) -> list[tuple[str, int]]:
     return out
 
 
+def _check_partitions(described: list[Any], wanted: list[tuple[str, int]]) -> None:
+    """Fail when an existing topic's partition count differs from the one wanted.
+
+    The conversation agent's inputs and its changelog must be co-partitioned (records of one
+    conversation in the same partition number everywhere); a topic created elsewhere with
+    another count would silently break that.
+    """
+    counts = {d["topic"]: len(d.get("partitions") or []) for d in described}
+    wrong = [
+        f"{name} has {counts[name]} partitions, expected {partitions}"
+        for name, partitions in wanted
+        if counts.get(name) not in (None, 0, partitions)
+    ]
+    if wrong:
+        raise TopicLayoutError(
+            "existing topics do not match SWITCHBOARD_PARTITIONS: "
+            + "; ".join(wrong)
+            + " (create them with the same count, or set SWITCHBOARD_PARTITIONS to match)"
+        )
+
+
 async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     """Create every topic that does not exist yet; return the names created.
 
@@ -56,6 +88,7 @@ async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
     """
     wanted = [(name, settings.partitions) for name in settings.topics.all()]
     wanted += internal_topics(settings)
+    changelogs = {f"{settings.app_id}-{name}-changelog" for name in TABLE_NAMES}
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.broker_list(), request_timeout_ms=int(timeout_s * 1000)
     )
@@ -74,13 +107,13 @@ async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
         for name, partitions in wanted:
             if name in existing:
                 continue
+            configs = {"cleanup.policy": "compact"} if name in changelogs else None
             try:
-                await admin.create_topics(
-                    [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
-                )
+                await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
                 created.append(name)
             except TopicAlreadyExistsError:
                 pass
+        _check_partitions(await admin.describe_topics([n for n, _ in wanted]), wanted)
     finally:
         await admin.close()
     log.info("created %d topic(s): %s", len(created), ", ".join(created) or "-")

@@ -230,6 +230,46 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
     )
 
 
+async def _fail_turn(
+    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
+) -> None:
+    """Dead-letter a request that failed unexpectedly, and still answer its turn.
+
+    Without an answer the turn would stay pending: re-issued and failing again at every
+    deadline while the conversation's later turns wait behind it. The user gets the persona's
+    apology reply instead, recorded as a ``failed`` LLMResponse with the error.
+    """
+    try:
+        await internal_error(rt, topics, message, exc, stage=STAGE)
+    except Exception:  # transient: the request is re-issued after its deadline
+        log.exception("could not dead-letter a failed LLM request")
+        return
+    try:
+        request = rt.codec.decode(message.value or b"", LLMRequest)
+    except DecodeError:
+        return  # not a request: nothing to answer
+    persona = (
+        rt.config.personas.get(request.persona)
+        or rt.config.personas[rt.config.routing.default_persona]
+    )
+    response = _response(
+        request,
+        LLMStatus.FAILED,
+        finalize_reply(persona, persona.apology_reply),
+        "none",
+        error=f"{type(exc).__name__}: {exc}",
+        attempts=0,
+    )
+    await send_record(
+        rt,
+        topics["llm_responses"],
+        response,
+        key=conversation_key(request.tenant, request.conversation_id),
+        stage=STAGE,
+        parent=message,
+    )
+
+
 def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     """Register the LLM agent on ``app`` (consumes the LLM requests topic).
 
@@ -252,7 +292,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
             try:
                 await _handle(rt, topics, message)
             except Exception as exc:  # a bad record must never stop the stage
-                await internal_error(rt, topics, message, exc, stage=STAGE)
+                await _fail_turn(rt, topics, message, exc)
             finally:
                 slots.release()
                 LLM_IN_FLIGHT.dec()
