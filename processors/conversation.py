@@ -76,6 +76,7 @@ __all__ = [
     "Transition",
     "Turn",
     "check_timeout",
+    "deadline_s",
     "next_due_at",
     "on_close",
     "on_llm_response",
@@ -572,10 +573,20 @@ def on_close(
     return Transition(state, effects)
 
 
+def deadline_s(attempt: int, cfg: ConversationConfig) -> float:
+    """Seconds a turn's attempt ``attempt`` may take before it is re-issued.
+
+    ``llm_deadline_s`` doubled per earlier attempt, up to 16 times: a provider that is slow rather
+    than gone gets more time with each re-issue instead of a growing pile of duplicate calls.
+    """
+    return cfg.llm_deadline_s * float(2 ** min(max(attempt, 0), 4))
+
+
 def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:
     """Re-issue the pending turn when its LLM response is overdue.
 
-    A turn issued more than ``cfg.llm_deadline_s`` seconds before ``now`` is issued again with
+    A turn issued more than ``deadline_s(attempt)`` seconds before ``now`` (``llm_deadline_s``
+    for the first attempt, doubling after each re-issue) is issued again with
     ``attempt + 1`` (``request_id`` ``<turn_id>:<attempt>``); a late response to any attempt is
     still accepted by :func:`on_llm_response`, the first one wins.
 
@@ -585,7 +596,7 @@ def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig
     pending = state.pending
     if pending is None or pending.issued_at is None:
         return Transition(state, [])
-    if (now - pending.issued_at).total_seconds() <= cfg.llm_deadline_s:
+    if (now - pending.issued_at).total_seconds() <= deadline_s(pending.attempt, cfg):
         return Transition(state, [])
     reissued = pending.model_copy(update={"attempt": pending.attempt + 1, "issued_at": now})
     state = state.model_copy(update={"pending": reissued, "reissues": state.reissues + 1})
@@ -630,7 +641,7 @@ def next_due_at(state: ConversationState, cfg: ConversationConfig) -> datetime |
     if pending is not None:
         if pending.issued_at is None:
             return None
-        return pending.issued_at + timedelta(seconds=cfg.llm_deadline_s)
+        return pending.issued_at + timedelta(seconds=deadline_s(pending.attempt, cfg))
     if state.status in _ONGOING and not state.queue:
         return state.last_activity_at + timedelta(seconds=cfg.inactivity_timeout_s)
     return None

@@ -71,3 +71,17 @@ def test_index_rescans_a_table_holding_states_it_never_saw() -> None:
     index.rescan(table, T0 + timedelta(seconds=1))
     due = index.take_due(T0 + timedelta(seconds=61), retry_s=5)
     assert sorted(due) == [(b"a", "t", "a"), (b"r", "t", "r")]
+
+
+def test_each_reissue_gets_twice_the_deadline_of_the_one_before() -> None:
+    from processors.conversation import deadline_s, reissue_due
+
+    state = _state("a", pending=True)
+    assert [deadline_s(n, CFG) for n in range(6)] == [60, 120, 240, 480, 960, 960]
+    first = reissue_due(state, T0 + timedelta(seconds=61), CFG)
+    assert first.state.pending is not None
+    assert first.state.pending.attempt == 1
+    issued = T0 + timedelta(seconds=61)
+    assert reissue_due(first.state, issued + timedelta(seconds=119), CFG).effects == []
+    assert len(reissue_due(first.state, issued + timedelta(seconds=121), CFG).effects) == 1
+    assert next_due_at(first.state, CFG) == issued + timedelta(seconds=120)
