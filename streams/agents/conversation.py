@@ -169,8 +169,11 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
     key = conversation_key(record.tenant, record.conversation_id).encode()
     before = batch.get(key)
     transition = apply(rt, before, record, utcnow())
-    if transition is None or (not transition.effects and transition.state == before):
-        return  # nothing changed (e.g. a tick that found nothing due): no changelog write
+    if transition is None:
+        return
+    is_tick = isinstance(record, ConversationEvent) and record.kind == ConversationEventKind.TIMEOUT
+    if is_tick and not transition.effects and transition.state == before:
+        return  # a tick that found nothing due: no changelog write
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
             batch.acks.append(
