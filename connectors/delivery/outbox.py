@@ -50,6 +50,7 @@ class OutboxConnector(DeliveryConnector):
         self._lock = asyncio.Lock()
         self._delivered: set[str] = set()
         self._scanned = 0
+        self._indexed = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, OptionValue], *, data_dir: Path) -> OutboxConnector:
@@ -124,6 +125,10 @@ class OutboxConnector(DeliveryConnector):
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         async with self._lock:
             try:
+                if self._path is not None and not self._indexed:
+                    # The first look reads the whole existing file: off the event loop.
+                    await asyncio.to_thread(self._refresh_index, self._path)
+                    self._indexed = True
                 written = self._write(request, data)
             except OSError as exc:
                 raise DeliveryError(

@@ -246,6 +246,10 @@ class DueIndex:
             self.update(key, ConversationState.model_validate_json(stored))
         self._scanned_at = now
 
+    def forget(self, key: bytes) -> None:
+        """Drop ``key`` (its partition now belongs to another worker)."""
+        self._due.pop(key, None)
+
     def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str, str]]:
         """(key, tenant, conversation_id) of the conversations due at ``now``; each is asked
         again after ``retry_s`` unless a commit updates it first (the tick's own processing
@@ -255,6 +259,15 @@ class DueIndex:
         for key, tenant, conv in due:
             self._due[key] = (later, tenant, conv)
         return due
+
+
+def _owned_partitions(app: Any, topic: str) -> set[int] | None:
+    """Partitions of ``topic`` this worker actively owns, or None when not known yet."""
+    try:
+        actives = app.assignor.assigned_actives()
+    except Exception:  # before the first assignment
+        return None
+    return {tp.partition for tp in actives if tp.topic == topic} or None
 
 
 def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
@@ -284,7 +297,15 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     async def conversation_ticks() -> None:
         now = utcnow()
         index.rescan(table, now)
+        owned = _owned_partitions(app, rt.settings.topics.conversations)
         for key, tenant, conversation_id in index.take_due(now, retry_s=interval):
+            if (
+                owned is not None
+                and app.producer.key_partition(rt.settings.topics.conversations, key).partition
+                not in owned
+            ):
+                index.forget(key)  # revoked: the new owner ticks it from its own index
+                continue
             tick = ConversationEvent(
                 event_id=f"tick:{uuid.uuid4()}",
                 conversation_id=conversation_id,
