@@ -7,7 +7,7 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
@@ -26,6 +26,7 @@ __all__ = [
     "headers_of",
     "internal_error",
     "is_transient",
+    "parse_each",
     "remember_after_ack",
     "send_record",
     "traceparent_of",
@@ -149,6 +150,34 @@ async def internal_error(
         reason=f"unexpected error: {exc!r}",
         error_type=type(exc).__name__,
     )
+
+
+T = TypeVar("T")
+
+
+async def parse_each(
+    rt: Runtime,
+    topics: dict[str, Any],
+    messages: Sequence[RawMessage],
+    parse: Callable[[RawMessage], Awaitable[T | None]],
+    *,
+    stage: str,
+) -> list[tuple[RawMessage, T]]:
+    """Apply ``parse`` to each record of a batch; keep (record, result) for the good ones.
+
+    ``parse`` dead-letters what it rejects and returns None; an unexpected exception
+    dead-letters the record here (``internal_error``), so one bad record never stops a batch.
+    """
+    parsed: list[tuple[RawMessage, T]] = []
+    for message in messages:
+        try:
+            result = await parse(message)
+        except Exception as exc:  # a bad record must never stop the partition
+            await internal_error(rt, topics, message, exc, stage=stage)
+            continue
+        if result is not None:
+            parsed.append((message, result))
+    return parsed
 
 
 async def dead_letter(

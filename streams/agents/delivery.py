@@ -21,6 +21,7 @@ from streams.agents.common import (
     dead_letter,
     guard_batch,
     internal_error,
+    parse_each,
     remember_after_ack,
     send_record,
 )
@@ -141,15 +142,7 @@ async def handle_batch(
     Already-delivered ids are found with one Redis round trip, and this batch's deliveries are
     recorded once the broker acknowledged their reports (see ``remember_after_ack``).
     """
-    decoded: list[tuple[RawMessage, DeliveryRequest]] = []
-    for message in messages:
-        try:
-            request = await _decode(rt, topics, message)
-        except Exception as exc:  # a bad record must never stop the partition
-            await internal_error(rt, topics, message, exc, stage=STAGE)
-            continue
-        if request is not None:
-            decoded.append((message, request))
+    decoded = await parse_each(rt, topics, messages, partial(_decode, rt, topics), stage=STAGE)
     keys = [f"delivered:{r.delivery_id}" for _, r in decoded]
     seen = await rt.store.seen_many(keys)
     groups: dict[tuple[str, str], list[tuple[RawMessage, DeliveryRequest, str]]] = {}

@@ -23,6 +23,7 @@ from streams.agents.common import (
     dead_letter,
     guard_batch,
     internal_error,
+    parse_each,
     remember_after_ack,
     send_record,
 )
@@ -117,15 +118,7 @@ async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMe
     produced — marking earlier would lose a message whose output was still in the producer's
     buffer when the worker died: its replay would look like a duplicate.
     """
-    accepted: list[tuple[RawMessage, Accepted]] = []
-    for message in messages:
-        try:
-            result = await _accept(rt, topics, message)
-        except Exception as exc:  # a bad record must never stop the partition
-            await internal_error(rt, topics, message, exc, stage=STAGE)
-            continue
-        if result is not None:
-            accepted.append((message, result))
+    accepted = await parse_each(rt, topics, messages, partial(_accept, rt, topics), stage=STAGE)
     window = rt.config.preprocess.dedup_window_s
     keys = [dedup_key(a.message) for _, a in accepted]
     seen = await rt.store.seen_many(keys) if window else [False] * len(keys)
