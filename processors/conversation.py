@@ -40,15 +40,26 @@ Lifecycle choices:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from processors.config import ConversationConfig, PersonaConfig
+from processors.conversation_state import (
+    ANSWERED_IDS_LIMIT,
+    ENDED,
+    ONGOING,
+    RECENT_IDS_LIMIT,
+    Closed,
+    ConversationState,
+    ConversationStatus,
+    Deliver,
+    Dropped,
+    Effect,
+    IssueLLM,
+    PendingTurn,
+    Transition,
+    Turn,
+)
 from schemas.models import (
-    Channel,
     ChatMessage,
     ConversationEvent,
     ConversationEventKind,
@@ -58,7 +69,6 @@ from schemas.models import (
     LLMResponse,
     LLMStatus,
     MessageType,
-    Priority,
     Role,
 )
 
@@ -84,138 +94,6 @@ __all__ = [
     "reissue_due",
     "summarize",
 ]
-
-RECENT_IDS_LIMIT = 256
-"""Event ids remembered per conversation for dedup (oldest forgotten first)."""
-ANSWERED_IDS_LIMIT = 256
-"""Answered turn ids remembered per conversation (duplicate responses, late duplicate turns)."""
-
-
-class ConversationStatus(StrEnum):
-    """Lifecycle of a conversation session."""
-
-    OPEN = "open"
-    ACTIVE = "active"
-    CLOSED = "closed"
-    TIMED_OUT = "timed_out"
-    HANDOFF = "handoff"
-
-
-_ONGOING = frozenset({ConversationStatus.OPEN, ConversationStatus.ACTIVE})
-_ENDED = frozenset({ConversationStatus.CLOSED, ConversationStatus.TIMED_OUT})
-
-
-class Turn(BaseModel):
-    """One turn of the history (``turn_id`` = the user event id, or ``<id>:reply``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    turn_id: str
-    role: Role
-    content: str
-    at: datetime
-    persona: str | None = None
-
-
-class PendingTurn(BaseModel):
-    """A user turn waiting for, or in flight to, the LLM: all the reply delivery needs.
-
-    ``attempt`` and ``issued_at`` are set when the turn is issued (``issued_at`` is None while
-    it waits in the queue).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    turn_id: str
-    content: str
-    channel: Channel
-    sender: str
-    subject: str | None = None
-    priority: Priority = Priority.MEDIUM
-    metadata: dict[str, str] = Field(default_factory=dict)
-    origin_created_at: datetime
-    persona: str
-    attempt: int = 0
-    issued_at: datetime | None = None
-
-
-class ConversationState(BaseModel):
-    """Everything the conversation agent keeps per ``conversation_id`` (JSON-serialisable).
-
-    Invariant: ``queue`` is empty whenever ``pending`` is None.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    conversation_id: str
-    tenant: str
-    status: ConversationStatus = ConversationStatus.OPEN
-    persona: str
-    history: list[Turn] = Field(default_factory=list)
-    pending: PendingTurn | None = None
-    queue: list[PendingTurn] = Field(default_factory=list)
-    recent_ids: list[str] = Field(default_factory=list)
-    answered_ids: list[str] = Field(default_factory=list)
-    closing: ConversationStatus | None = None  # requested close/handoff, applied once idle
-    close_reason: str | None = None
-    user_turns: int = 0
-    assistant_turns: int = 0
-    fallback_replies: int = 0
-    reissues: int = 0
-    sessions: int = 1
-    created_at: datetime
-    opened_at: datetime
-    last_activity_at: datetime
-    total_reply_latency_ms: float = 0.0
-    last_engine: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class IssueLLM:
-    """Send ``request`` to ``switchboard.llm.requests``."""
-
-    request: LLMRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """Send ``request`` to ``switchboard.delivery.requests``."""
-
-    request: DeliveryRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    """The session ended (``reason``: the close event's content or kind, or ``timeout``)."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """An input that produces no record: count it in a metric, send nothing.
-
-    Reasons: ``duplicate``, ``stale`` (a response for a turn not pending), ``handoff``,
-    ``not_user_turn``, ``not_open`` (close of an ended or unknown conversation),
-    ``unknown_conversation`` (a response without state), ``empty_reply``.
-    """
-
-    event_id: str
-    reason: str
-
-
-Effect = IssueLLM | Deliver | Closed | Dropped
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """The state to store and the effects to send, in order."""
-
-    state: ConversationState
-    effects: list[Effect] = field(default_factory=list)
 
 
 def _bounded(items: list[str], item: str, limit: int) -> list[str]:
@@ -350,7 +228,7 @@ def _choose_persona(
     continuity: bool,
     personas: Mapping[str, PersonaConfig],
 ) -> str:
-    keep = continuity and not override_continuity and state.status in _ONGOING
+    keep = continuity and not override_continuity and state.status in ONGOING
     chosen = state.persona if keep and state.persona in personas else persona
     if chosen not in personas:
         raise ValueError(f"unknown persona {chosen!r} (known: {sorted(personas)})")
@@ -394,12 +272,12 @@ def on_user_turn(
         stored = state or _placeholder(event.conversation_id, event.tenant, persona, now)
         return Transition(stored, [Dropped(event.event_id, "not_user_turn")])
     effects: list[Effect] = []
-    if state is not None and state.status not in _ENDED and _idle_too_long(state, now, cfg):
+    if state is not None and state.status not in ENDED and _idle_too_long(state, now, cfg):
         state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT})
         effects.append(Closed("timeout"))
     if state is None:
         state = _new_state(event, persona, now)
-    elif state.status in _ENDED:
+    elif state.status in ENDED:
         state = _reopen(state, persona, now)
     state = state.model_copy(
         update={
@@ -559,7 +437,7 @@ def on_close(
         return Transition(unknown, [Dropped(event.event_id, "not_open")])
     if _is_duplicate(state, event.event_id):
         return Transition(state, [Dropped(event.event_id, "duplicate")])
-    if state.status in _ENDED or state.status is target:
+    if state.status in ENDED or state.status is target:
         return Transition(state, [Dropped(event.event_id, "not_open")])
     state = state.model_copy(
         update={
@@ -642,7 +520,7 @@ def next_due_at(state: ConversationState, cfg: ConversationConfig) -> datetime |
         if pending.issued_at is None:
             return None
         return pending.issued_at + timedelta(seconds=deadline_s(pending.attempt, cfg))
-    if state.status in _ONGOING and not state.queue:
+    if state.status in ONGOING and not state.queue:
         return state.last_activity_at + timedelta(seconds=cfg.inactivity_timeout_s)
     return None
 
@@ -654,7 +532,7 @@ def check_timeout(state: ConversationState, now: datetime, cfg: ConversationConf
         ``[Closed("timeout")]`` with status ``timed_out``, else ``[]`` with ``state`` unchanged
         (already ended, busy, or active recently).
     """
-    if state.status in _ENDED or not _idle_too_long(state, now, cfg):
+    if state.status in ENDED or not _idle_too_long(state, now, cfg):
         return Transition(state, [])
     state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT, "closing": None})
     return Transition(state, [Closed("timeout")])
