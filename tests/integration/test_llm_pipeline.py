@@ -171,3 +171,41 @@ async def test_escalation_trigger_hands_the_turn_to_a_human_without_an_llm_call(
     assert handoff.kind.value == "handoff"
     assert handoff.content == content
     assert "speak to a human" in handoff.metadata["handoff.reason"]
+
+
+async def test_worker_keeps_up_to_its_cap_of_256_calls_in_flight(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    latency_s = 1.5  # under the engine's 2 s timeout: no retries
+    provider.set_latency(latency_s)
+    try:
+        lines = [
+            {
+                "tenant": "llm",
+                "channel": "chat",
+                "sender": f"load-{i}@llm.test",
+                "content": f"My mouse is not responding. (load {i})",
+            }
+            for i in range(400)
+        ]
+        result = await replay(
+            llm_stack.settings(),
+            lines,
+            timeout_s=120,
+            on_progress=lambda *_: llm_stack.check_workers(),
+        )
+    finally:
+        provider.set_latency(0.0)
+    assert result.summary()["replies_delivered"] == 400
+    starts = sorted(
+        r.received_at for r in provider.requests if "(load " in r.body["messages"][-1]["content"]
+    )
+    assert len(starts) == 400
+    # The server holds every call latency_s seconds: the most calls open at one instant is the
+    # stage's concurrency. One-at-a-time would show 1; the cap (llm.max_in_flight) is 256.
+    events = sorted([(t, 1) for t in starts] + [(t + latency_s, -1) for t in starts])
+    open_calls = peak = 0
+    for _, step in events:
+        open_calls += step
+        peak = max(peak, open_calls)
+    assert 200 <= peak <= 256, peak
