@@ -73,18 +73,6 @@ from schemas.models import (
 )
 
 __all__ = [
-    "ANSWERED_IDS_LIMIT",
-    "RECENT_IDS_LIMIT",
-    "Closed",
-    "ConversationState",
-    "ConversationStatus",
-    "Deliver",
-    "Dropped",
-    "Effect",
-    "IssueLLM",
-    "PendingTurn",
-    "Transition",
-    "Turn",
     "check_timeout",
     "deadline_s",
     "next_due_at",

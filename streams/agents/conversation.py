@@ -19,12 +19,6 @@ from typing import Any
 
 from processors.config import ConversationConfig
 from processors.conversation import (
-    Closed,
-    ConversationState,
-    Deliver,
-    Dropped,
-    IssueLLM,
-    Transition,
     check_timeout,
     next_due_at,
     on_close,
@@ -32,6 +26,14 @@ from processors.conversation import (
     on_user_turn,
     reissue_due,
     summarize,
+)
+from processors.conversation_state import (
+    Closed,
+    ConversationState,
+    Deliver,
+    Dropped,
+    IssueLLM,
+    Transition,
 )
 from processors.preprocess import conversation_key
 from schemas.errors import DecodeError

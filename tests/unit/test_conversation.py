@@ -12,6 +12,13 @@ from hypothesis import strategies as st
 
 from processors.config import ConversationConfig, PersonaConfig
 from processors.conversation import (
+    check_timeout,
+    on_close,
+    on_llm_response,
+    on_user_turn,
+    reissue_due,
+)
+from processors.conversation_state import (
     Closed,
     ConversationState,
     ConversationStatus,
@@ -20,11 +27,6 @@ from processors.conversation import (
     Effect,
     IssueLLM,
     Transition,
-    check_timeout,
-    on_close,
-    on_llm_response,
-    on_user_turn,
-    reissue_due,
 )
 from schemas.models import (
     Channel,

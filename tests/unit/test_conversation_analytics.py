@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from processors.config import ConversationConfig, PersonaConfig
-from processors.conversation import IssueLLM, on_close, on_llm_response, on_user_turn, summarize
+from processors.conversation import (
+    on_close,
+    on_llm_response,
+    on_user_turn,
+    summarize,
+)
+from processors.conversation_state import (
+    IssueLLM,
+)
 from schemas.models import ConversationEvent, ConversationEventKind, LLMResponse, LLMStatus
 
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)

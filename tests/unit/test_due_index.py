@@ -5,7 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from processors.config import ConversationConfig, PersonaConfig
-from processors.conversation import ConversationState, next_due_at, on_user_turn
+from processors.conversation import (
+    next_due_at,
+    on_user_turn,
+)
+from processors.conversation_state import (
+    ConversationState,
+)
 from schemas.models import ConversationEvent
 from streams.agents.conversation import DueIndex
 
