@@ -20,7 +20,10 @@ from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
 
 __all__ = [
+    "BATCH_MAX",
+    "BATCH_WITHIN_S",
     "RawMessage",
+    "batches",
     "dead_letter",
     "guard_batch",
     "headers_of",
@@ -82,6 +85,18 @@ async def send_record(
     )
     RECORDS_OUT.labels(stage, name).inc()
     return ack
+
+
+BATCH_MAX = 500
+"""Most records a stage handles per batch: one Redis round trip, one wait for acks."""
+BATCH_WITHIN_S = 0.005
+"""Longest a partial batch waits for more records (s)."""
+
+
+def batches(stream: Any) -> Any:
+    """The stream's events in batches (Faust ``take_events``), acknowledged per batch once the
+    loop body returns — cheaper than per-event iteration, and the unit ``guard_batch`` runs."""
+    return stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)
 
 
 TRANSIENT_RETRY_MAX_S = 30.0

@@ -45,6 +45,7 @@ from schemas.models import (
 )
 from streams.agents.common import (
     RawMessage,
+    batches,
     dead_letter,
     guard_batch,
     internal_error,
@@ -57,10 +58,6 @@ __all__ = ["apply", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
-BATCH_MAX = 500
-"""Most inputs applied before one wait for acknowledgements and one round of table writes."""
-BATCH_WITHIN_S = 0.005
-"""Longest a partial batch waits for more inputs (s)."""
 
 
 def apply(
@@ -281,7 +278,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
     @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def conversation(stream: Any) -> None:
         await rt.start()
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in batches(stream):
             messages = [event.message for event in events]
 
             async def run_batch(messages: list[RawMessage] = messages) -> None:

@@ -18,6 +18,7 @@ from schemas.errors import DecodeError
 from schemas.models import DeliveryReport, DeliveryRequest, DeliveryStatus, utcnow
 from streams.agents.common import (
     RawMessage,
+    batches,
     dead_letter,
     guard_batch,
     internal_error,
@@ -32,10 +33,6 @@ __all__ = ["deliver", "handle_batch", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "delivery"
-BATCH_MAX = 500
-"""Most delivery requests handled with one Redis look-up."""
-BATCH_WITHIN_S = 0.005
-"""Longest a partial batch waits for more requests (s)."""
 MAX_CONCURRENT_SENDS = 64
 """Connector sends in flight per worker."""
 _DELIVERED_TTL_S = 7 * 24 * 3600
@@ -200,6 +197,6 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     async def delivery(stream: Any) -> None:
         await rt.start()
         slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in batches(stream):
             messages = [event.message for event in events]
             await guard_batch(STAGE, partial(handle_batch, rt, topics, messages, slots))

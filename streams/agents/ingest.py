@@ -20,6 +20,7 @@ from schemas.models import (
 )
 from streams.agents.common import (
     RawMessage,
+    batches,
     dead_letter,
     guard_batch,
     internal_error,
@@ -41,10 +42,6 @@ _COMMANDS = {
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
-BATCH_MAX = 500
-"""Most records handled with one Redis look-up and one acknowledgement wait."""
-BATCH_WITHIN_S = 0.005
-"""Longest a partial batch waits for more records (s)."""
 
 
 async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
@@ -237,6 +234,6 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
     @app.agent(topics["inbound"], name="ingest")  # type: ignore[untyped-decorator]  # faust decorators are untyped
     async def ingest(stream: Any) -> None:
         await rt.start()
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in batches(stream):
             messages = [event.message for event in events]
             await guard_batch(STAGE, partial(handle_batch, rt, topics, messages))

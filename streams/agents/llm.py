@@ -25,7 +25,7 @@ from schemas.models import (
     Role,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
+from streams.agents.common import RawMessage, batches, dead_letter, internal_error, send_record
 from streams.metrics import (
     LLM_COST,
     LLM_IN_FLIGHT,
@@ -41,10 +41,6 @@ __all__ = ["answer", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "llm"
-BATCH_MAX = 500
-"""Requests read per batch (Faust acknowledges a batch at once, cheaper than per event)."""
-BATCH_WITHIN_S = 0.005
-"""Longest a partial batch waits for more requests (s)."""
 
 
 def _response(
@@ -302,7 +298,7 @@ def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
                 LLM_IN_FLIGHT.dec()
 
         try:
-            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            async for events in batches(stream):
                 for event in events:
                     await slots.acquire()
                     LLM_IN_FLIGHT.inc()
