@@ -118,6 +118,18 @@ class Settings(BaseSettings):
             env["OPENAI_BASE_URL"] = self.openai_base_url
         return env
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``SWITCHBOARD_*`` variables, to hand to a child process (unset
+        fields and the OpenAI variables, which have their own names, are left out)."""
+        env: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None or info.alias is not None:
+                continue
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[f"SWITCHBOARD_{name.upper()}"] = text
+        return env
+
     def broker_list(self) -> list[str]:
         """``kafka_brokers`` split into host:port entries."""
         return [b.strip() for b in self.kafka_brokers.split(",") if b.strip()]

@@ -122,26 +122,9 @@ class EmbeddedStack:
         )
 
     def worker_env(self, index: int) -> dict[str, str]:
-        """Environment of worker ``index`` (metrics on a free port when requested)."""
-        s = self.settings()
-        env = dict(os.environ)
-        env.update(
-            {
-                "SWITCHBOARD_KAFKA_BROKERS": s.kafka_brokers,
-                "SWITCHBOARD_REDIS_URL": s.redis_url,
-                "SWITCHBOARD_TOPIC_PREFIX": s.topic_prefix,
-                "SWITCHBOARD_APP_ID": s.app_id,
-                "SWITCHBOARD_PARTITIONS": str(s.partitions),
-                "SWITCHBOARD_DATA_DIR": str(s.data_dir),
-                "SWITCHBOARD_SESSION_TIMEOUT_S": "6",
-                "SWITCHBOARD_SINGLE_RECORD_BATCHES": "true",
-                "SWITCHBOARD_FETCH_MAX_WAIT_MS": "50",
-                "SWITCHBOARD_METRICS_PORT": "0",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        if s.config is not None:
-            env["SWITCHBOARD_CONFIG"] = str(s.config)
+        """Environment of worker ``index``: this process's, plus ``settings()`` as
+        ``SWITCHBOARD_*`` variables, plus ``extra_env``."""
+        env = {**os.environ, **self.settings().to_env(), "PYTHONUNBUFFERED": "1"}
         env.update(self.extra_env)
         return env
 

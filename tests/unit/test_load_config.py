@@ -59,3 +59,21 @@ def test_check_config_command_exits_2_with_a_one_line_reason(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert "default_persona 'b' is not a persona" in result.output
     assert "Traceback" not in result.output
+
+
+def test_settings_survive_the_trip_through_a_child_process_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from streams.settings import Settings
+
+    original = Settings(
+        kafka_brokers="k:1",
+        partitions=7,
+        single_record_batches=True,
+        fetch_max_wait_ms=50,
+        config=tmp_path / "c.yaml",
+        data_dir=tmp_path,
+    )
+    for key, value in original.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
