@@ -8,11 +8,9 @@ same run, so the figure holds on a noisy machine where absolute times do not.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,15 +54,7 @@ def conversation_lines(
 
 def _order_violations(result: ReplayResult, outbox: Path) -> int:
     """Conversations whose outbox order differs from their publish order (or with duplicates)."""
-    published: dict[str, list[str]] = defaultdict(list)
-    for message_id, outcome in result.outcomes.items():
-        published[outcome.message.conversation_id or ""].append(message_id)
-    delivered: dict[str, list[str]] = defaultdict(list)
-    with outbox.open(encoding="utf-8") as handle:
-        for line in handle:
-            entry = json.loads(line)
-            if entry["message_id"] in result.outcomes:
-                delivered[entry["conversation_id"]].append(entry["message_id"])
+    published, delivered = result.orders(outbox)
     return sum(1 for conv, ids in published.items() if delivered.get(conv) != ids)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,24 @@ class ReplayResult:
     outcomes: dict[str, Outcome]
     invalid_lines: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+
+    def orders(self, outbox: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """(published, delivered): this replay's message ids per conversation in the order
+        they were published, and in the order an outbox file recorded their deliveries.
+
+        Equal dicts mean every message was delivered exactly once and in order per
+        conversation (duplicates and gaps show up as differences).
+        """
+        published: dict[str, list[str]] = defaultdict(list)
+        for message_id, outcome in self.outcomes.items():
+            published[outcome.message.conversation_id or ""].append(message_id)
+        delivered: dict[str, list[str]] = defaultdict(list)
+        with outbox.open(encoding="utf-8") as handle:
+            for line in handle:
+                entry = json.loads(line)
+                if entry["message_id"] in self.outcomes:
+                    delivered[entry["conversation_id"]].append(entry["message_id"])
+        return dict(published), dict(delivered)
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON summary: counts and p50/p95 end-to-end latency in ms."""

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,14 +75,7 @@ def test_turn_is_answered_once_and_in_order_after_worker_is_killed_twice(
     assert summary["unaccounted"] == 0, summary
     assert summary["replies_delivered"] == total, summary
 
-    published: dict[str, list[str]] = defaultdict(list)
-    for message_id, outcome in result.outcomes.items():
-        published[outcome.message.conversation_id or ""].append(message_id)
-    delivered: dict[str, list[str]] = defaultdict(list)
-    for line in (stack.data_dir / "outbox.jsonl").read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        if entry["message_id"] in result.outcomes:
-            delivered[entry["conversation_id"]].append(entry["message_id"])
+    published, delivered = result.orders(stack.data_dir / "outbox.jsonl")
     # exactly one reply per turn (no duplicates, none missing), in the order the turns arrived
     assert delivered == published
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
-
 import pytest
 
 from connectors.llm.knowledge_loader import load_knowledge_base
@@ -60,16 +57,7 @@ async def test_every_replayed_turn_is_answered_once_in_its_own_conversation_in_o
 
     # The outbox holds deliveries in the order they happened: per conversation it must follow
     # the order the user's turns were published in.
-    published: dict[str, list[str]] = defaultdict(list)
-    for message_id, outcome in result.outcomes.items():
-        published[outcome.message.conversation_id or ""].append(message_id)
-    delivered: dict[str, list[str]] = defaultdict(list)
-    ours = set(result.outcomes)
-    outbox = stack.data_dir / "outbox.jsonl"
-    for line in outbox.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        if entry["message_id"] in ours:
-            delivered[entry["conversation_id"]].append(entry["message_id"])
+    published, delivered = result.orders(stack.data_dir / "outbox.jsonl")
     assert delivered == published
 
 
