@@ -11,6 +11,7 @@ from connectors.errors import EngineError
 from connectors.llm.base import Completion, CompletionRequest
 from connectors.llm.resilient import attempts_of
 from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
+from processors.config import PersonaConfig
 from processors.preprocess import conversation_key
 from processors.pricing import cost_usd
 from processors.prompt import build_messages
@@ -41,6 +42,12 @@ __all__ = ["answer", "register"]
 
 log = logging.getLogger(__name__)
 STAGE = "llm"
+
+
+def _persona(rt: Runtime, name: str) -> PersonaConfig:
+    """The named persona, or the default one when the config no longer has it."""
+    found = rt.config.personas.get(name)
+    return found if found is not None else rt.config.personas[rt.config.routing.default_persona]
 
 
 def _response(
@@ -86,9 +93,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
     Returns:
         The response, and the handoff event to publish when the turn was escalated.
     """
-    persona = rt.config.personas.get(request.persona)
-    if persona is None:
-        persona = rt.config.personas[rt.config.routing.default_persona]
+    persona = _persona(rt, request.persona)
     last = request.messages[-1] if request.messages else None
     user_content = last.content if last is not None and last.role == Role.USER else ""
     verdict = check_turn(persona, user_content)
@@ -248,10 +253,7 @@ async def _fail_turn(
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError:
         return  # not a request: nothing to answer
-    persona = (
-        rt.config.personas.get(request.persona)
-        or rt.config.personas[rt.config.routing.default_persona]
-    )
+    persona = _persona(rt, request.persona)
     response = _response(
         request,
         LLMStatus.FAILED,
