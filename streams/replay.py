@@ -27,7 +27,7 @@ from schemas.models import DeadLetter, DeliveryReport, DeliveryStatus, InboundMe
 from schemas.schema_registry_client import SchemaRegistryClient
 from streams.settings import Settings
 
-__all__ = ["Outcome", "ReplayResult", "load_jsonl", "prepare", "replay"]
+__all__ = ["Outcome", "ReplayResult", "assign_from_end", "load_jsonl", "prepare", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,13 @@ def prepare(raw: dict[str, Any], *, keep_ids: bool = False) -> InboundMessage:
     return InboundMessage.model_validate(data)
 
 
-async def _assign_from_end(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
+async def assign_from_end(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> None:
+    """Assign every partition of ``topics`` to ``consumer`` at the current end, with the
+    positions resolved now, so that everything published afterwards is read.
+
+    On a broker whose ListOffsets answers too low (Tansu) a few older records are read too;
+    callers match records by id, so that is harmless.
+    """
     tps = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic)
@@ -213,7 +219,7 @@ async def replay(
     try:
         await consumer.start()
         await producer.start()
-        await _assign_from_end(consumer, [topics.delivery_reports, topics.deadletter])
+        await assign_from_end(consumer, [topics.delivery_reports, topics.deadletter])
         for index, msg in enumerate(messages):
             msg = msg.model_copy(update={"created_at": utcnow()})  # latency starts at the send
             messages[index] = outcomes[msg.message_id].message = msg

@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from processors.ids import new_message_id
 from schemas.codec import Codec
 from schemas.models import DeadLetter, DeliveryReport, InboundMessage, utcnow
-from streams.replay import _assign_from_end
+from streams.replay import assign_from_end
 from streams.stack import EmbeddedStack
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ async def test_each_bad_record_is_dead_lettered_with_reason_and_bytes_and_neighb
     )
     await consumer.start()
     try:
-        await _assign_from_end(
+        await assign_from_end(
             consumer, [settings.topics.deadletter, settings.topics.delivery_reports]
         )
         producer = Producer(
