@@ -1,1 +1,2 @@
-"""Wiring: the Faust app, agents, settings, metrics, embedded stack and the CLI."""
+"""Wiring: the worker (a batch consumer per stage, the changelog table), the stages, settings,
+metrics, the embedded stack and the CLI."""

@@ -71,10 +71,9 @@ def _load(settings: Settings) -> Any:
 @app.command()
 def worker() -> None:
     """Run the stream workers against SWITCHBOARD_KAFKA_BROKERS and SWITCHBOARD_REDIS_URL."""
-    import faust
     from aiokafka.errors import KafkaConnectionError
 
-    from streams.app import create_app
+    from connectors.errors import ConnectorError
     from streams.metrics import serve_metrics
     from streams.topics import TopicLayoutError, create_topics
 
@@ -90,11 +89,18 @@ def worker() -> None:
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
-    faust_app, _ = create_app(settings, config)
+    from streams.worker import run_worker
+
     serve_metrics(settings.metrics_port)
-    asyncio.set_event_loop(_new_event_loop())
-    worker_ = faust.Worker(faust_app, loglevel=settings.log_level.lower(), quiet=True)
-    worker_.execute_from_commandline()
+    loop = _new_event_loop()
+    try:
+        status = loop.run_until_complete(run_worker(settings, config))
+    except (KafkaConnectionError, ConnectorError) as exc:
+        err.print(f"[bold red]worker cannot start:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        loop.close()
+    raise typer.Exit(status)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from schemas.codec import Codec
 from schemas.models import Channel
 from schemas.schema_registry_client import SchemaRegistryClient
 from streams.settings import Settings
+from streams.transport import Producer
 
 __all__ = ["Runtime", "UnconfiguredChannelError"]
 
@@ -75,6 +76,8 @@ class Runtime:
     engines: dict[str, ResilientEngine] = field(init=False)
     redis: aioredis.Redis | None = field(init=False, default=None)
     idempotency: IdempotencyStore | None = field(init=False, default=None)
+    kafka: Producer | None = field(init=False, default=None)
+    """The worker's producer (set by ``streams.worker`` before any stage runs)."""
     llm_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     """LLM calls in flight in this worker (drained on shutdown)."""
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
@@ -101,6 +104,13 @@ class Runtime:
             self.idempotency = IdempotencyStore(self.redis, namespace=self.settings.app_id)
             await self.codec.start()
             self._started = True
+
+    @property
+    def producer(self) -> Producer:
+        """The worker's Kafka producer."""
+        if self.kafka is None:
+            raise RuntimeError("the worker's producer is not set")
+        return self.kafka
 
     @property
     def store(self) -> IdempotencyStore:
@@ -133,7 +143,7 @@ class Runtime:
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` seconds for the LLM calls in flight; return how many remain.
 
-        Called after the consumer stopped and before the producer's final flush, so the
+        Called after the consumers stopped and before the producer's final flush, so the
         responses of calls that finish in time are sent; the rest are cancelled (so that no
         call runs into closed engines and answers with an apology) and re-issued by the
         conversation agent once their deadline passes.

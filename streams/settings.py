@@ -74,7 +74,10 @@ class Settings(BaseSettings):
         description="Confluent-compatible Schema Registry; unset = Avro single-object encoding.",
     )
     config: Path | None = Field(None, description="YAML file of personas and routing rules.")
-    app_id: str = Field("switchboard", description="Faust app id = Kafka consumer group id.")
+    app_id: str = Field(
+        "switchboard",
+        description="App id: consumer groups are <app_id>.<stage>; prefixes the changelog.",
+    )
     topic_prefix: str = Field("switchboard", description="Prefix of every topic name.")
     partitions: int = Field(4, ge=1, description="Partitions of each topic created by us.")
     metrics_port: int = Field(9108, ge=0, description="Port of the /metrics endpoint (0 = off).")
@@ -92,7 +95,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
-            "Longest a consumer fetch waits for data (ms); None keeps Faust's 1500. Lower it on "
+            "Longest a consumer fetch waits for data (ms); None = 100. Keep it low on "
             "brokers that do not answer a waiting fetch when data arrives (Tansu with several "
             "partitions per fetch)."
         ),

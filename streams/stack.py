@@ -80,7 +80,7 @@ class EmbeddedStack:
         workers: Worker processes to start (0 = only the servers).
         data_dir: Where logs, outbox and table data go.
         topic_prefix: Topic prefix (tests pass a unique one).
-        app_id: Faust app id / consumer group.
+        app_id: app id (consumer groups ``<app_id>.<stage>``, changelog prefix).
         config: YAML config for the workers (None = bundled default).
         extra_env: More environment for the workers.
     """

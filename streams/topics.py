@@ -1,7 +1,7 @@
 """Creating the pipeline's topics explicitly, with their partition counts, before any client asks.
 
 Some brokers auto-create a topic with a default partition count when a client merely asks for
-its metadata; creating every topic (and the Faust changelog and assignor topics) up front keeps
+its metadata; creating every topic (and the table changelogs) up front keeps
 the co-partitioning the stages rely on, on any broker.
 """
 
@@ -27,7 +27,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TABLE_NAMES = ("conversations",)
-"""Faust tables of the app; each has a changelog topic ``<app_id>-<table>-changelog``."""
+"""Tables of the app (``streams.table``); changelog topics ``<app_id>-<table>-changelog``."""
 
 _TOPIC_DOCS = {
     "inbound": ("tenant/conversation key", "InboundMessage (Avro or JSON)", "what users publish"),
@@ -53,10 +53,8 @@ def topic_table(settings: Settings) -> list[tuple[str, str, str, str]]:
 
 
 def internal_topics(settings: Settings) -> list[tuple[str, int]]:
-    """Faust's own topics: table changelogs (same partitions as the sources) and the assignor's."""
-    out = [(f"{settings.app_id}-{name}-changelog", settings.partitions) for name in TABLE_NAMES]
-    out.append((f"{settings.app_id}-__assignor-__leader", 1))
-    return out
+    """The app's own topics: table changelogs (same partitions as the sources)."""
+    return [(f"{settings.app_id}-{name}-changelog", settings.partitions) for name in TABLE_NAMES]
 
 
 def _check_partitions(described: list[Any], wanted: list[tuple[str, int]]) -> None:

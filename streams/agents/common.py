@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from aiokafka.errors import KafkaError
-
-from connectors.errors import ConnectorError
-from processors.backoff import backoff_delay
 from processors.tracing import TRACEPARENT, child_traceparent
-from schemas.errors import SchemaRegistryError
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
 from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
+from streams.transport import Record, is_transient
 
 __all__ = [
-    "BATCH_MAX",
-    "BATCH_WITHIN_S",
     "RawMessage",
-    "batches",
     "dead_letter",
-    "guard_batch",
     "headers_of",
     "internal_error",
-    "is_transient",
     "parse_each",
     "remember_after_ack",
     "send_record",
@@ -37,8 +27,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RawMessage = Any
-"""A faust ``Message`` (topic, partition, offset, key, value, headers); faust ships no stubs."""
+RawMessage: TypeAlias = Record
+"""A consumed record (topic, partition, offset, key, value, headers)."""
 
 
 def headers_of(message: RawMessage) -> list[tuple[str, bytes | None]]:
@@ -60,7 +50,7 @@ def traceparent_of(message: RawMessage) -> bytes | None:
 
 async def send_record(
     rt: Runtime,
-    topic: Any,
+    topic: str,
     record: AvroRecord,
     *,
     key: str | bytes | None,
@@ -69,83 +59,24 @@ async def send_record(
 ) -> Awaitable[Any]:
     """Encode ``record`` and send it on ``topic`` with a child traceparent of ``parent``.
 
-    The send is buffered by the producer; Faust flushes the producer before it commits the
-    consumed offset, so a crash before the flush replays the input (at-least-once).
+    The send is buffered by the producer; inside a batch, the batch's offsets are committed
+    only after this record was acknowledged (``streams.transport``), so a crash before that
+    replays the input (at-least-once).
 
     Returns:
         An awaitable that resolves to the record's metadata once the broker acknowledged it.
     """
     trace = child_traceparent(traceparent_of(parent) if parent is not None else None)
     key_bytes = key.encode() if isinstance(key, str) else key
-    name = topic.get_topic_name()
-    # Straight to the app's producer, past Faust's Topic.send bookkeeping (a measurable share
-    # of the CPU per record). Faust still flushes this producer before it commits offsets.
-    ack: Awaitable[Any] = await topic.app.producer.send(
-        name, key_bytes, rt.codec.encode(record), None, None, [(TRACEPARENT, trace.encode())]
+    ack = await rt.producer.send(
+        topic, rt.codec.encode(record), key=key_bytes, headers=[(TRACEPARENT, trace.encode())]
     )
-    RECORDS_OUT.labels(stage, name).inc()
+    RECORDS_OUT.labels(stage, topic).inc()
     return ack
 
 
-BATCH_MAX = 500
-"""Most records a stage handles per batch: one Redis round trip, one wait for acks."""
-BATCH_WITHIN_S = 0.005
-"""Longest a partial batch waits for more records (s)."""
-
-
-def batches(stream: Any) -> Any:
-    """The stream's events in batches (Faust ``take_events``), acknowledged per batch once the
-    loop body returns — cheaper than per-event iteration, and the unit ``guard_batch`` runs."""
-    return stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)
-
-
-TRANSIENT_RETRY_MAX_S = 30.0
-"""Longest pause between two tries of a batch that failed on a transient error (s)."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors the same batch may get past by trying again: Redis, the schema registry, the
-    broker (a produce that was not acknowledged)."""
-    if isinstance(exc, ConnectorError | SchemaRegistryError):
-        return exc.retriable
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
-
-
-async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
-    """Run one batch so that its records are never acknowledged without their outputs.
-
-    Faust acknowledges the events of a ``take_events`` batch when the batch's body returns *or
-    raises*, so an exception must not leave it. Per-record failures are dead-lettered by the
-    stages themselves; what reaches here failed for the whole batch. A transient error (Redis
-    down, schema registry unreachable, a produce not acknowledged) is retried with capped
-    exponential backoff — backpressure: the partition waits, nothing is dropped. Re-running a
-    batch re-creates outputs with the same ids, which the next stages drop. Anything else is a
-    bug: the worker exits at once (status 70) without committing, and its restart replays the
-    batch.
-    """
-    attempt = 0
-    while True:
-        try:
-            await body()
-            return
-        except Exception as exc:
-            if not is_transient(exc):
-                log.critical(
-                    "%s: unrecoverable error in a batch; exiting without commit",
-                    stage,
-                    exc_info=True,
-                )
-                logging.shutdown()
-                os._exit(70)
-            delay = backoff_delay(attempt, initial_s=0.5, max_s=TRANSIENT_RETRY_MAX_S)
-            STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
-            log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
-            attempt += 1
-            await asyncio.sleep(delay)
-
-
 async def internal_error(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception, *, stage: str
+    rt: Runtime, topics: dict[str, str], message: RawMessage, exc: Exception, *, stage: str
 ) -> None:
     """Count, log and dead-letter a record whose processing raised unexpectedly.
 
@@ -172,7 +103,7 @@ T = TypeVar("T")
 
 async def parse_each(
     rt: Runtime,
-    topics: dict[str, Any],
+    topics: dict[str, str],
     messages: Sequence[RawMessage],
     parse: Callable[[RawMessage], Awaitable[T | None]],
     *,
@@ -197,7 +128,7 @@ async def parse_each(
 
 async def dead_letter(
     rt: Runtime,
-    topic: Any,
+    topic: str,
     message: RawMessage,
     *,
     stage: str,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
+
+from aiokafka import TopicPartition
 
 from processors.config import ConversationConfig
 from processors.conversation import (
@@ -43,18 +45,14 @@ from schemas.models import (
     LLMResponse,
     utcnow,
 )
-from streams.agents.common import (
-    RawMessage,
-    batches,
-    dead_letter,
-    guard_batch,
-    internal_error,
-    send_record,
-)
+from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN
 from streams.runtime import Runtime
+from streams.settings import Settings
+from streams.table import ChangelogTable
+from streams.transport import BatchConsumer
 
-__all__ = ["apply", "register"]
+__all__ = ["Batch", "DueIndex", "apply", "changelog_topic", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
@@ -102,56 +100,49 @@ def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse
 
 
 class Batch:
-    """States changed by a batch of inputs, and the acknowledgements of what it produced.
+    """States changed by a batch of inputs, staged until the whole batch was handled.
 
-    States are written to the table only after every record the batch produced was
-    acknowledged: a worker killed in between would otherwise restore a state that says
-    "answered" for a reply that was never sent, and drop the replayed response as a duplicate.
-    Replaying the inputs re-creates the same records with the same ids, which the next stages
-    drop. One acknowledgement wait per batch instead of per record keeps this cheap.
+    ``commit`` stores them in the table when every record went through, so a batch retried
+    after a transient error starts again from the table. The table sends their changelog
+    records only after every record the batch produced was acknowledged: a worker killed in
+    between would otherwise restore a state that says "answered" for a reply that was never
+    sent, and drop the replayed response as a duplicate. Replaying the inputs re-creates the
+    same records with the same ids, which the next stages drop.
     """
 
-    def __init__(self, table: Any, index: DueIndex | None = None) -> None:
+    def __init__(self, table: ChangelogTable[ConversationState], index: DueIndex | None = None):
         self.table = table
         self.index = index
-        self.states: dict[bytes, ConversationState | None] = {}
+        self.states: dict[bytes, tuple[int, ConversationState | None]] = {}
         self.changed: set[bytes] = set()
-        self.acks: list[Awaitable[Any]] = []
 
-    def get(self, key: bytes) -> ConversationState | None:
+    def get(self, partition: int, key: bytes) -> ConversationState | None:
         """The state as of the inputs applied so far (staged, else stored)."""
         if key in self.states:
-            return self.states[key]
-        stored = self.table.get(key)
-        state = ConversationState.model_validate_json(stored) if stored is not None else None
-        self.states[key] = state
+            return self.states[key][1]
+        state = self.table.get(partition, key)
+        self.states[key] = (partition, state)
         return state
 
-    async def commit(self) -> None:
-        """Wait for every produced record, write the changed states, and hand the changelog
-        records to the Kafka producer before the batch's inputs may be acknowledged.
+    def commit(self) -> None:
+        """Store the changed states (the changelog follows the batch's acknowledgements)."""
+        changes = []
+        for key in self.changed:
+            partition, state = self.states[key]
+            if state is None:
+                continue
+            changes.append((partition, key, state))
+            if self.index is not None:
+                self.index.update(key, state)
+        self.table.put_many(changes)
 
-        Faust buffers table writes (``send_soon``) and its pre-commit flush gives up on that
-        buffer after 0.1 s without progress; draining it here means the offset commit that
-        follows always flushes the changelog records with it.
-        """
-        await asyncio.gather(*self.acks)
-        for key, state in self.states.items():
-            if state is not None and key in self.changed:
-                self.table[key] = state.model_dump_json().encode()
-                if self.index is not None:
-                    self.index.update(key, state)
-        buffer = self.table.app.producer.buffer
-        while buffer.size:
-            await buffer.flush_atmost(buffer.size)
-
-    def stage(self, key: bytes, state: ConversationState) -> None:
-        """Record the new state of ``key`` (written by ``commit``)."""
-        self.states[key] = state
+    def stage(self, partition: int, key: bytes, state: ConversationState) -> None:
+        """Record the new state of ``key`` (stored by ``commit``)."""
+        self.states[key] = (partition, state)
         self.changed.add(key)
 
 
-async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: RawMessage) -> None:
+async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: RawMessage) -> None:
     RECORDS_IN.labels(STAGE).inc()
     try:
         record = _decode(rt, message)
@@ -166,7 +157,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
         )
         return
     key = conversation_key(record.tenant, record.conversation_id).encode()
-    before = batch.get(key)
+    before = batch.get(message.partition, key)
     transition = apply(rt, before, record, utcnow())
     if transition is None:
         return
@@ -175,21 +166,17 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
         return  # a tick that found nothing due: no changelog write
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
-            batch.acks.append(
-                await send_record(
-                    rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
-                )
+            await send_record(
+                rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
             )
         elif isinstance(effect, Deliver):
-            batch.acks.append(
-                await send_record(
-                    rt,
-                    topics["delivery_requests"],
-                    effect.request,
-                    key=effect.request.recipient,
-                    stage=STAGE,
-                    parent=message,
-                )
+            await send_record(
+                rt,
+                topics["delivery_requests"],
+                effect.request,
+                key=effect.request.recipient,
+                stage=STAGE,
+                parent=message,
             )
         elif isinstance(effect, Dropped):
             DROPPED.labels(STAGE, effect.reason).inc()
@@ -198,56 +185,56 @@ async def _handle(rt: Runtime, topics: dict[str, Any], batch: Batch, message: Ra
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
             summary = summarize(transition.state, effect.reason, utcnow())
             CONVERSATIONS_ENDED.labels(summary.status).inc()
-            batch.acks.append(
-                await send_record(
-                    rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
-                )
+            await send_record(
+                rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )
-    batch.stage(key, transition.state)
+    batch.stage(message.partition, key, transition.state)
+
+
+class StateEntries(Protocol):
+    """Anything listing ``(partition, key, state)`` entries, like ``ChangelogTable``."""
+
+    def items(self) -> Iterable[tuple[int, bytes, ConversationState]]: ...
 
 
 class DueIndex:
     """When each conversation next needs a timer tick (LLM deadline or inactivity timeout).
 
-    Kept up to date from every batch the agent commits, so a timer run looks at a dict instead
-    of parsing every stored state. The whole table is rescanned when it holds keys the index
-    has never seen (states restored from the changelog after a restart or a rebalance), and
-    at the latest every ``rescan_s`` seconds.
+    Kept up to date from every batch the stage commits, so a timer run looks at a dict instead
+    of every stored state. The whole table is rescanned after its partitions changed (states
+    restored from the changelog after a restart or a rebalance, partitions dropped), and at the
+    latest every ``rescan_s`` seconds.
     """
 
     def __init__(self, cfg: ConversationConfig, rescan_s: float) -> None:
         self.cfg = cfg
         self.rescan_s = rescan_s
         self._due: dict[bytes, tuple[datetime, str, str]] = {}
-        self._known: set[bytes] = set()
         self._scanned_at: datetime | None = None
 
     def update(self, key: bytes, state: ConversationState) -> None:
         """Record the next due time of ``key`` (or forget it when nothing is due)."""
-        self._known.add(key)
         due = next_due_at(state, self.cfg)
         if due is None:
             self._due.pop(key, None)
         else:
             self._due[key] = (due, state.tenant, state.conversation_id)
 
-    def rescan(self, table: Any, now: datetime) -> None:
-        """Rebuild from the table when it has unseen keys or the last scan is ``rescan_s`` old."""
-        recent = (
+    def invalidate(self) -> None:
+        """Rebuild at the next ``rescan`` (the table's partitions changed)."""
+        self._scanned_at = None
+
+    def rescan(self, table: StateEntries, now: datetime) -> None:
+        """Rebuild from the table when invalidated or when the last scan is ``rescan_s`` old."""
+        if (
             self._scanned_at is not None
             and (now - self._scanned_at).total_seconds() < self.rescan_s
-        )
-        if recent and len(table) <= len(self._known):
+        ):
             return
         self._due.clear()
-        self._known.clear()
-        for key, stored in list(table.items()):
-            self.update(key, ConversationState.model_validate_json(stored))
+        for _, key, state in table.items():
+            self.update(key, state)
         self._scanned_at = now
-
-    def forget(self, key: bytes) -> None:
-        """Drop ``key`` (its partition now belongs to another worker)."""
-        self._due.pop(key, None)
 
     def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str, str]]:
         """(key, tenant, conversation_id) of the conversations due at ``now``; each is asked
@@ -260,57 +247,79 @@ class DueIndex:
         return due
 
 
-def _owned_partitions(app: Any, topic: str) -> set[int] | None:
-    """Partitions of ``topic`` this worker actively owns, or None when not known yet."""
-    try:
-        actives = app.assignor.assigned_actives()
-    except Exception:  # before the first assignment
-        return None
-    return {tp.partition for tp in actives if tp.topic == topic} or None
+def changelog_topic(settings: Settings) -> str:
+    """The conversation table's changelog topic (compacted, partitioned like the inputs)."""
+    return f"{settings.app_id}-conversations-changelog"
 
 
-def register(app: Any, rt: Runtime, topics: dict[str, Any], table: Any) -> None:
-    """Register the conversation agent and its deadline/timeout timer on ``app``."""
+def _decode_state(data: bytes) -> ConversationState:
+    return ConversationState.model_validate_json(data)
+
+
+def _encode_state(state: ConversationState) -> bytes:
+    return state.model_dump_json().encode()
+
+
+def stage(
+    rt: Runtime, topics: dict[str, str]
+) -> tuple[BatchConsumer, Callable[[], Coroutine[Any, Any, None]]]:
+    """The conversation stage and its deadline/timeout timer.
+
+    Returns:
+        ``(consumer, timer)``: the consumer of the conversations and LLM responses topics
+        (co-partitioned with the table's changelog), and the coroutine function that sends
+        ``timeout`` ticks for conversations that are due, forever.
+    """
     cfg = rt.config.conversation
     interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))
     index = DueIndex(cfg, rescan_s=max(10 * interval, 30.0))
+    table: ChangelogTable[ConversationState] = ChangelogTable(
+        rt.settings,
+        rt.producer,
+        changelog_topic(rt.settings),
+        encode=_encode_state,
+        decode=_decode_state,
+    )
+    conversations = topics["conversations"]
 
-    @app.agent(topics["conversation_inputs"], name="conversation")  # type: ignore[untyped-decorator]  # faust decorators are untyped
-    async def conversation(stream: Any) -> None:
-        await rt.start()
-        async for events in batches(stream):
-            messages = [event.message for event in events]
+    async def handle(messages: list[RawMessage]) -> None:
+        batch = Batch(table, index)  # a retried batch starts again from the table
+        for message in messages:
+            try:
+                await _handle(rt, topics, batch, message)
+            except Exception as exc:  # a bad record must never stop the partition
+                await internal_error(rt, topics, message, exc, stage=STAGE)
+        batch.commit()
 
-            async def run_batch(messages: list[RawMessage] = messages) -> None:
-                batch = Batch(table, index)  # a retried batch starts again from the table
-                for message in messages:
-                    try:
-                        await _handle(rt, topics, batch, message)
-                    except Exception as exc:  # a bad record must never stop the partition
-                        await internal_error(rt, topics, message, exc, stage=STAGE)
-                await batch.commit()
+    async def assigned(tps: set[TopicPartition]) -> None:
+        mine = {tp.partition for tp in tps if tp.topic == conversations}
+        # Eager rebalances revoke everything first; keep what comes back to this worker and
+        # restore only what is new here (nobody else processed it in between).
+        table.drop(table.partitions() - mine)
+        await table.restore(mine)
+        index.invalidate()
 
-            await guard_batch(STAGE, run_batch)
+    async def ticks() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            now = utcnow()
+            index.rescan(table, now)
+            for key, tenant, conversation_id in index.take_due(now, retry_s=interval):
+                tick = ConversationEvent(
+                    event_id=f"tick:{uuid.uuid4()}",
+                    conversation_id=conversation_id,
+                    tenant=tenant,
+                    kind=ConversationEventKind.TIMEOUT,
+                    origin_created_at=now,
+                    created_at=now,
+                )
+                await send_record(rt, conversations, tick, key=key, stage=STAGE)
 
-    @app.timer(interval=interval)  # type: ignore[untyped-decorator]  # faust decorators are untyped
-    async def conversation_ticks() -> None:
-        now = utcnow()
-        index.rescan(table, now)
-        owned = _owned_partitions(app, rt.settings.topics.conversations)
-        for key, tenant, conversation_id in index.take_due(now, retry_s=interval):
-            if (
-                owned is not None
-                and app.producer.key_partition(rt.settings.topics.conversations, key).partition
-                not in owned
-            ):
-                index.forget(key)  # revoked: the new owner ticks it from its own index
-                continue
-            tick = ConversationEvent(
-                event_id=f"tick:{uuid.uuid4()}",
-                conversation_id=conversation_id,
-                tenant=tenant,
-                kind=ConversationEventKind.TIMEOUT,
-                origin_created_at=now,
-                created_at=now,
-            )
-            await send_record(rt, topics["conversations"], tick, key=key, stage=STAGE)
+    consumer = BatchConsumer(
+        rt.settings,
+        STAGE,
+        [conversations, topics["llm_responses"]],
+        handle,
+        on_assigned=assigned,
+    )
+    return consumer, ticks

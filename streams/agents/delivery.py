@@ -18,9 +18,7 @@ from schemas.errors import DecodeError
 from schemas.models import DeliveryReport, DeliveryRequest, DeliveryStatus, utcnow
 from streams.agents.common import (
     RawMessage,
-    batches,
     dead_letter,
-    guard_batch,
     internal_error,
     parse_each,
     remember_after_ack,
@@ -28,8 +26,9 @@ from streams.agents.common import (
 )
 from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime, UnconfiguredChannelError
+from streams.transport import BatchConsumer
 
-__all__ = ["deliver", "handle_batch", "register"]
+__all__ = ["deliver", "handle_batch", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "delivery"
@@ -113,7 +112,7 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
 
 
 async def _decode(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage
+    rt: Runtime, topics: dict[str, str], message: RawMessage
 ) -> DeliveryRequest | None:
     RECORDS_IN.labels(STAGE).inc()
     try:
@@ -131,7 +130,7 @@ async def _decode(
 
 
 async def handle_batch(
-    rt: Runtime, topics: dict[str, Any], messages: list[RawMessage], slots: asyncio.Semaphore
+    rt: Runtime, topics: dict[str, str], messages: list[RawMessage], slots: asyncio.Semaphore
 ) -> None:
     """Deliver a batch: recipients in parallel (at most ``slots`` sends at once), each
     recipient's messages one after another in arrival order.
@@ -190,13 +189,12 @@ async def handle_batch(
         remember_after_ack(rt, delivered, _DELIVERED_TTL_S, acks)
 
 
-def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
-    """Register the delivery agent on ``app`` (consumes the delivery requests topic)."""
-
-    @app.agent(topics["delivery_requests"], name="delivery")  # type: ignore[untyped-decorator]  # faust decorators are untyped
-    async def delivery(stream: Any) -> None:
-        await rt.start()
-        slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
-        async for events in batches(stream):
-            messages = [event.message for event in events]
-            await guard_batch(STAGE, partial(handle_batch, rt, topics, messages, slots))
+def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
+    """The delivery stage: consumes the delivery requests topic in batches (``handle_batch``)."""
+    slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+    return BatchConsumer(
+        rt.settings,
+        STAGE,
+        [topics["delivery_requests"]],
+        partial(handle_batch, rt, topics, slots=slots),
+    )

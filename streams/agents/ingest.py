@@ -20,9 +20,7 @@ from schemas.models import (
 )
 from streams.agents.common import (
     RawMessage,
-    batches,
     dead_letter,
-    guard_batch,
     internal_error,
     parse_each,
     remember_after_ack,
@@ -30,8 +28,9 @@ from streams.agents.common import (
 )
 from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
 from streams.runtime import Runtime
+from streams.transport import BatchConsumer
 
-__all__ = ["COMMAND_KEY", "handle_batch", "register"]
+__all__ = ["COMMAND_KEY", "handle_batch", "stage"]
 
 COMMAND_KEY = "switchboard.command"
 """Metadata key of lifecycle commands: ``close`` or ``handoff`` (content = the reason)."""
@@ -54,7 +53,7 @@ async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
         return rt.codec.decode_inbound(data)
 
 
-async def _accept(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> Accepted | None:
+async def _accept(rt: Runtime, topics: dict[str, str], message: RawMessage) -> Accepted | None:
     """Decode, validate and pre-process one record; dead-letter it and return None if bad."""
     RECORDS_IN.labels(STAGE).inc()
     dlq = topics["deadletter"]
@@ -83,7 +82,7 @@ async def _accept(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> A
 
 
 async def _route(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage, accepted: Accepted
+    rt: Runtime, topics: dict[str, str], message: RawMessage, accepted: Accepted
 ) -> list[Awaitable[Any]]:
     """Route one accepted message and send what the decision says; the sends' acks."""
     msg = accepted.message
@@ -107,7 +106,7 @@ async def _route(
     return await _to_flow(rt, topics, message, msg, decision)
 
 
-async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMessage]) -> None:
+async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMessage]) -> None:
     """Process a batch of inbound records; every outcome is a record on some topic.
 
     Dedup costs one Redis round trip per batch (``MGET``), and the ids are recorded
@@ -138,7 +137,7 @@ async def handle_batch(rt: Runtime, topics: dict[str, Any], messages: list[RawMe
 
 async def _to_conversation(
     rt: Runtime,
-    topics: dict[str, Any],
+    topics: dict[str, str],
     message: RawMessage,
     msg: InboundMessage,
     conversation_id: str,
@@ -172,7 +171,7 @@ async def _to_conversation(
 
 async def _to_flow(
     rt: Runtime,
-    topics: dict[str, Any],
+    topics: dict[str, str],
     message: RawMessage,
     msg: InboundMessage,
     decision: RouteDecision,
@@ -228,12 +227,6 @@ async def _to_flow(
     return acks
 
 
-def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
-    """Register the ingest agent on ``app`` (consumes the inbound topic)."""
-
-    @app.agent(topics["inbound"], name="ingest")  # type: ignore[untyped-decorator]  # faust decorators are untyped
-    async def ingest(stream: Any) -> None:
-        await rt.start()
-        async for events in batches(stream):
-            messages = [event.message for event in events]
-            await guard_batch(STAGE, partial(handle_batch, rt, topics, messages))
+def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
+    """The ingest stage: consumes the inbound topic in batches (``handle_batch``)."""
+    return BatchConsumer(rt.settings, STAGE, [topics["inbound"]], partial(handle_batch, rt, topics))

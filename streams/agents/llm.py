@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from schemas.models import (
     Role,
     utcnow,
 )
-from streams.agents.common import RawMessage, batches, dead_letter, internal_error, send_record
+from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.metrics import (
     LLM_COST,
     LLM_IN_FLIGHT,
@@ -37,8 +38,9 @@ from streams.metrics import (
     STAGE_ERRORS,
 )
 from streams.runtime import Runtime
+from streams.transport import BatchConsumer
 
-__all__ = ["answer", "register"]
+__all__ = ["answer", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "llm"
@@ -200,7 +202,7 @@ def _record_usage(
     LLM_COST.labels(request.tenant, request.persona, completion.model).inc(cost)
 
 
-async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> None:
+async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> None:
     RECORDS_IN.labels(STAGE).inc()
     try:
         request = rt.codec.decode(message.value or b"", LLMRequest)
@@ -236,7 +238,7 @@ async def _handle(rt: Runtime, topics: dict[str, Any], message: RawMessage) -> N
 
 
 async def _fail_turn(
-    rt: Runtime, topics: dict[str, Any], message: RawMessage, exc: Exception
+    rt: Runtime, topics: dict[str, str], message: RawMessage, exc: Exception
 ) -> None:
     """Dead-letter a request that failed unexpectedly, and still answer its turn.
 
@@ -272,41 +274,39 @@ async def _fail_turn(
     )
 
 
-def register(app: Any, rt: Runtime, topics: dict[str, Any]) -> None:
-    """Register the LLM agent on ``app`` (consumes the LLM requests topic).
+def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
+    """The LLM stage: consumes the LLM requests topic and answers up to ``llm.max_in_flight``
+    requests concurrently in one worker.
 
-    Up to ``llm.max_in_flight`` requests are answered concurrently by one worker. No two of
-    them belong to the same conversation (the conversation agent keeps at most one turn per
-    conversation in flight), so their completion order does not matter. When the pool is full
-    the agent stops reading: backpressure, not buffering. Offsets may be committed while calls
-    are still in flight; a request lost with a crashed worker is re-issued by the conversation
-    agent once its deadline passes (``conversation.llm_deadline_s``), and a duplicate response
-    is dropped there by turn id (ARCHITECTURE.md principle 5).
+    No two requests in flight belong to the same conversation (the conversation stage keeps
+    at most one turn per conversation in flight), so their completion order does not matter.
+    When the pool is full the stage stops reading: backpressure, not buffering. A batch's
+    offsets are committed once its calls have *started*; a request lost with a crashed worker
+    is re-issued by the conversation stage once its deadline passes
+    (``conversation.llm_deadline_s``), and a duplicate response is dropped there by turn id
+    (ARCHITECTURE.md principle 5).
     """
+    slots = asyncio.Semaphore(rt.config.llm.max_in_flight)
+    in_flight = rt.llm_tasks  # drained by the worker on shutdown (streams.worker)
 
-    @app.agent(topics["llm_requests"], name="llm")  # type: ignore[untyped-decorator]  # faust decorators are untyped
-    async def llm(stream: Any) -> None:
-        await rt.start()
-        slots = asyncio.Semaphore(rt.config.llm.max_in_flight)
-        in_flight = rt.llm_tasks  # drained by the app's shutdown hook (streams.app)
-
-        async def run(message: RawMessage) -> None:
-            try:
-                await _handle(rt, topics, message)
-            except Exception as exc:  # a bad record must never stop the stage
-                await _fail_turn(rt, topics, message, exc)
-            finally:
-                slots.release()
-                LLM_IN_FLIGHT.dec()
-
+    async def run(message: RawMessage) -> None:
         try:
-            async for events in batches(stream):
-                for event in events:
-                    await slots.acquire()
-                    LLM_IN_FLIGHT.inc()
-                    task = asyncio.ensure_future(run(event.message))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+            await _handle(rt, topics, message)
+        except Exception as exc:  # a bad record must never stop the stage
+            await _fail_turn(rt, topics, message, exc)
         finally:
-            for task in in_flight:
-                task.cancel()
+            slots.release()
+            LLM_IN_FLIGHT.dec()
+
+    async def start_calls(messages: list[RawMessage]) -> None:
+        for message in messages:
+            await slots.acquire()
+            LLM_IN_FLIGHT.inc()
+            # A fresh context: the call's records are not part of this batch's acks.
+            task = asyncio.get_running_loop().create_task(
+                run(message), context=contextvars.Context()
+            )
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    return BatchConsumer(rt.settings, STAGE, [topics["llm_requests"]], start_calls)

@@ -69,14 +69,29 @@ def test_index_returns_due_keys_once_per_retry_window_and_follows_updates() -> N
     assert index.take_due(T0 + timedelta(seconds=700), retry_s=5) == [(b"b", "t", "b")]
 
 
-def test_index_rescans_a_table_holding_states_it_never_saw() -> None:
+class _Entries:
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, bytes, ConversationState]] = []
+
+    def items(self) -> list[tuple[int, bytes, ConversationState]]:
+        return list(self.entries)
+
+
+def test_index_rescans_the_table_only_when_invalidated_or_stale() -> None:
     index = DueIndex(CFG, rescan_s=3600)
-    table = {b"a": _state("a", pending=True).model_dump_json().encode()}
+    table = _Entries()
+    table.entries.append((0, b"a", _state("a", pending=True)))
     index.rescan(table, T0)
-    table[b"r"] = _state("r", pending=True).model_dump_json().encode()  # restored from changelog
-    index.rescan(table, T0 + timedelta(seconds=1))
+    table.entries.append((1, b"r", _state("r", pending=True)))  # restored from the changelog
+    index.rescan(table, T0 + timedelta(seconds=1))  # not invalidated, not stale: no rescan
+    assert index.take_due(T0 + timedelta(seconds=61), retry_s=5) == [(b"a", "t", "a")]
+    index.invalidate()  # the table's partitions changed
+    index.rescan(table, T0 + timedelta(seconds=2))
     due = index.take_due(T0 + timedelta(seconds=61), retry_s=5)
     assert sorted(due) == [(b"a", "t", "a"), (b"r", "t", "r")]
+    table.entries.clear()  # partitions dropped
+    index.rescan(table, T0 + timedelta(seconds=3700))  # stale: rescanned
+    assert index.take_due(T0 + timedelta(days=1), retry_s=5) == []
 
 
 def test_each_reissue_gets_twice_the_deadline_of_the_one_before() -> None:

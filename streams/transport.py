@@ -1,0 +1,468 @@
+"""The worker's Kafka transport: one shared producer, and a batch consumer per stage.
+
+Each stage is a consumer group of its own (``<app_id>.<stage>``) reading its input topics in
+batches (``getmany``): the stage's handler processes a whole batch, every record it produced is
+acknowledged by the broker, and only then are the batch's offsets committed — at-least-once,
+with idempotent effects downstream (ARCHITECTURE.md principles 4 and 5). There is no per-event
+machinery between the client and the handler; that is where a Faust stream spends most of its
+CPU per record (measured in BENCHMARKS.md).
+
+Acknowledgements are collected per batch through a context variable: ``Producer.send`` adds
+the record's delivery future to the batch being handled, so a handler cannot forget one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeAlias
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from connectors.errors import ConnectorError
+from processors.backoff import backoff_delay
+from schemas.errors import SchemaRegistryError
+from streams.metrics import STAGE_ERRORS
+from streams.settings import Settings
+
+__all__ = [
+    "BATCH_MAX",
+    "BATCH_WITHIN_MS",
+    "BatchConsumer",
+    "Producer",
+    "Record",
+    "after_acknowledged",
+    "guard_batch",
+    "is_transient",
+    "pending_acks",
+]
+
+log = logging.getLogger(__name__)
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+"""A consumed record: ``topic``, ``partition``, ``offset``, ``key``, ``value`` (bytes),
+``headers`` (sequence of ``(str, bytes)``), ``timestamp`` (ms)."""
+
+BATCH_MAX = 500
+"""Most records a stage handles per batch: one Redis round trip, one wait for acks, one commit."""
+BATCH_WITHIN_MS = 10
+"""How long a stage lets more records arrive after the first of a batch (ms)."""
+DEFAULT_FETCH_MAX_WAIT_MS = 100
+"""Fetch wait when the settings give none (ms): Tansu answers a multi-partition fetch only
+when the wait expires, so a long wait adds up at every hop (ENVIRONMENT.md)."""
+
+
+class BatchContext:
+    """What handling one batch left to finish: delivery futures of the records it produced,
+    and actions to run once all of them were acknowledged (``after_acknowledged``)."""
+
+    def __init__(self) -> None:
+        self.acks: list[asyncio.Future[Any]] = []
+        self.after: list[Callable[[], Awaitable[None]]] = []
+
+
+_batch: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar(
+    "switchboard_batch", default=None
+)
+
+
+def pending_acks() -> list[asyncio.Future[Any]] | None:
+    """The delivery futures of the batch being handled in this context (None outside one)."""
+    ctx = _batch.get()
+    return ctx.acks if ctx is not None else None
+
+
+def after_acknowledged(action: Callable[[], Awaitable[None]]) -> None:
+    """Run ``action`` once every record the current batch produced so far was acknowledged,
+    and after the actions of earlier batches of the same stage; records ``action`` produces
+    are acknowledged before the batch's offsets are committed.
+
+    This is how a table writes its changelog: only after the outputs that the new state
+    accounts for are durable, and in batch order.
+
+    Raises:
+        RuntimeError: called outside a batch being handled by a ``BatchConsumer``.
+    """
+    ctx = _batch.get()
+    if ctx is None:
+        raise RuntimeError("after_acknowledged() outside a batch")
+    ctx.after.append(action)
+
+
+class Producer:
+    """The worker's one aiokafka producer (acks=all, no idempotence: Tansu rejects
+    InitProducerId v0, and duplicates are dropped by id downstream)."""
+
+    def __init__(self, settings: Settings) -> None:
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.broker_list(),
+            "acks": "all",
+            "linger_ms": 10,
+            "max_batch_size": 1024 * 1024,
+            "max_request_size": 8 * 1024 * 1024,
+            "request_timeout_ms": 30_000,
+        }
+        if settings.single_record_batches:
+            options["max_batch_size"] = 1  # one record per batch (ENVIRONMENT.md, ListOffsets)
+            options["linger_ms"] = 0
+        self._producer = AIOKafkaProducer(**options)
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    async def start(self) -> None:
+        """Connect to the brokers.
+
+        Raises:
+            KafkaConnectionError: no broker answered.
+        """
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        """Send what is buffered, then close."""
+        await self._producer.stop()
+
+    async def flush(self) -> None:
+        """Wait until every record handed to ``send`` so far was acknowledged or failed."""
+        await self._producer.flush()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one record; return the future of its delivery report (RecordMetadata).
+
+        The key's murmur2 hash picks the partition when ``partition`` is None (the Java
+        client's default partitioner), so records of one key stay together on every topic.
+        Waits only when the producer's buffer is full (backpressure). Inside a batch being
+        handled by a ``BatchConsumer`` the future is also added to that batch's
+        acknowledgements, which are awaited before its offsets are committed.
+        """
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, value, key=key, partition=partition, headers=list(headers or ())
+        )
+        ctx = _batch.get()
+        if ctx is not None:
+            ctx.acks.append(future)
+        return future
+
+
+TRANSIENT_RETRY_MAX_S = 30.0
+"""Longest pause between two tries of a batch that failed on a transient error (s)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors the same batch may get past by trying again: Redis, the schema registry, the
+    broker (a produce that was not acknowledged)."""
+    if isinstance(exc, ConnectorError | SchemaRegistryError):
+        return exc.retriable
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
+    """Run one batch so that its offsets are never committed without its outputs.
+
+    Per-record failures are dead-lettered by the stages themselves; what reaches here failed
+    for the whole batch. A transient error (Redis down, schema registry unreachable, a produce
+    not acknowledged) is retried with capped exponential backoff — backpressure: the partition
+    waits, nothing is dropped. Re-running a batch re-creates outputs with the same ids, which
+    the next stages drop. Anything else is a bug: the worker exits at once (status 70)
+    without committing, and its restart replays the batch.
+    """
+    attempt = 0
+    while True:
+        try:
+            await body()
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                log.critical(
+                    "%s: unrecoverable error in a batch; exiting without commit",
+                    stage,
+                    exc_info=True,
+                )
+                logging.shutdown()
+                os._exit(70)
+            delay = backoff_delay(attempt, initial_s=0.5, max_s=TRANSIENT_RETRY_MAX_S)
+            STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
+            log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+Handler = Callable[[list[Record]], Awaitable[None]]
+"""Processes one batch (records of several partitions, each partition's in offset order)."""
+PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no stubs
+    def __init__(self, owner: BatchConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.owner._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.owner._assigned(set(assigned))
+
+
+PIPELINE_DEPTH = 8
+"""Batches of one stage whose acknowledgements may be outstanding while it handles the next."""
+COMMIT_INTERVAL_S = 0.2
+"""How often a stage commits the offsets of its finished batches (s); a crash replays at most
+this much more than the batches still being acknowledged."""
+
+
+class BatchConsumer:
+    """One stage's consumer group member: batches in, handler, acks, offsets committed.
+
+    A batch is handled as soon as it is fetched; its produced records are acknowledged in the
+    background while the next batches are handled (up to ``PIPELINE_DEPTH`` batches
+    outstanding). Batches finish in order: a batch's ``after_acknowledged`` actions run after
+    its own records and every earlier batch finished, and offsets are committed up to the last
+    finished batch every ``COMMIT_INTERVAL_S`` — so a committed offset never covers a record
+    whose outputs are not durable (at-least-once), and waiting for the broker does not stall
+    the stage.
+
+    Args:
+        settings: brokers, session timeout, fetch wait.
+        stage: the stage's name; the consumer group is ``<app_id>.<stage>``.
+        topics: input topics. With several, the range assignor gives one member the same
+            partition numbers of each (co-partitioned inputs, e.g. a stage with a table).
+        handler: processes a batch; dead-letters bad records itself. A transient error it
+            raises retries the batch, anything else stops the worker (``guard_batch``). It
+            must leave no state changed when it raises.
+        on_assigned / on_revoked: awaited on rebalances (restore / drop partition state);
+            ``on_revoked`` runs only after every batch in progress finished and was committed.
+        max_records: most records per batch.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        stage: str,
+        topics: Iterable[str],
+        handler: Handler,
+        *,
+        on_assigned: PartitionsHook | None = None,
+        on_revoked: PartitionsHook | None = None,
+        max_records: int = BATCH_MAX,
+    ) -> None:
+        self.stage = stage
+        self.topics = list(topics)
+        self.handler = handler
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self.max_records = max_records
+        self.lock = asyncio.Lock()
+        """Held while a batch is handled, and while partitions are revoked."""
+        session_ms = int(settings.session_timeout_s * 1000)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.broker_list(),
+            group_id=f"{settings.app_id}.{stage}",
+            client_id=f"{settings.app_id}.{stage}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=settings.fetch_max_wait_ms or DEFAULT_FETCH_MAX_WAIT_MS,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(500, session_ms // 6),
+            rebalance_timeout_ms=max(session_ms * 2, 10_000),
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
+        self._stopping = asyncio.Event()
+        self.assigned: set[TopicPartition] = set()
+        self._outstanding: list[asyncio.Task[None]] = []
+        self._finished: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    async def start(self) -> None:
+        """Connect and subscribe (the group join happens in the background)."""
+        await self.consumer.start()
+        self.consumer.subscribe(self.topics, listener=_Listener(self))
+
+    def stop_soon(self) -> None:
+        """Ask ``run`` to return after the batch in progress."""
+        self._stopping.set()
+
+    async def close(self) -> None:
+        """Leave the group (after ``run`` returned)."""
+        await self.consumer.stop()
+
+    async def run(self) -> None:
+        """Fetch, handle and commit batches until ``stop_soon`` is called; then finish and
+        commit what was handled."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        committer = asyncio.ensure_future(self._commit_every(COMMIT_INTERVAL_S))
+        try:
+            while not self._stopping.is_set():
+                fetch = asyncio.ensure_future(
+                    self.consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+                )
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    break
+                batch: dict[TopicPartition, list[Record]] = fetch.result()
+                if batch:
+                    await self._fill(batch)
+                    await self._handle(batch)
+            await self._finish_outstanding()
+            await self._commit()
+        finally:
+            stopping.cancel()
+            committer.cancel()
+
+    async def _fill(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        """Top up a small batch with what arrives within ``BATCH_WITHIN_MS``.
+
+        Fewer, larger batches mean fewer fetch and produce requests per record: the client
+        does not fetch a partition again while its records wait in the buffer. That matters
+        on any broker and decides throughput on one whose cost per request grows with the
+        number of batches in a partition (Tansu's memory storage, BENCHMARKS.md).
+        """
+        count = sum(len(records) for records in batch.values())
+        if count >= self.max_records or BATCH_WITHIN_MS <= 0:
+            return
+        await asyncio.sleep(BATCH_WITHIN_MS / 1000)
+        more = await self.consumer.getmany(timeout_ms=0, max_records=self.max_records - count)
+        for tp, records in more.items():
+            batch.setdefault(tp, []).extend(records)
+
+    async def _handle(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        while len(self._outstanding) >= PIPELINE_DEPTH:
+            await asyncio.wait(self._outstanding[:1])
+            self._outstanding = [t for t in self._outstanding if not t.done()]
+        async with self.lock:
+            # Partitions revoked while this batch waited for the lock belong to another
+            # member now: their records are its to process.
+            owned = {tp: records for tp, records in batch.items() if tp in self.assigned}
+            if not owned:
+                return
+            records = [record for tp_records in owned.values() for record in tp_records]
+            ctx = BatchContext()
+
+            async def attempt() -> None:
+                ctx.acks.clear()
+                ctx.after.clear()
+                token = _batch.set(ctx)
+                try:
+                    await self.handler(records)
+                finally:
+                    _batch.reset(token)
+
+            await guard_batch(self.stage, attempt)
+            offsets = {tp: tp_records[-1].offset + 1 for tp, tp_records in owned.items()}
+            previous = self._outstanding[-1] if self._outstanding else None
+            task = asyncio.ensure_future(self._finish(ctx, offsets, previous))
+            self._outstanding.append(task)
+
+    async def _finish(
+        self,
+        ctx: BatchContext,
+        offsets: dict[TopicPartition, int],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Wait for the batch's acknowledgements, run its after-actions in batch order, and
+        mark its offsets finished. A produce that failed after the client's own retries (the
+        broker unreachable for ``request_timeout_ms``) stops the worker without committing:
+        later batches were already handled on top of this one, so only a restart from the
+        last commit is safe."""
+        try:
+            await _all_acknowledged(ctx.acks)
+            if previous is not None:
+                await previous
+            if ctx.after:
+                after = BatchContext()
+                token = _batch.set(after)
+                try:
+                    for action in ctx.after:
+                        await action()
+                finally:
+                    _batch.reset(token)
+                await _all_acknowledged(after.acks)
+        except Exception:
+            log.critical(
+                "%s: records of a batch were not acknowledged; exiting without commit",
+                self.stage,
+                exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(70)
+        self._finished.update(offsets)
+
+    async def _finish_outstanding(self) -> None:
+        if self._outstanding:
+            await asyncio.wait(self._outstanding)
+        self._outstanding = []
+
+    async def _commit_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        due = {
+            tp: offset
+            for tp, offset in self._finished.items()
+            if self._committed.get(tp) != offset and tp in self.assigned
+        }
+        if not due:
+            return
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in due.items()})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced under us: the new owner replays from the last commit,
+            # and the replayed outputs carry the same ids (dropped downstream).
+            log.warning("%s: commit failed after a rebalance: %s", self.stage, exc)
+            return
+        self._committed.update(due)
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        # Under the lock, and ``assigned`` updated only once the hook (a table restore) is
+        # done: a batch fetched meanwhile must not be handled against state not restored yet.
+        async with self.lock:
+            log.info("%s: assigned %s", self.stage, _describe(assigned))
+            if self.on_assigned is not None:
+                await self.on_assigned(set(assigned))
+            self.assigned = set(assigned)
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:  # the batch being handled finishes first
+            await self._finish_outstanding()
+            await self._commit()
+            self.assigned -= revoked
+            for tp in revoked:
+                self._finished.pop(tp, None)
+                self._committed.pop(tp, None)
+            if self.on_revoked is not None:
+                await self.on_revoked(set(revoked))
+
+
+async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:
+    """Wait for every delivery report; raise the first failure (a KafkaError)."""
+    if not acks:
+        return
+    results = await asyncio.gather(*acks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            if isinstance(result, KafkaError):
+                raise result
+            raise KafkaError(f"produce failed: {result!r}") from result
+
+
+def _describe(tps: Iterable[TopicPartition]) -> str:
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return ", ".join(f"{t}{sorted(p)}" for t, p in sorted(by_topic.items())) or "nothing"

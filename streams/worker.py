@@ -1,0 +1,106 @@
+"""One worker process: the four stages, each a consumer group member, sharing one producer.
+
+Start-up: Redis and the schema registry (``Runtime.start``), the producer, then the stages'
+consumers (ingest, conversation, llm, delivery) and the conversation timer. Shutdown (SIGTERM
+or SIGINT): every stage finishes and commits the batch in progress and stops reading; the LLM
+calls in flight get ``DRAIN_S`` seconds to finish and send their responses; the producer
+flushes; the consumers leave their groups. A stage that dies takes the worker down (exit 1) so
+that its supervisor restarts it rather than leaving a partition unserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from processors.config import SwitchboardConfig
+from streams.agents import conversation, delivery, ingest, llm
+from streams.runtime import Runtime
+from streams.settings import Settings
+from streams.transport import BatchConsumer, Producer
+
+__all__ = ["DRAIN_S", "run_worker", "topic_names"]
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 10.0
+"""How long a stopping worker waits for its LLM calls in flight (s)."""
+
+
+def topic_names(settings: Settings) -> dict[str, str]:
+    """The stages' topics by role."""
+    names = settings.topics
+    return {
+        "inbound": names.inbound,
+        "conversations": names.conversations,
+        "llm_requests": names.llm_requests,
+        "llm_responses": names.llm_responses,
+        "delivery_requests": names.delivery_requests,
+        "delivery_reports": names.delivery_reports,
+        "deadletter": names.deadletter,
+        "handoff": names.handoff,
+        "analytics": names.analytics,
+    }
+
+
+async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
+    """Run the stages until SIGTERM/SIGINT; return the process exit status (0 after a clean
+    stop, 1 when a stage failed).
+
+    Raises:
+        KafkaConnectionError: the brokers could not be reached at start-up.
+        ConnectorError: Redis could not be reached at start-up.
+    """
+    rt = Runtime(settings, config)
+    producer = Producer(settings)
+    await producer.start()
+    rt.kafka = producer
+    await rt.start()
+    topics = topic_names(settings)
+    conversation_consumer, ticks = conversation.stage(rt, topics)
+    stages: list[BatchConsumer] = [
+        ingest.stage(rt, topics),
+        conversation_consumer,
+        llm.stage(rt, topics),
+        delivery.stage(rt, topics),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for consumer in stages:
+        await consumer.start()
+    runs: dict[asyncio.Task[Any], str] = {
+        asyncio.create_task(consumer.run(), name=consumer.stage): consumer.stage
+        for consumer in stages
+    }
+    runs[asyncio.create_task(ticks(), name="conversation.timer")] = "conversation.timer"
+    log.info("worker started: stages %s", ", ".join(c.stage for c in stages))
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopped, *runs}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    for task in done:
+        if task is not stopped:
+            status = 1
+            exc = task.exception() if not task.cancelled() else None
+            log.critical("stage %s stopped: %r", runs[task], exc, exc_info=exc)
+    log.info("worker stopping")
+    for consumer in stages:
+        consumer.stop_soon()
+    for task, name in runs.items():
+        if name == "conversation.timer":
+            task.cancel()
+    await asyncio.wait(list(runs), timeout=30.0)
+    left = await rt.drain(DRAIN_S)
+    if left:
+        log.warning("%d LLM call(s) still in flight at shutdown; they will be re-issued", left)
+    await producer.flush()
+    for consumer in stages:
+        await consumer.close()
+    await producer.stop()
+    await rt.aclose()
+    stopped.cancel()
+    log.info("worker stopped")
+    return status
