@@ -1,1 +1,1 @@
-"""Pure stage logic: no I/O, no Faust."""
+"""Pure stage logic: no I/O, no Kafka client."""

@@ -1,7 +1,8 @@
 """The conversation state machine: per-conversation order and exactly one reply per user turn.
 
-The conversation agent keeps one :class:`ConversationState` per ``conversation_id`` in a Faust
-table (``model_dump(mode="json")`` / ``model_validate``) and, for every record it consumes, calls
+The conversation stage keeps one :class:`ConversationState` per ``conversation_id`` in a
+changelog-backed table (``streams.table``, JSON in the changelog) and, for every record it
+consumes, calls
 one pure function of this module, stores the returned state and sends the returned effects.
 Nothing here does I/O or reads the clock, and no function mutates the state it is given.
 

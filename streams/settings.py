@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     single_record_batches: bool = Field(
         False,
         description=(
-            "Produce one record per batch. Only for brokers whose ListOffsets answers the base "
-            "offset of the newest batch (Tansu); slows producing ~20x."
+            "Produce one record per batch, for tools that read end offsets on a broker whose "
+            "ListOffsets answers the base offset of the newest batch (Tansu); the table restore "
+            "does not need it. Slows producing a lot."
         ),
     )
     fetch_max_wait_ms: int | None = Field(

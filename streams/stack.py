@@ -116,7 +116,6 @@ class EmbeddedStack:
             config=self.config,
             data_dir=self.data_dir,
             session_timeout_s=6.0,
-            single_record_batches=True,
             fetch_max_wait_ms=50,
             metrics_port=0,
         )

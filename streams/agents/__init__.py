@@ -1,1 +1,1 @@
-"""Faust agents: thin wiring of topics to the pure processors (one module per stage)."""
+"""The stages (agents, in Faust terms): thin wiring of topics to the pure processors."""
