@@ -39,6 +39,7 @@ __all__ = [
     "Producer",
     "Record",
     "after_acknowledged",
+    "cooperate",
     "guard_batch",
     "is_transient",
     "pending_acks",
@@ -155,6 +156,21 @@ class Producer:
         if ctx is not None:
             ctx.acks.append(future)
         return future
+
+
+YIELD_EVERY = 32
+"""Records a handler processes between two yields to the event loop (``cooperate``)."""
+
+
+async def cooperate(index: int) -> None:
+    """Let other tasks run every ``YIELD_EVERY`` records of a batch.
+
+    A stage's loop over a batch rarely suspends (queuing a record in the producer does not), so
+    a 500-record batch would hold the event loop for tens of milliseconds; the LLM calls in
+    flight and the other stages would all wait that long.
+    """
+    if index % YIELD_EVERY == YIELD_EVERY - 1:
+        await asyncio.sleep(0)
 
 
 TRANSIENT_RETRY_MAX_S = 30.0

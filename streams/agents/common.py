@@ -12,7 +12,7 @@ from processors.tracing import TRACEPARENT, child_traceparent
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
 from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
-from streams.transport import Record, is_transient
+from streams.transport import Record, cooperate, is_transient
 
 __all__ = [
     "RawMessage",
@@ -115,7 +115,8 @@ async def parse_each(
     dead-letters the record here (``internal_error``), so one bad record never stops a batch.
     """
     parsed: list[tuple[RawMessage, T]] = []
-    for message in messages:
+    for index, message in enumerate(messages):
+        await cooperate(index)
         try:
             result = await parse(message)
         except Exception as exc:  # a bad record must never stop the partition

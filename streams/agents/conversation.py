@@ -50,7 +50,7 @@ from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.table import ChangelogTable
-from streams.transport import BatchConsumer
+from streams.transport import BatchConsumer, cooperate
 
 __all__ = ["Batch", "DueIndex", "apply", "changelog_topic", "stage"]
 
@@ -284,7 +284,8 @@ def stage(
 
     async def handle(messages: list[RawMessage]) -> None:
         batch = Batch(table, index)  # a retried batch starts again from the table
-        for message in messages:
+        for position, message in enumerate(messages):
+            await cooperate(position)
             try:
                 await _handle(rt, topics, batch, message)
             except Exception as exc:  # a bad record must never stop the partition
