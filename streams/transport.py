@@ -14,10 +14,11 @@ the record's delivery future to the batch being handled, so a handler cannot for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -36,11 +37,13 @@ __all__ = [
     "BATCH_MAX",
     "BATCH_WITHIN_MS",
     "BatchConsumer",
+    "BatchContext",
     "Producer",
     "Record",
     "after_acknowledged",
     "cooperate",
     "guard_batch",
+    "handling",
     "is_transient",
     "pending_acks",
 ]
@@ -72,6 +75,17 @@ class BatchContext:
 _batch: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar(
     "switchboard_batch", default=None
 )
+
+
+@contextlib.contextmanager
+def handling(ctx: BatchContext) -> Iterator[BatchContext]:
+    """Make ``ctx`` the batch that records produced inside the block belong to (what a
+    ``BatchConsumer`` does around its handler)."""
+    token = _batch.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _batch.reset(token)
 
 
 def pending_acks() -> list[asyncio.Future[Any]] | None:
@@ -371,11 +385,8 @@ class BatchConsumer:
             async def attempt() -> None:
                 ctx.acks.clear()
                 ctx.after.clear()
-                token = _batch.set(ctx)
-                try:
+                with handling(ctx):
                     await self.handler(records)
-                finally:
-                    _batch.reset(token)
 
             await guard_batch(self.stage, attempt)
             offsets = {tp: tp_records[-1].offset + 1 for tp, tp_records in owned.items()}
@@ -399,13 +410,9 @@ class BatchConsumer:
             if previous is not None:
                 await previous
             if ctx.after:
-                after = BatchContext()
-                token = _batch.set(after)
-                try:
+                with handling(BatchContext()) as after:
                     for action in ctx.after:
                         await action()
-                finally:
-                    _batch.reset(token)
                 await _all_acknowledged(after.acks)
         except Exception:
             log.critical(
