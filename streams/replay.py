@@ -26,6 +26,7 @@ from schemas.errors import DecodeError
 from schemas.models import DeadLetter, DeliveryReport, DeliveryStatus, InboundMessage, utcnow
 from schemas.schema_registry_client import SchemaRegistryClient
 from streams.settings import Settings
+from streams.transport import DEFAULT_FETCH_MAX_WAIT_MS
 
 __all__ = ["Outcome", "ReplayResult", "assign_from_end", "load_jsonl", "prepare", "replay"]
 
@@ -207,7 +208,7 @@ async def replay(
         group_id=None,
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms or 100,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms or DEFAULT_FETCH_MAX_WAIT_MS,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.broker_list(),

@@ -98,9 +98,6 @@ class ChangelogTable(Generic[V]):
             for key, value in list(entries.items()):
                 yield partition, key, value
 
-    def __len__(self) -> int:
-        return sum(len(entries) for entries in self._data.values())
-
     def drop(self, partitions: set[int]) -> None:
         """Forget ``partitions`` (revoked: another worker restores them)."""
         for partition in partitions:

@@ -36,6 +36,7 @@ from streams.settings import Settings
 __all__ = [
     "BATCH_MAX",
     "BATCH_WITHIN_MS",
+    "DEFAULT_FETCH_MAX_WAIT_MS",
     "BatchConsumer",
     "BatchContext",
     "Producer",
@@ -45,7 +46,6 @@ __all__ = [
     "guard_batch",
     "handling",
     "is_transient",
-    "pending_acks",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,6 @@ def handling(ctx: BatchContext) -> Iterator[BatchContext]:
         _batch.reset(token)
 
 
-def pending_acks() -> list[asyncio.Future[Any]] | None:
-    """The delivery futures of the batch being handled in this context (None outside one)."""
-    ctx = _batch.get()
-    return ctx.acks if ctx is not None else None
-
-
 def after_acknowledged(action: Callable[[], Awaitable[None]]) -> None:
     """Run ``action`` once every record the current batch produced so far was acknowledged,
     and after the actions of earlier batches of the same stage; records ``action`` produces
@@ -128,7 +122,6 @@ class Producer:
             options["max_batch_size"] = 1  # one record per batch (ENVIRONMENT.md, ListOffsets)
             options["linger_ms"] = 0
         self._producer = AIOKafkaProducer(**options)
-        self._pending: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         """Connect to the brokers.
@@ -272,8 +265,9 @@ class BatchConsumer:
         handler: processes a batch; dead-letters bad records itself. A transient error it
             raises retries the batch, anything else stops the worker (``guard_batch``). It
             must leave no state changed when it raises.
-        on_assigned / on_revoked: awaited on rebalances (restore / drop partition state);
-            ``on_revoked`` runs only after every batch in progress finished and was committed.
+        on_assigned: awaited when partitions are assigned (a table restores them), before any
+            batch of theirs is handled. Revoked partitions are given up only after every batch
+            in progress finished and was committed.
         max_records: most records per batch.
     """
 
@@ -285,14 +279,12 @@ class BatchConsumer:
         handler: Handler,
         *,
         on_assigned: PartitionsHook | None = None,
-        on_revoked: PartitionsHook | None = None,
         max_records: int = BATCH_MAX,
     ) -> None:
         self.stage = stage
         self.topics = list(topics)
         self.handler = handler
         self.on_assigned = on_assigned
-        self.on_revoked = on_revoked
         self.max_records = max_records
         self.lock = asyncio.Lock()
         """Held while a batch is handled, and while partitions are revoked."""
@@ -468,8 +460,6 @@ class BatchConsumer:
             for tp in revoked:
                 self._finished.pop(tp, None)
                 self._committed.pop(tp, None)
-            if self.on_revoked is not None:
-                await self.on_revoked(set(revoked))
 
 
 async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:

@@ -76,7 +76,8 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         asyncio.create_task(consumer.run(), name=consumer.stage): consumer.stage
         for consumer in stages
     }
-    runs[asyncio.create_task(ticks(), name="conversation.timer")] = "conversation.timer"
+    timer = asyncio.create_task(ticks(), name="conversation.timer")
+    runs[timer] = "conversation.timer"
     log.info("worker started: stages %s", ", ".join(c.stage for c in stages))
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stopped, *runs}, return_when=asyncio.FIRST_COMPLETED)
@@ -89,9 +90,7 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     log.info("worker stopping")
     for consumer in stages:
         consumer.stop_soon()
-    for task, name in runs.items():
-        if name == "conversation.timer":
-            task.cancel()
+    timer.cancel()
     await asyncio.wait(list(runs), timeout=30.0)
     left = await rt.drain(DRAIN_S)
     if left:
