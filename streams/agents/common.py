@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -12,7 +11,7 @@ from processors.tracing import TRACEPARENT, child_traceparent
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
 from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
 from streams.runtime import Runtime
-from streams.transport import Record, cooperate, is_transient
+from streams.transport import Record, after_acknowledged, cooperate, is_transient
 
 __all__ = [
     "RawMessage",
@@ -168,25 +167,19 @@ async def dead_letter(
     )
 
 
-_background: set[asyncio.Task[None]] = set()
-
-
-def remember_after_ack(
-    rt: Runtime, keys: list[str], ttl_s: int, acks: list[Awaitable[Any]]
-) -> None:
-    """Record ``keys`` as done (Redis, ``ttl_s``) once the broker acknowledged ``acks``.
+def remember_after_ack(rt: Runtime, keys: list[str], ttl_s: int) -> None:
+    """Record ``keys`` as done (Redis, ``ttl_s``) once every record the batch being handled
+    produced was acknowledged, before its offsets are committed (``after_acknowledged``).
 
     Marking earlier would lose work if the worker died before the producer flushed: the
-    replayed record would look like a duplicate. Runs in the background.
+    replayed record would look like a duplicate. A Redis failure here is logged, not raised:
+    the keys only save work, and the next stages drop replayed outputs by id.
     """
 
     async def remember() -> None:
         try:
-            await asyncio.gather(*acks)
             await rt.store.mark_many(keys, ttl_s)
         except Exception:
             log.exception("could not record %d idempotency key(s)", len(keys))
 
-    task = asyncio.ensure_future(remember())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    after_acknowledged(remember)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable
 from functools import partial
-from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
@@ -152,14 +150,13 @@ async def handle_batch(
             (message, request, key)
         )
     delivered: list[str] = []
-    acks: list[Awaitable[Any]] = []
 
     async def one_recipient(items: list[tuple[RawMessage, DeliveryRequest, str]]) -> None:
         for message, request, key in items:
             try:
                 async with slots:
                     report = await deliver(rt, request)
-                ack = await send_record(
+                await send_record(
                     rt,
                     topics["delivery_reports"],
                     report,
@@ -168,7 +165,6 @@ async def handle_batch(
                     parent=message,
                 )
                 if report.status == DeliveryStatus.DELIVERED:
-                    acks.append(ack)
                     delivered.append(key)
                     continue
                 await dead_letter(
@@ -186,7 +182,7 @@ async def handle_batch(
 
     await asyncio.gather(*(one_recipient(items) for items in groups.values()))
     if delivered:
-        remember_after_ack(rt, delivered, _DELIVERED_TTL_S, acks)
+        remember_after_ack(rt, delivered, _DELIVERED_TTL_S)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:

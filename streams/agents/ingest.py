@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
 from functools import partial
-from typing import Any
 
 from processors.preprocess import Accepted, conversation_key, dedup_key, preprocess
 from processors.router import RouteDecision
@@ -83,8 +81,8 @@ async def _accept(rt: Runtime, topics: dict[str, str], message: RawMessage) -> A
 
 async def _route(
     rt: Runtime, topics: dict[str, str], message: RawMessage, accepted: Accepted
-) -> list[Awaitable[Any]]:
-    """Route one accepted message and send what the decision says; the sends' acks."""
+) -> None:
+    """Route one accepted message and send what the decision says."""
     msg = accepted.message
     decision = rt.router.route(msg)
     if decision.kind == "drop":
@@ -98,12 +96,10 @@ async def _route(
             message_id=msg.message_id,
             tenant=msg.tenant,
         )
-        return []
-    if decision.kind == "persona":
-        return [
-            await _to_conversation(rt, topics, message, msg, accepted.conversation_id, decision)
-        ]
-    return await _to_flow(rt, topics, message, msg, decision)
+    elif decision.kind == "persona":
+        await _to_conversation(rt, topics, message, msg, accepted.conversation_id, decision)
+    else:
+        await _to_flow(rt, topics, message, msg, decision)
 
 
 async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMessage]) -> None:
@@ -118,7 +114,6 @@ async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMe
     window = rt.config.preprocess.dedup_window_s
     keys = [dedup_key(a.message) for _, a in accepted]
     seen = await rt.store.seen_many(keys) if window else [False] * len(keys)
-    acks: list[Awaitable[Any]] = []
     done: list[str] = []
     for (message, result), key, duplicate in zip(accepted, keys, seen, strict=True):
         if duplicate or key in done:
@@ -126,13 +121,13 @@ async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMe
             log.info("dropped duplicate message %s", result.message.message_id)
             continue
         try:
-            acks.extend(await _route(rt, topics, message, result))
+            await _route(rt, topics, message, result)
         except Exception as exc:
             await internal_error(rt, topics, message, exc, stage=STAGE)
             continue
         done.append(key)
     if window and done:
-        remember_after_ack(rt, done, window, acks)
+        remember_after_ack(rt, done, window)
 
 
 async def _to_conversation(
@@ -142,7 +137,7 @@ async def _to_conversation(
     msg: InboundMessage,
     conversation_id: str,
     decision: RouteDecision,
-) -> Awaitable[Any]:
+) -> None:
     command = msg.metadata.get(COMMAND_KEY, "")
     kind = _COMMANDS.get(command, ConversationEventKind.TURN)
     event = ConversationEvent(
@@ -164,9 +159,7 @@ async def _to_conversation(
         created_at=utcnow(),
     )
     key = conversation_key(msg.tenant, conversation_id)
-    return await send_record(
-        rt, topics["conversations"], event, key=key, stage=STAGE, parent=message
-    )
+    await send_record(rt, topics["conversations"], event, key=key, stage=STAGE, parent=message)
 
 
 async def _to_flow(
@@ -175,7 +168,7 @@ async def _to_flow(
     message: RawMessage,
     msg: InboundMessage,
     decision: RouteDecision,
-) -> list[Awaitable[Any]]:
+) -> None:
     flow = rt.config.flows[decision.target]
     try:
         content = flow.template.format(content=msg.content, subject=msg.subject or "")
@@ -191,8 +184,7 @@ async def _to_flow(
             message_id=msg.message_id,
             tenant=msg.tenant,
         )
-        return []
-    acks: list[Awaitable[Any]] = []
+        return
     recipients = msg.recipients or [msg.sender]
     for index, recipient in enumerate(recipients):
         request = DeliveryRequest(
@@ -214,17 +206,9 @@ async def _to_flow(
             created_at=utcnow(),
             scheduled_for=msg.scheduled_for,
         )
-        acks.append(
-            await send_record(
-                rt,
-                topics["delivery_requests"],
-                request,
-                key=recipient,
-                stage=STAGE,
-                parent=message,
-            )
+        await send_record(
+            rt, topics["delivery_requests"], request, key=recipient, stage=STAGE, parent=message
         )
-    return acks
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
