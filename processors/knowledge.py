@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -9,7 +10,12 @@ from itertools import pairwise
 from rapidfuzz import fuzz, process
 from rapidfuzz.utils import default_process
 
-__all__ = ["KnowledgeBase", "Match", "pairs_from_dialogs"]
+__all__ = ["FUZZY_CACHE_SIZE", "KnowledgeBase", "Match", "pairs_from_dialogs"]
+
+FUZZY_CACHE_SIZE = 4096
+"""Normalised queries whose fuzzy match a knowledge base remembers (least recently used go
+first). Users ask the same questions again and again; a fuzzy scan of every stored question
+costs tens of microseconds, a cache hit a dict look-up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,7 @@ class KnowledgeBase:
                 self._originals[key] = question
             self._answers[key].append(answer)
         self._keys = list(self._answers)
+        self._fuzzy = functools.lru_cache(maxsize=FUZZY_CACHE_SIZE)(self._fuzzy_match)
 
     def __len__(self) -> int:
         """Return the number of distinct (normalised) questions."""
@@ -73,7 +80,8 @@ class KnowledgeBase:
         An exact normalised match is a dict look-up (score 100). Otherwise the best question by
         ``rapidfuzz.fuzz.WRatio`` (a weighted mix of simple, partial and token-based Levenshtein
         ratios; rapidfuzz documentation) is chosen with ``process.extractOne``; among equal
-        scores the question stored first wins.
+        scores the question stored first wins. The pairs never change, so the fuzzy result of
+        the last ``FUZZY_CACHE_SIZE`` distinct queries is remembered.
 
         Args:
             query: Free text, e.g. the user's last message.
@@ -87,6 +95,9 @@ class KnowledgeBase:
         answers = self._answers.get(key)
         if answers is not None:
             return Match(answer=answers[0], question=self._originals[key], score=100.0)
+        return self._fuzzy(key)
+
+    def _fuzzy_match(self, key: str) -> Match | None:
         found = process.extractOne(
             key, self._keys, scorer=fuzz.WRatio, processor=None, score_cutoff=self.min_score
         )

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
@@ -25,12 +27,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.errors import ConnectorError
 from processors.backoff import backoff_delay
 from schemas.errors import SchemaRegistryError
-from streams.metrics import STAGE_ERRORS
+from streams.metrics import STAGE_ERRORS, child
 from streams.settings import Settings
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "guard_batch",
     "handling",
     "is_transient",
+    "key_partition",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,25 @@ def after_acknowledged(action: Callable[[], Awaitable[None]]) -> None:
     ctx.after.append(action)
 
 
+@functools.lru_cache(maxsize=65536)
+def _key_hash(key: bytes) -> int:
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+def key_partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """The Java client's default partitioner: ``murmur2(key) & 0x7fffffff`` modulo the
+    partition count (``org.apache.kafka.common.utils.Utils.murmur2``), a random available
+    partition for a null key.
+
+    aiokafka's ``DefaultPartitioner`` computes the same in pure Python on every send; the
+    stages send several records per conversation key, so the hash of recent keys is
+    remembered.
+    """
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[_key_hash(key) % len(all_partitions)]
+
+
 class Producer:
     """The worker's one aiokafka producer (acks=all, no idempotence: Tansu rejects
     InitProducerId v0, and duplicates are dropped by id downstream)."""
@@ -117,6 +140,7 @@ class Producer:
             "max_batch_size": 1024 * 1024,
             "max_request_size": 8 * 1024 * 1024,
             "request_timeout_ms": 30_000,
+            "partitioner": key_partition,
         }
         if settings.single_record_batches:
             options["max_batch_size"] = 1  # one record per batch (ENVIRONMENT.md, ListOffsets)
@@ -217,7 +241,7 @@ async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
                 logging.shutdown()
                 os._exit(70)
             delay = backoff_delay(attempt, initial_s=0.5, max_s=TRANSIENT_RETRY_MAX_S)
-            STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
+            child(STAGE_ERRORS, stage, type(exc).__name__).inc()
             log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
             attempt += 1
             await asyncio.sleep(delay)
@@ -463,15 +487,20 @@ class BatchConsumer:
 
 
 async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:
-    """Wait for every delivery report; raise the first failure (a KafkaError)."""
-    if not acks:
-        return
-    results = await asyncio.gather(*acks, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            if isinstance(result, KafkaError):
-                raise result
-            raise KafkaError(f"produce failed: {result!r}") from result
+    """Wait for every delivery report; raise the first failure (a KafkaError).
+
+    One future after the other rather than ``gather``: the records of a batch are acknowledged
+    together, so most futures are done by the time they are looked at, and ``gather`` would
+    add a callback and a wrapper per record.
+    """
+    for ack in acks:
+        if not ack.done():
+            await asyncio.wait((ack,))
+        failure = ack.exception()
+        if failure is not None:
+            if isinstance(failure, KafkaError):
+                raise failure
+            raise KafkaError(f"produce failed: {failure!r}") from failure
 
 
 def _describe(tps: Iterable[TopicPartition]) -> str:

@@ -70,7 +70,16 @@ class OutboxConnector(DeliveryConnector):
         return self._path
 
     def _refresh_index(self, path: Path) -> None:
-        """Add the delivery ids of lines appended since the last look (whole lines only)."""
+        """Add the delivery ids of lines appended since the last look (whole lines only).
+
+        A ``stat`` first: when the file did not grow since the last look (the usual case with
+        one writer), nothing is opened or read.
+        """
+        try:
+            if os.stat(path).st_size == self._scanned:
+                return
+        except FileNotFoundError:
+            return
         try:
             with path.open("rb") as handle:
                 handle.seek(self._scanned)
@@ -99,8 +108,13 @@ class OutboxConnector(DeliveryConnector):
         if self._fd is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        before = self._scanned
         os.write(self._fd, data)
         self._delivered.add(request.delivery_id)
+        if os.fstat(self._fd).st_size == before + len(data):
+            # Nobody else appended since the index was refreshed: the file is known up to
+            # its end, our own line included.
+            self._scanned = before + len(data)
         return True
 
     async def send(self, request: DeliveryRequest) -> SendResult:

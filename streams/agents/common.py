@@ -9,7 +9,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from processors.tracing import TRACEPARENT, child_traceparent
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
-from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS
+from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS, child
 from streams.runtime import Runtime
 from streams.transport import Record, after_acknowledged, cooperate, is_transient
 
@@ -70,7 +70,7 @@ async def send_record(
     ack = await rt.producer.send(
         topic, rt.codec.encode(record), key=key_bytes, headers=[(TRACEPARENT, trace.encode())]
     )
-    RECORDS_OUT.labels(stage, topic).inc()
+    child(RECORDS_OUT, stage, topic).inc()
     return ack
 
 
@@ -85,7 +85,7 @@ async def internal_error(
     """
     if is_transient(exc):
         raise exc
-    STAGE_ERRORS.labels(stage, type(exc).__name__).inc()
+    child(STAGE_ERRORS, stage, type(exc).__name__).inc()
     log.exception("%s failed on %s[%s]@%s", stage, message.topic, message.partition, message.offset)
     await dead_letter(
         rt,
@@ -156,7 +156,7 @@ async def dead_letter(
         created_at=utcnow(),
     )
     await send_record(rt, topic, record, key=message.key, stage=stage, parent=message)
-    DEADLETTERS.labels(stage, error_type).inc()
+    child(DEADLETTERS, stage, error_type).inc()
     log.warning(
         "dead-lettered %s[%s]@%s at %s: %s",
         message.topic,

@@ -46,7 +46,7 @@ from schemas.models import (
     utcnow,
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
-from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN
+from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, child
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.table import ChangelogTable
@@ -143,7 +143,7 @@ class Batch:
 
 
 async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: RawMessage) -> None:
-    RECORDS_IN.labels(STAGE).inc()
+    child(RECORDS_IN, STAGE).inc()
     try:
         record = _decode(rt, message)
     except DecodeError as exc:
@@ -179,12 +179,12 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
                 parent=message,
             )
         elif isinstance(effect, Dropped):
-            DROPPED.labels(STAGE, effect.reason).inc()
+            child(DROPPED, STAGE, effect.reason).inc()
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
             summary = summarize(transition.state, effect.reason, utcnow())
-            CONVERSATIONS_ENDED.labels(summary.status).inc()
+            child(CONVERSATIONS_ENDED, summary.status).inc()
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from functools import partial
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -22,7 +21,7 @@ from streams.agents.common import (
     remember_after_ack,
     send_record,
 )
-from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS
+from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS, child
 from streams.runtime import Runtime, UnconfiguredChannelError
 from streams.transport import BatchConsumer
 
@@ -49,19 +48,19 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
         A delivered or failed DeliveryReport (never raises for channel failures).
     """
     policy = rt.config.delivery
-    rng = random.Random()
     attempts = 0
 
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def delay(retry: int, exc: BaseException | None) -> float:
         retry_after = exc.retry_after if isinstance(exc, ConnectorError) else None
         return backoff_delay(
-            state.attempt_number - 1,
+            retry,
             initial_s=policy.backoff_initial_s,
             max_s=policy.backoff_max_s,
-            rng=rng,
             retry_after_s=retry_after,
         )
+
+    def wait(state: RetryCallState) -> float:  # after retry number attempt_number failed
+        return delay(state.attempt_number, state.outcome.exception() if state.outcome else None)
 
     connector_name = "none"
     error: str | None = None
@@ -69,26 +68,35 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
     try:
         connector = rt.connector(request.channel)
         connector_name = connector.name
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts),
-            wait=wait,
-            retry=retry_if_exception(_retriable),
-            reraise=True,
-        ):
-            with attempt:
-                attempts = attempt.retry_state.attempt_number
-                result = await connector.send(request)
+        try:
+            # The first attempt runs outside the retry loop: most sends succeed at once, and
+            # setting up tenacity's loop cost more than the outbox write itself.
+            attempts = 1
+            result = await connector.send(request)
+        except Exception as first:
+            if not _retriable(first) or policy.max_attempts <= 1:
+                raise
+            await asyncio.sleep(delay(0, first))
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(policy.max_attempts - 1),
+                wait=wait,
+                retry=retry_if_exception(_retriable),
+                reraise=True,
+            ):
+                with attempt:
+                    attempts = 1 + attempt.retry_state.attempt_number
+                    result = await connector.send(request)
     except UnconfiguredChannelError as exc:
         error = str(exc)
     except Exception as exc:
-        STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+        child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
         error = f"{type(exc).__name__}: {exc}"
     now = utcnow()
     latency_ms = (now - request.origin_created_at).total_seconds() * 1000.0
     status = DeliveryStatus.DELIVERED if result is not None else DeliveryStatus.FAILED
-    DELIVERIES.labels(request.channel.value, connector_name, status.value).inc()
+    child(DELIVERIES, request.channel.value, connector_name, status.value).inc()
     if result is not None:
-        END_TO_END_LATENCY.labels(request.channel.value).observe(latency_ms / 1000.0)
+        child(END_TO_END_LATENCY, request.channel.value).observe(latency_ms / 1000.0)
     return DeliveryReport(
         delivery_id=request.delivery_id,
         message_id=request.message_id,
@@ -112,7 +120,7 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
 async def _decode(
     rt: Runtime, topics: dict[str, str], message: RawMessage
 ) -> DeliveryRequest | None:
-    RECORDS_IN.labels(STAGE).inc()
+    child(RECORDS_IN, STAGE).inc()
     try:
         return rt.codec.decode(message.value or b"", DeliveryRequest)
     except DecodeError as exc:
@@ -143,7 +151,7 @@ async def handle_batch(
     in_batch: set[str] = set()
     for (message, request), key, duplicate in zip(decoded, keys, seen, strict=True):
         if duplicate or key in in_batch:
-            DROPPED.labels(STAGE, "already_delivered").inc()
+            child(DROPPED, STAGE, "already_delivered").inc()
             continue
         in_batch.add(key)
         groups.setdefault((request.channel.value, request.recipient), []).append(

@@ -24,7 +24,7 @@ from streams.agents.common import (
     remember_after_ack,
     send_record,
 )
-from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS
+from streams.metrics import DROPPED, RECORDS_IN, STAGE_ERRORS, child
 from streams.runtime import Runtime
 from streams.transport import BatchConsumer
 
@@ -53,7 +53,7 @@ async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
 
 async def _accept(rt: Runtime, topics: dict[str, str], message: RawMessage) -> Accepted | None:
     """Decode, validate and pre-process one record; dead-letter it and return None if bad."""
-    RECORDS_IN.labels(STAGE).inc()
+    child(RECORDS_IN, STAGE).inc()
     dlq = topics["deadletter"]
     value = message.value if isinstance(message.value, bytes) else b""
     try:
@@ -117,7 +117,7 @@ async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMe
     done: list[str] = []
     for (message, result), key, duplicate in zip(accepted, keys, seen, strict=True):
         if duplicate or key in done:
-            DROPPED.labels(STAGE, "duplicate_message_id").inc()
+            child(DROPPED, STAGE, "duplicate_message_id").inc()
             log.info("dropped duplicate message %s", result.message.message_id)
             continue
         try:
@@ -173,7 +173,7 @@ async def _to_flow(
     try:
         content = flow.template.format(content=msg.content, subject=msg.subject or "")
     except (KeyError, IndexError, ValueError) as exc:
-        STAGE_ERRORS.labels(STAGE, "TemplateError").inc()
+        child(STAGE_ERRORS, STAGE, "TemplateError").inc()
         await dead_letter(
             rt,
             topics["deadletter"],

@@ -36,6 +36,7 @@ from streams.metrics import (
     LLM_TOKENS,
     RECORDS_IN,
     STAGE_ERRORS,
+    child,
 )
 from streams.runtime import Runtime
 from streams.transport import BatchConsumer
@@ -100,7 +101,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
     user_content = last.content if last is not None and last.role == Role.USER else ""
     verdict = check_turn(persona, user_content)
     if isinstance(verdict, Escalate):
-        LLM_OUTCOMES.labels(request.persona, "rules", "escalated").inc()
+        child(LLM_OUTCOMES, request.persona, "rules", "escalated").inc()
         reason = f"escalation trigger {verdict.trigger!r}"
         reply = finalize_reply(persona, persona.handoff_reply)
         return (
@@ -108,7 +109,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             _handoff_event(request, user_content, reason),
         )
     if isinstance(verdict, Decline):
-        LLM_OUTCOMES.labels(request.persona, "rules", "ok").inc()
+        child(LLM_OUTCOMES, request.persona, "rules", "ok").inc()
         reply = finalize_reply(persona, persona.fallback_reply)
         return _response(
             request, LLMStatus.OK, reply, "rules", finish_reason="declined", attempts=0
@@ -147,7 +148,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             )
         except EngineError as exc:
             attempts += attempts_of(exc)
-            STAGE_ERRORS.labels(STAGE, type(exc).__name__).inc()
+            child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
             errors.append(f"{engine_name}: {exc}")
             log.warning("engine %s failed for %s: %s", engine_name, request.request_id, exc)
             continue
@@ -178,13 +179,13 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
         )
     error = "; ".join(errors) or "no engine configured"
     if rt.config.llm.on_failure == "handoff":
-        LLM_OUTCOMES.labels(request.persona, "none", "escalated").inc()
+        child(LLM_OUTCOMES, request.persona, "none", "escalated").inc()
         reply = finalize_reply(persona, persona.handoff_reply)
         return (
             _response(request, LLMStatus.ESCALATED, reply, "none", error=error, attempts=attempts),
             _handoff_event(request, user_content, f"every engine failed: {error}"),
         )
-    LLM_OUTCOMES.labels(request.persona, "none", "fallback").inc()
+    child(LLM_OUTCOMES, request.persona, "none", "fallback").inc()
     reply = finalize_reply(persona, persona.apology_reply)
     return _response(
         request, LLMStatus.FALLBACK, reply, "none", error=error, attempts=attempts
@@ -194,16 +195,16 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
 def _record_usage(
     request: LLMRequest, engine: str, completion: Completion, elapsed_s: float, cost: float
 ) -> None:
-    LLM_OUTCOMES.labels(request.persona, engine, "ok").inc()
-    LLM_LATENCY.labels(engine).observe(elapsed_s)
-    tokens = LLM_TOKENS.labels
-    tokens(request.tenant, request.persona, engine, "prompt").inc(completion.prompt_tokens)
-    tokens(request.tenant, request.persona, engine, "completion").inc(completion.completion_tokens)
-    LLM_COST.labels(request.tenant, request.persona, completion.model).inc(cost)
+    child(LLM_OUTCOMES, request.persona, engine, "ok").inc()
+    child(LLM_LATENCY, engine).observe(elapsed_s)
+    labels = (request.tenant, request.persona, engine)
+    child(LLM_TOKENS, *labels, "prompt").inc(completion.prompt_tokens)
+    child(LLM_TOKENS, *labels, "completion").inc(completion.completion_tokens)
+    child(LLM_COST, request.tenant, request.persona, completion.model).inc(cost)
 
 
 async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> None:
-    RECORDS_IN.labels(STAGE).inc()
+    child(RECORDS_IN, STAGE).inc()
     try:
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError as exc:
