@@ -61,6 +61,22 @@ def build_system_prompt(persona: PersonaConfig) -> str:
     return "\n".join(lines)
 
 
+_SYSTEM_PROMPTS: dict[int, tuple[PersonaConfig, str]] = {}
+
+
+def _system_prompt(persona: PersonaConfig) -> str:
+    """``build_system_prompt``, remembered per persona object (configs are not changed after
+    loading; the object is kept with its prompt so that its id is never reused meanwhile)."""
+    found = _SYSTEM_PROMPTS.get(id(persona))
+    if found is not None and found[0] is persona:
+        return found[1]
+    prompt = build_system_prompt(persona)
+    if len(_SYSTEM_PROMPTS) >= 1024:
+        _SYSTEM_PROMPTS.clear()
+    _SYSTEM_PROMPTS[id(persona)] = (persona, prompt)
+    return prompt
+
+
 def build_messages(
     persona: PersonaConfig,
     history: Sequence[ChatMessage],
@@ -88,7 +104,7 @@ def build_messages(
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
     kept = list(history[max(0, len(history) - max_turns) :])
     return [
-        ChatMessage(role=Role.SYSTEM, content=build_system_prompt(persona)),
+        ChatMessage(role=Role.SYSTEM, content=_system_prompt(persona)),
         *kept,
         ChatMessage(role=Role.USER, content=user_content),
     ]

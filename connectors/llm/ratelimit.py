@@ -156,6 +156,8 @@ class ProviderRateLimiter:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         costs = self._costs(tokens)
         started = self._clock()
+        if not costs and self._paused_until <= started:
+            return 0.0  # no budget configured and no pause in force: nothing to wait for
         async with self._lock:
             while True:
                 pause = self._paused_until - self._clock()
