@@ -139,7 +139,8 @@ class IdempotencyStore:
         with self._errors("SET (pipeline)", keys[0]):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.set(self.key(key), 1, ex=ttl_s)
+                    # The raw command: redis-py's ``set()`` checks its arguments on every call.
+                    pipe.execute_command("SET", self.key(key), 1, "EX", ttl_s)
                 await pipe.execute()
 
     async def mark(self, key: str, ttl_s: int) -> None:

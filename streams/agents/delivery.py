@@ -136,9 +136,12 @@ async def _decode(
 
 
 async def handle_batch(
-    rt: Runtime, topics: dict[str, str], messages: list[RawMessage], slots: asyncio.Semaphore
+    rt: Runtime,
+    topics: dict[str, str],
+    messages: list[RawMessage],
+    max_sends: int = MAX_CONCURRENT_SENDS,
 ) -> None:
-    """Deliver a batch: recipients in parallel (at most ``slots`` sends at once), each
+    """Deliver a batch: recipients in parallel (at most ``max_sends`` sends at once), each
     recipient's messages one after another in arrival order.
 
     Already-delivered ids are found with one Redis round trip, and this batch's deliveries are
@@ -162,8 +165,7 @@ async def handle_batch(
     async def one_recipient(items: list[tuple[RawMessage, DeliveryRequest, str]]) -> None:
         for message, request, key in items:
             try:
-                async with slots:
-                    report = await deliver(rt, request)
+                report = await deliver(rt, request)
                 await send_record(
                     rt,
                     topics["delivery_reports"],
@@ -188,17 +190,19 @@ async def handle_batch(
             except Exception as exc:
                 await internal_error(rt, topics, message, exc, stage=STAGE)
 
-    await asyncio.gather(*(one_recipient(items) for items in groups.values()))
+    queue = iter(groups.values())
+
+    async def sender() -> None:  # one of at most ``max_sends`` taking recipients in turn
+        for items in queue:
+            await one_recipient(items)
+
+    await asyncio.gather(*(sender() for _ in range(min(max_sends, len(groups)))))
     if delivered:
         remember_after_ack(rt, delivered, _DELIVERED_TTL_S)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
     """The delivery stage: consumes the delivery requests topic in batches (``handle_batch``)."""
-    slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
     return BatchConsumer(
-        rt.settings,
-        STAGE,
-        [topics["delivery_requests"]],
-        partial(handle_batch, rt, topics, slots=slots),
+        rt.settings, STAGE, [topics["delivery_requests"]], partial(handle_batch, rt, topics)
     )
