@@ -115,8 +115,9 @@ async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMe
     keys = [dedup_key(a.message) for _, a in accepted]
     seen = await rt.store.seen_many(keys) if window else [False] * len(keys)
     done: list[str] = []
+    in_batch: set[str] = set()
     for (message, result), key, duplicate in zip(accepted, keys, seen, strict=True):
-        if duplicate or key in done:
+        if duplicate or key in in_batch:
             child(DROPPED, STAGE, "duplicate_message_id").inc()
             log.info("dropped duplicate message %s", result.message.message_id)
             continue
@@ -126,6 +127,7 @@ async def handle_batch(rt: Runtime, topics: dict[str, str], messages: list[RawMe
             await internal_error(rt, topics, message, exc, stage=STAGE)
             continue
         done.append(key)
+        in_batch.add(key)
     if window and done:
         remember_after_ack(rt, done, window)
 
