@@ -38,12 +38,14 @@ PIPELINE_HOPS = 5
 def conversation_lines(
     conversations: int, turns: int, tenant: str = "bench"
 ) -> list[dict[str, Any]]:
-    """``conversations`` users with ``turns`` turns each, interleaved turn by turn."""
+    """Replay lines: ``conversations`` users with ``turns`` turns each, interleaved turn by
+    turn (every conversation's turn 0, then every turn 1, ...); conversation ids are
+    ``<tenant>-<n>``."""
     return [
         {
             "tenant": tenant,
             "channel": "chat",
-            "sender": f"user-{c}@bench",
+            "sender": f"user-{c}@{tenant}.test",
             "conversation_id": f"{tenant}-{c}",
             "content": f"{_QUESTIONS[(c + t) % len(_QUESTIONS)]} (turn {t})",
         }

@@ -9,16 +9,23 @@ Restoring does not trust ListOffsets: the table writes a marker record to each c
 partition it restores and reads from the beginning up to that marker's offset. That works on
 any broker, including one whose ListOffsets answers the base offset of the newest batch
 (Tansu, see ENVIRONMENT.md), where reading "up to the end offset" would stop early.
+
+A partition that stays with this worker across a rebalance is not restored from scratch but
+caught up: read from just after the last changelog record this table wrote or read, up to a
+new marker. Usually that is the marker alone; but a worker that missed a round of the group
+(paused longer than the session timeout, say) gets partitions back that another worker owned
+and changed meanwhile, and those changes must not be lost under the stale copy kept here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -61,6 +68,9 @@ class ChangelogTable(Generic[V]):
         self.encode = encode
         self.decode = decode
         self._data: dict[int, dict[bytes, V]] = {}
+        self._position: dict[int, int] = {}
+        """Per held partition: the changelog offset from which records are not applied here
+        (one past the last record this table wrote or read)."""
 
     def partitions(self) -> set[int]:
         """Partitions this worker holds (restored and not revoked)."""
@@ -88,9 +98,16 @@ class ChangelogTable(Generic[V]):
 
         async def write() -> None:
             for partition, key, data in encoded:
-                await self.producer.send(self.changelog, data, key=key, partition=partition)
+                ack = await self.producer.send(self.changelog, data, key=key, partition=partition)
+                ack.add_done_callback(functools.partial(self._written, partition))
 
         after_acknowledged(write)
+
+    def _written(self, partition: int, ack: asyncio.Future[Any]) -> None:
+        if ack.cancelled() or ack.exception() is not None or partition not in self._data:
+            return
+        offset = int(ack.result().offset)
+        self._position[partition] = max(self._position.get(partition, 0), offset + 1)
 
     def items(self) -> Iterator[tuple[int, bytes, V]]:
         """(partition, key, value) of every entry held here."""
@@ -102,28 +119,33 @@ class ChangelogTable(Generic[V]):
         """Forget ``partitions`` (revoked: another worker restores them)."""
         for partition in partitions:
             self._data.pop(partition, None)
+            self._position.pop(partition, None)
 
     async def restore(self, partitions: set[int], *, timeout_s: float = 300.0) -> int:
-        """Rebuild ``partitions`` from the changelog; return the number of records read.
+        """Bring ``partitions`` up to date with the changelog; return the records read.
 
-        A marker record is produced to each partition first; reading stops at the marker, so
-        every change written before the restore began is applied, whatever the broker says
-        its end offsets are.
+        A partition not held here is rebuilt from the beginning of the changelog; one held
+        here is caught up from its position (see the module docstring). A marker record is
+        produced to each partition first, and reading stops at the marker, so every change
+        written before the call is applied, whatever the broker says its end offsets are.
 
         Raises:
             TimeoutError: the markers were not reached within ``timeout_s`` seconds.
         """
-        wanted = sorted(p for p in partitions if p not in self._data)
+        wanted = sorted(partitions)
         if not wanted:
             return 0
         started = time.perf_counter()
+        new = [p for p in wanted if p not in self._data or p not in self._position]
         marker = uuid.uuid4().hex.encode()
         futures = [
             await self.producer.send(self.changelog, marker, key=MARKER_KEY, partition=p)
             for p in wanted
         ]
         stops = {p: (await f).offset for p, f in zip(wanted, futures, strict=True)}
-        fresh: dict[int, dict[bytes, V]] = {p: {} for p in wanted}
+        entries_of: dict[int, dict[bytes, V]] = {
+            p: {} if p in new else self._data[p] for p in wanted
+        }
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.broker_list(),
             group_id=None,
@@ -132,11 +154,14 @@ class ChangelogTable(Generic[V]):
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         await consumer.start()
-        read = 0
+        read = {p: 0 for p in wanted}
         try:
             tps = [TopicPartition(self.changelog, p) for p in wanted]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            await consumer.seek_to_beginning(*[TopicPartition(self.changelog, p) for p in new])
+            for p in wanted:
+                if p not in new:
+                    consumer.seek(TopicPartition(self.changelog, p), self._position[p])
             left = set(wanted)
             async with asyncio.timeout(timeout_s):
                 while left:
@@ -146,27 +171,41 @@ class ChangelogTable(Generic[V]):
                         max_records=10_000,
                     )
                     for tp, records in batch.items():
-                        entries = fresh[tp.partition]
+                        entries = entries_of[tp.partition]
                         for record in records:
                             if record.offset >= stops[tp.partition]:
                                 left.discard(tp.partition)
                                 break
-                            read += 1
                             if record.key is None or record.key == MARKER_KEY:
                                 continue
+                            read[tp.partition] += 1
                             if record.value is None:
                                 entries.pop(record.key, None)
                             else:
                                 entries[record.key] = self.decode(record.value)
         finally:
             await consumer.stop()
-        self._data.update(fresh)
-        log.info(
-            "restored %d key(s) of %s%s from %d changelog record(s) in %.2f s",
-            sum(len(e) for e in fresh.values()),
-            self.changelog,
-            wanted,
-            read,
-            time.perf_counter() - started,
-        )
-        return read
+        self._data.update(entries_of)
+        for p in wanted:
+            self._position[p] = stops[p] + 1
+        elapsed = time.perf_counter() - started
+        if new:
+            log.info(
+                "restored %d key(s) of %s%s from %d changelog record(s) in %.2f s",
+                sum(len(entries_of[p]) for p in new),
+                self.changelog,
+                new,
+                sum(read[p] for p in new),
+                elapsed,
+            )
+        kept = [p for p in wanted if p not in new]
+        if kept:
+            caught_up = sum(read[p] for p in kept)
+            log.log(
+                logging.WARNING if caught_up else logging.DEBUG,
+                "caught up %s%s: %d change(s) written by another worker while they were away",
+                self.changelog,
+                kept,
+                caught_up,
+            )
+        return sum(read.values())

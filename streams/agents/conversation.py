@@ -294,8 +294,8 @@ def stage(
 
     async def assigned(tps: set[TopicPartition]) -> None:
         mine = {tp.partition for tp in tps if tp.topic == conversations}
-        # Eager rebalances revoke everything first; keep what comes back to this worker and
-        # restore only what is new here (nobody else processed it in between).
+        # Eager rebalances revoke everything first; what comes back to this worker is kept and
+        # only caught up (another worker may have owned it in between), the rest restored.
         table.drop(table.partitions() - mine)
         await table.restore(mine)
         index.invalidate()

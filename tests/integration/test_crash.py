@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from support.stacks import new_stack
 
+from streams.bench import conversation_lines
 from streams.replay import replay
 from streams.stack import EmbeddedStack
 
@@ -18,13 +19,6 @@ pytestmark = pytest.mark.integration
 
 CONVERSATIONS = 60
 TURNS = 5
-QUESTIONS = [
-    "My mouse is not responding.",
-    "My internet is not working.",
-    "I forgot my password.",
-    "My laptop screen is black.",
-    "I can't hear any sound.",
-]
 
 
 @pytest.fixture
@@ -46,17 +40,7 @@ def test_turn_is_answered_once_and_in_order_after_worker_is_killed_twice(
 ) -> None:
     stack = crash_stack
     stack.wait_ready()
-    lines = [
-        {
-            "tenant": "crash",
-            "channel": "chat",
-            "sender": f"user-{c}@crash.test",
-            "conversation_id": f"crash-conv-{c}",
-            "content": f"{QUESTIONS[t % len(QUESTIONS)]} (turn {t})",
-        }
-        for t in range(TURNS)
-        for c in range(CONVERSATIONS)
-    ]
+    lines = conversation_lines(CONVERSATIONS, TURNS, tenant="crash")
     total = len(lines)
     kills: list[int] = []
 

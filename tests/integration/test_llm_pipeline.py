@@ -176,7 +176,10 @@ async def test_escalation_trigger_hands_the_turn_to_a_human_without_an_llm_call(
 async def test_worker_keeps_up_to_its_cap_of_256_calls_in_flight(
     llm_stack: EmbeddedStack, provider: FakeOpenAI
 ) -> None:
-    latency_s = 1.5  # under the engine's 2 s timeout: no retries
+    # Well under the engine's 2 s timeout, so that no call is retried: the 256 replies of the
+    # first wave arrive together, and the worker needs a few hundred ms to read them all
+    # (with 1.5 s, the last ones sometimes timed out on this machine).
+    latency_s = 1.0
     provider.set_latency(latency_s)
     try:
         lines = [

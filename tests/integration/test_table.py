@@ -26,6 +26,18 @@ def _table(settings: Settings, producer: Producer) -> ChangelogTable[str]:
     )
 
 
+def _fresh_settings(stack: EmbeddedStack) -> Settings:
+    """Settings of a new app id and topic prefix (2 partitions) on the session's broker."""
+    prefix = f"table-{uuid.uuid4().hex[:8]}"
+    return Settings(
+        kafka_brokers=stack.settings().kafka_brokers,
+        topic_prefix=prefix,
+        app_id=prefix,
+        partitions=2,
+        fetch_max_wait_ms=50,
+    )
+
+
 async def _write_and_restore(settings: Settings) -> tuple[dict[bytes, str], int]:
     await create_topics(settings)
     producer = Producer(settings)
@@ -50,15 +62,44 @@ async def _write_and_restore(settings: Settings) -> tuple[dict[bytes, str], int]
 def test_restore_reads_up_to_its_marker_and_the_last_write_of_each_key_wins(
     stack: EmbeddedStack,
 ) -> None:
-    prefix = f"table-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        kafka_brokers=stack.settings().kafka_brokers,
-        topic_prefix=prefix,
-        app_id=prefix,
-        partitions=2,
-        fetch_max_wait_ms=50,
-    )
+    settings = _fresh_settings(stack)
     restored, read = asyncio.run(_write_and_restore(settings))
     assert len(restored) == 400
     assert all(restored[f"k{k}".encode()] == f"v2-{k}" for k in range(400))
     assert read >= 1200  # every change record was read, markers aside
+
+
+async def _away_and_back(settings: Settings) -> tuple[str | None, str | None, int]:
+    await create_topics(settings)
+    producer = Producer(settings)
+    await producer.start()
+
+    async def write(table: ChangelogTable[str], value: str) -> None:
+        with handling(BatchContext()) as ctx:
+            table.put_many([(0, b"k", value), (1, b"other", value)])
+        for action in ctx.after:
+            await action()
+        await producer.flush()
+
+    try:
+        first = _table(settings, producer)
+        await first.restore({0, 1})
+        await write(first, "from-first")
+        # The first worker misses a round of the group: the second one restores the partitions
+        # and changes them; then the first gets them back without having dropped them.
+        second = _table(settings, producer)
+        await second.restore({0, 1})
+        await write(second, "from-second")
+        caught_up = await first.restore({0, 1})
+        return first.get(0, b"k"), first.get(1, b"other"), caught_up
+    finally:
+        await producer.stop()
+
+
+def test_partitions_kept_across_a_rebalance_catch_up_with_changes_made_elsewhere(
+    stack: EmbeddedStack,
+) -> None:
+    settings = _fresh_settings(stack)
+    k, other, read = asyncio.run(_away_and_back(settings))
+    assert (k, other) == ("from-second", "from-second")
+    assert read == 2  # only the other worker's two changes, not the whole changelog again
