@@ -50,6 +50,7 @@ __all__ = [
     "handling",
     "is_transient",
     "key_partition",
+    "track_acknowledgement",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,17 @@ def handling(ctx: BatchContext) -> Iterator[BatchContext]:
         yield ctx
     finally:
         _batch.reset(token)
+
+
+def track_acknowledgement(future: asyncio.Future[Any]) -> None:
+    """Count ``future`` (a record's delivery report) among the current batch's
+    acknowledgements, awaited before its offsets are committed; nothing outside a batch.
+
+    ``Producer.send`` calls it for every record; another producer's sends can use it too.
+    """
+    ctx = _batch.get()
+    if ctx is not None:
+        ctx.acks.append(future)
 
 
 def after_acknowledged(action: Callable[[], Awaitable[None]]) -> None:
@@ -183,9 +195,7 @@ class Producer:
         future: asyncio.Future[Any] = await self._producer.send(
             topic, value, key=key, partition=partition, headers=list(headers or ())
         )
-        ctx = _batch.get()
-        if ctx is not None:
-            ctx.acks.append(future)
+        track_acknowledgement(future)
         return future
 
 
@@ -496,6 +506,8 @@ async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:
     for ack in acks:
         if not ack.done():
             await asyncio.wait((ack,))
+        if ack.cancelled():
+            raise KafkaError("produce cancelled before it was acknowledged")
         failure = ack.exception()
         if failure is not None:
             if isinstance(failure, KafkaError):

@@ -1,0 +1,114 @@
+"""``BatchConsumer``'s ordering guarantees, without a broker: offsets are committed only after
+a batch's records were acknowledged and its after-actions ran, also when partitions are
+revoked in between (a rebalance on Tansu takes seconds, so the integration tests cannot catch
+a revoke that commits too early).
+
+The aiokafka consumer is never started; its ``commit`` is replaced by a recorder, and the
+handler's delivery reports are futures the test resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from streams.settings import Settings
+from streams.transport import (
+    BatchConsumer,
+    _all_acknowledged,
+    after_acknowledged,
+    track_acknowledgement,
+)
+
+TP = TopicPartition("in", 0)
+
+
+def _record(offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=TP.topic,
+        partition=TP.partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=None,
+        value=b"v",
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=1,
+        headers=[],
+    )
+
+
+class Harness:
+    """A stage whose handler leaves one pending delivery report and one after-action."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.acks: list[asyncio.Future[Any]] = []
+        self.consumer = BatchConsumer(Settings(), "test", [TP.topic], self.handle)
+        self.consumer.assigned = {TP}
+
+        async def commit(offsets: dict[TopicPartition, Any]) -> None:
+            self.events.append(f"commit {offsets[TP].offset}")
+
+        self.consumer.consumer.commit = commit  # type: ignore[method-assign]
+
+    async def handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        track_acknowledgement(ack)
+        last = records[-1].offset
+
+        async def after() -> None:
+            self.events.append(f"after {last}")
+
+        after_acknowledged(after)
+        self.events.append(f"handled {last}")
+
+
+async def test_revoke_waits_for_acknowledgements_and_after_actions_before_committing() -> None:
+    h = Harness()
+    await h.consumer._handle({TP: [_record(4), _record(5)]})
+    revoke = asyncio.create_task(h.consumer._revoked({TP}))
+    await asyncio.sleep(0.05)
+    assert not revoke.done()  # the batch's record is not acknowledged yet
+    assert h.events == ["handled 5"]
+    h.acks[0].set_result(None)
+    await asyncio.wait_for(revoke, 1)
+    assert h.events == ["handled 5", "after 5", "commit 6"]
+    assert h.consumer.assigned == set()
+
+
+async def test_batches_finish_in_order_and_commits_cover_only_finished_ones() -> None:
+    h = Harness()
+    await h.consumer._handle({TP: [_record(1)]})
+    await h.consumer._handle({TP: [_record(2)]})
+    h.acks[1].set_result(None)  # the later batch is acknowledged first
+    await asyncio.sleep(0.05)
+    await h.consumer._commit()
+    assert h.events == ["handled 1", "handled 2"]  # nothing finished, nothing committed
+    h.acks[0].set_result(None)
+    await h.consumer._finish_outstanding()
+    await h.consumer._commit()
+    assert h.events == ["handled 1", "handled 2", "after 1", "after 2", "commit 3"]
+
+
+async def test_a_failed_or_cancelled_acknowledgement_is_a_kafka_error() -> None:
+    loop = asyncio.get_running_loop()
+    done, failed, cancelled = (loop.create_future() for _ in range(3))
+    done.set_result(None)
+    failed.set_exception(KafkaError("broker gone"))
+    cancelled.cancel()
+    await _all_acknowledged([done])
+    with pytest.raises(KafkaError, match="broker gone"):
+        await _all_acknowledged([done, failed])
+    with pytest.raises(KafkaError, match="cancelled"):
+        await _all_acknowledged([cancelled])
+    other = loop.create_future()
+    other.set_exception(OSError("reset"))
+    with pytest.raises(KafkaError, match="produce failed"):
+        await _all_acknowledged([other])
