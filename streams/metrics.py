@@ -42,6 +42,9 @@ def child(metric: M, *values: str) -> M:
 
     Children are never removed from these metrics, so a remembered child stays the one the
     registry exports.
+
+    Raises:
+        ValueError: the number of ``values`` differs from the metric's label names.
     """
     return metric.labels(*values)
 

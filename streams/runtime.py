@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,6 +26,7 @@ from processors.router import Router
 from schemas.codec import Codec
 from schemas.models import Channel
 from schemas.schema_registry_client import SchemaRegistryClient
+from streams.pool import CallPool
 from streams.settings import Settings
 from streams.transport import Producer
 
@@ -80,6 +82,8 @@ class Runtime:
     """The worker's producer (set by ``streams.worker`` before any stage runs)."""
     llm_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     """LLM calls in flight in this worker (drained on shutdown)."""
+    llm_pool: CallPool[Any] | None = field(init=False, default=None)
+    """The LLM stage's call pool (set by the stage), for what still waits at shutdown."""
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _started: bool = field(init=False, default=False)
@@ -141,7 +145,9 @@ class Runtime:
         return built
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` seconds for the LLM calls in flight; return how many remain.
+        """Wait up to ``timeout_s`` seconds for the LLM calls in flight (and the requests
+        waiting for a slot, which they take in turn); return how many calls and waiting
+        requests remain.
 
         Called after the consumers stopped and before the producer's final flush, so the
         responses of calls that finish in time are sent; the rest are cancelled (so that no
@@ -151,11 +157,12 @@ class Runtime:
         if self.llm_tasks:
             await asyncio.wait(set(self.llm_tasks), timeout=timeout_s)
         left = [task for task in self.llm_tasks if not task.done()]
+        waiting = self.llm_pool.waiting if self.llm_pool is not None else 0
         for task in left:  # cancel before the engines close under them
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=1.0)
-        return len(left)
+        return len(left) + waiting
 
     async def aclose(self) -> None:
         """Close connectors, engines, the codec and Redis."""

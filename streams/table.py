@@ -104,10 +104,15 @@ class ChangelogTable(Generic[V]):
         after_acknowledged(write)
 
     def _written(self, partition: int, ack: asyncio.Future[Any]) -> None:
+        """Move the partition's position past one of its own acknowledged changelog records —
+        only when that record is the next one: a gap means someone else wrote in between
+        (a worker that owned the partition while this one was away), and the next catch-up
+        must read from there rather than skip it."""
         if ack.cancelled() or ack.exception() is not None or partition not in self._data:
             return
         offset = int(ack.result().offset)
-        self._position[partition] = max(self._position.get(partition, 0), offset + 1)
+        if self._position.get(partition) == offset:
+            self._position[partition] = offset + 1
 
     def items(self) -> Iterator[tuple[int, bytes, V]]:
         """(partition, key, value) of every entry held here."""
@@ -122,7 +127,8 @@ class ChangelogTable(Generic[V]):
             self._position.pop(partition, None)
 
     async def restore(self, partitions: set[int], *, timeout_s: float = 300.0) -> int:
-        """Bring ``partitions`` up to date with the changelog; return the records read.
+        """Bring ``partitions`` up to date with the changelog; return the change records
+        read (marker records not counted).
 
         A partition not held here is rebuilt from the beginning of the changelog; one held
         here is caught up from its position (see the module docstring). A marker record is
@@ -158,7 +164,8 @@ class ChangelogTable(Generic[V]):
         try:
             tps = [TopicPartition(self.changelog, p) for p in wanted]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*[TopicPartition(self.changelog, p) for p in new])
+            if new:  # (with no argument aiokafka would rewind every assigned partition)
+                await consumer.seek_to_beginning(*[TopicPartition(self.changelog, p) for p in new])
             for p in wanted:
                 if p not in new:
                     consumer.seek(TopicPartition(self.changelog, p), self._position[p])

@@ -94,7 +94,11 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     await asyncio.wait(list(runs), timeout=30.0)
     left = await rt.drain(DRAIN_S)
     if left:
-        log.warning("%d LLM call(s) still in flight at shutdown; they will be re-issued", left)
+        log.warning(
+            "%d LLM call(s) still in flight or waiting at shutdown; they will be re-issued "
+            "after conversation.llm_deadline_s",
+            left,
+        )
     await producer.flush()
     for consumer in stages:
         await consumer.close()

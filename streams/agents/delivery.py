@@ -141,8 +141,8 @@ async def handle_batch(
     messages: list[RawMessage],
     max_sends: int = MAX_CONCURRENT_SENDS,
 ) -> None:
-    """Deliver a batch: recipients in parallel (at most ``max_sends`` sends at once), each
-    recipient's messages one after another in arrival order.
+    """Deliver a batch: recipients in parallel (at most ``max_sends`` >= 1 sends at once),
+    each recipient's messages one after another in arrival order.
 
     Already-delivered ids are found with one Redis round trip, and this batch's deliveries are
     recorded once the broker acknowledged their reports (see ``remember_after_ack``).
@@ -196,7 +196,16 @@ async def handle_batch(
         for items in queue:
             await one_recipient(items)
 
-    await asyncio.gather(*(sender() for _ in range(min(max_sends, len(groups)))))
+    senders = [asyncio.ensure_future(sender()) for _ in range(min(max_sends, len(groups)))]
+    try:
+        await asyncio.gather(*senders)
+    except BaseException:
+        # A transient error retries the whole batch (``guard_batch``): the other senders must
+        # not go on sending meanwhile.
+        for task in senders:
+            task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        raise
     if delivered:
         remember_after_ack(rt, delivered, _DELIVERED_TTL_S)
 

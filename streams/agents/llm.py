@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextvars
 import logging
 import time
 from typing import Any
@@ -39,10 +36,11 @@ from streams.metrics import (
     STAGE_ERRORS,
     child,
 )
+from streams.pool import CallPool
 from streams.runtime import Runtime
 from streams.transport import BatchConsumer
 
-__all__ = ["answer", "stage", "waiting_max"]
+__all__ = ["answer", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "llm"
@@ -283,62 +281,32 @@ def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
     No two requests in flight belong to the same conversation (the conversation stage keeps
     at most one turn per conversation in flight), so their completion order does not matter.
 
-    Each call runs in a task; a task that finished its call takes the next waiting request at
-    once, in the same step of the event loop, instead of handing its slot back to the batch
-    handler. Completions that arrive together would otherwise be refilled together, only once
-    the loop had worked through all of them: the calls would keep starting (and ending) in
-    bursts, each burst delaying its own last calls by its whole processing time. Chained, the
-    next call starts right after the previous one's reply was sent, and the calls spread out.
-
-    When every slot is busy, at most ``waiting_max(llm.max_in_flight)`` requests wait in memory
-    and the stage stops reading: backpressure, not buffering. A batch's offsets are committed
+    The calls run in a ``streams.pool.CallPool``: a call that finished takes the next waiting
+    request at once, in the same step of the event loop, so calls do not start and end in
+    bursts. When every slot is busy, at most ``max(16, max_in_flight // 4)`` requests wait in
+    memory and the stage stops reading: backpressure, not buffering. A batch's offsets are committed
     once its requests have started or wait in memory; a request lost with a crashed worker is
     re-issued by the conversation stage once its deadline passes
     (``conversation.llm_deadline_s``), and a duplicate response is dropped there by turn id
     (ARCHITECTURE.md principle 5).
     """
-    limit = rt.config.llm.max_in_flight
-    waiting: collections.deque[RawMessage] = collections.deque()
-    room = asyncio.Event()  # set when a waiting request was taken
-    in_flight = rt.llm_tasks  # drained by the worker on shutdown (streams.worker)
-    busy = 0  # tasks running; a task looks at ``waiting`` and stops in the same step
 
-    async def run(message: RawMessage | None) -> None:
-        nonlocal busy
+    async def call(message: RawMessage) -> None:
         try:
-            while message is not None:
-                try:
-                    await _handle(rt, topics, message)
-                except Exception as exc:  # a bad record must never stop the stage
-                    await _fail_turn(rt, topics, message, exc)
-                message = waiting.popleft() if waiting else None
-                room.set()
-        finally:
-            busy -= 1
-            LLM_IN_FLIGHT.dec()
+            await _handle(rt, topics, message)
+        except Exception as exc:  # a bad record must never stop the stage
+            await _fail_turn(rt, topics, message, exc)
+
+    pool: CallPool[RawMessage] = CallPool(
+        rt.config.llm.max_in_flight,
+        call,
+        tasks=rt.llm_tasks,  # drained by the worker on shutdown (streams.worker)
+        on_busy=LLM_IN_FLIGHT.set,
+    )
+    rt.llm_pool = pool
 
     async def start_calls(messages: list[RawMessage]) -> None:
-        nonlocal busy
         for message in messages:
-            if busy < limit:
-                busy += 1
-                LLM_IN_FLIGHT.inc()
-                # A fresh context: the call's records are not part of this batch's acks.
-                task = asyncio.get_running_loop().create_task(
-                    run(message), context=contextvars.Context()
-                )
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                continue
-            while len(waiting) >= waiting_max(limit):
-                room.clear()
-                await room.wait()
-            waiting.append(message)
+            await pool.submit(message)
 
     return BatchConsumer(rt.settings, STAGE, [topics["llm_requests"]], start_calls)
-
-
-def waiting_max(max_in_flight: int) -> int:
-    """Requests the LLM stage keeps waiting in memory while all ``max_in_flight`` slots are
-    busy: a quarter of the slots, at least 16, so that finishing calls find the next one."""
-    return max(16, max_in_flight // 4)

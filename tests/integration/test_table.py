@@ -90,6 +90,13 @@ async def _away_and_back(settings: Settings) -> tuple[str | None, str | None, in
         second = _table(settings, producer)
         await second.restore({0, 1})
         await write(second, "from-second")
+        # The first one, not yet aware, writes a key of its own: its position must not jump
+        # past the second one's changes.
+        with handling(BatchContext()) as ctx:
+            first.put_many([(0, b"mine", "late")])
+        for action in ctx.after:
+            await action()
+        await producer.flush()
         caught_up = await first.restore({0, 1})
         return first.get(0, b"k"), first.get(1, b"other"), caught_up
     finally:
@@ -102,4 +109,5 @@ def test_partitions_kept_across_a_rebalance_catch_up_with_changes_made_elsewhere
     settings = _fresh_settings(stack)
     k, other, read = asyncio.run(_away_and_back(settings))
     assert (k, other) == ("from-second", "from-second")
-    assert read == 2  # only the other worker's two changes, not the whole changelog again
+    # the other worker's two changes and the late one, not the whole changelog again
+    assert read == 3

@@ -81,6 +81,7 @@ async def test_revoke_waits_for_acknowledgements_and_after_actions_before_commit
     await asyncio.wait_for(revoke, 1)
     assert h.events == ["handled 5", "after 5", "commit 6"]
     assert h.consumer.assigned == set()
+    await h.consumer.close()
 
 
 async def test_batches_finish_in_order_and_commits_cover_only_finished_ones() -> None:
@@ -95,6 +96,7 @@ async def test_batches_finish_in_order_and_commits_cover_only_finished_ones() ->
     await h.consumer._finish_outstanding()
     await h.consumer._commit()
     assert h.events == ["handled 1", "handled 2", "after 1", "after 2", "commit 3"]
+    await h.consumer.close()
 
 
 async def test_a_failed_or_cancelled_acknowledgement_is_a_kafka_error() -> None:
