@@ -320,3 +320,8 @@ def test_a_worker_frozen_past_its_session_gets_its_partitions_back_up_to_date(
     published, delivered = result.orders(stack.data_dir / "outbox.jsonl")
     assert delivered == published
     assert frozen.alive(), f"worker 0 died after it was thawed; see {frozen.log_path}"
+    # it rejoined and got partitions again (start-up, worker 1 joining, back after the pause);
+    # those it held before are caught up ("caught up ... N change(s)"), others restored
+    rejoined = _conversation_assignments(frozen.log_path)
+    assert len(rejoined) >= 3, rejoined
+    assert rejoined[-1], f"worker 0 owns no conversation partition after the pause: {rejoined}"
