@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ __all__ = ["OutboxConnector", "read_outbox"]
 log = logging.getLogger(__name__)
 
 STDOUT = "-"
+DEFAULT_REMEMBER = 100_000
+"""Delivery ids an outbox connector keeps for its duplicate check (the most recent ones)."""
 
 
 @register_connector("outbox")
@@ -35,7 +38,10 @@ class OutboxConnector(DeliveryConnector):
     Idempotent by ``delivery_id`` (file mode): before writing, the connector reads whatever was
     appended to the file since it last looked — by itself, by an earlier run that crashed, or by
     another worker — and skips a delivery id already in the file. A delivery replayed after a
-    crash between the write and its delivery report is therefore not written twice.
+    crash between the write and its delivery report is therefore not written twice. The ids of
+    the last ``remember`` lines are kept (default 100,000), so memory stays bounded however long
+    the file grows; a replay comes within seconds of its first attempt, and older deliveries
+    are recognised before they reach a connector (the delivery stage's Redis keys).
 
     Line fields: delivery_id, message_id, conversation_id, tenant, channel, recipient, subject,
     content, persona, delivered_at (ISO-8601, UTC, milliseconds).
@@ -43,26 +49,45 @@ class OutboxConnector(DeliveryConnector):
 
     name = "outbox"
 
-    def __init__(self, path: Path | str) -> None:
-        """Write to ``path``, or to stdout when ``path`` is ``"-"``."""
+    def __init__(self, path: Path | str, *, remember: int = DEFAULT_REMEMBER) -> None:
+        """Write to ``path``, or to stdout when ``path`` is ``"-"``.
+
+        Raises:
+            ValueError: ``remember`` < 1.
+        """
+        if remember < 1:
+            raise ValueError(f"outbox: remember must be >= 1, got {remember}")
         self._path: Path | None = None if str(path) == STDOUT else Path(path)
         self._fd: int | None = None
         self._lock = asyncio.Lock()
+        self._remember = remember
         self._delivered: set[str] = set()
+        self._order: collections.deque[str] = collections.deque()
         self._scanned = 0
         self._indexed = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, OptionValue], *, data_dir: Path) -> OutboxConnector:
-        """Build from options: ``path`` (default ``<data_dir>/outbox.jsonl``; ``-`` = stdout).
+        """Build from options: ``path`` (default ``<data_dir>/outbox.jsonl``; ``-`` = stdout)
+        and ``remember`` (delivery ids kept for the duplicate check, default 100,000).
 
         Raises:
-            ValueError: An unknown option, or ``path`` is not a string.
+            ValueError: An unknown option, ``path`` not a string, ``remember`` not an integer
+                >= 1.
         """
         reader = OptionReader(cls.name, options)
         path = reader.get_str("path", str(data_dir / "outbox.jsonl"))
+        remember = reader.get_int("remember", DEFAULT_REMEMBER)
         reader.check_unknown()
-        return cls(path)
+        return cls(path, remember=remember)
+
+    def _remember_id(self, delivery_id: str) -> None:
+        if delivery_id in self._delivered:
+            return
+        self._delivered.add(delivery_id)
+        self._order.append(delivery_id)
+        if len(self._order) > self._remember:
+            self._delivered.discard(self._order.popleft())
 
     @property
     def path(self) -> Path | None:
@@ -93,7 +118,7 @@ class OutboxConnector(DeliveryConnector):
             except (ValueError, AttributeError):
                 continue  # a foreign or torn line: not ours to index
             if isinstance(delivery_id, str):
-                self._delivered.add(delivery_id)
+                self._remember_id(delivery_id)
         self._scanned += end
 
     def _write(self, request: DeliveryRequest, data: bytes) -> bool:
@@ -110,7 +135,7 @@ class OutboxConnector(DeliveryConnector):
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         before = self._scanned
         os.write(self._fd, data)
-        self._delivered.add(request.delivery_id)
+        self._remember_id(request.delivery_id)
         if os.fstat(self._fd).st_size == before + len(data):
             # Nobody else appended since the index was refreshed: the file is known up to
             # its end, our own line included.

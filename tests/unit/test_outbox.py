@@ -182,3 +182,39 @@ async def test_lines_appended_by_another_writer_are_seen_before_writing(tmp_path
     await first.aclose()
     await second.aclose()
     assert [r["delivery_id"] for r in read_outbox(path)] == ["d-1", "d-3"]
+
+
+async def test_only_the_last_remember_ids_are_kept_for_the_duplicate_check(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    connector = OutboxConnector(path, remember=2)
+    for n in (1, 2, 3):
+        await connector.send(make_request(n))
+    await connector.send(make_request(3))  # recent: recognised
+    await connector.send(make_request(1))  # forgotten: written again
+    await connector.aclose()
+    assert [r["delivery_id"] for r in read_outbox(path)] == ["d-1", "d-2", "d-3", "d-1"]
+
+
+async def test_a_restart_remembers_only_the_last_ids_of_a_long_file(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    first = OutboxConnector(path)
+    for n in range(1, 6):
+        await first.send(make_request(n))
+    await first.aclose()
+    restarted = OutboxConnector(path, remember=2)
+    await restarted.send(make_request(5))  # among the last two lines: not written again
+    await restarted.send(make_request(1))  # older: written again
+    await restarted.aclose()
+    ids = [r["delivery_id"] for r in read_outbox(path)]
+    assert ids == ["d-1", "d-2", "d-3", "d-4", "d-5", "d-1"]
+
+
+def test_remember_option_is_read_and_checked(tmp_path: Path) -> None:
+    connector = build_connector("outbox", {"remember": "3"}, data_dir=tmp_path)
+    assert isinstance(connector, OutboxConnector)
+    with pytest.raises(ValueError, match="remember must be >= 1"):
+        build_connector("outbox", {"remember": 0}, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="remember"):
+        build_connector("outbox", {"remember": "many"}, data_dir=tmp_path)
