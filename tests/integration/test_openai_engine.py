@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.fake_openai import FakeOpenAI, fake_openai_server
+from support.fake_openai import FakeOpenAI
 
 from connectors.errors import EngineError
 from connectors.llm.base import CompletionRequest, LLMEngine
@@ -51,6 +51,16 @@ def ask(*turns: tuple[Role, str], **options: Any) -> CompletionRequest:
 HELLO = ask((Role.SYSTEM, "You are Ada."), (Role.USER, "hello there"))
 
 
+async def failure_of(engine: LLMEngine) -> EngineError:
+    """The EngineError ``engine`` raises for HELLO (the test fails if it answers); closes it."""
+    try:
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(HELLO)
+    finally:
+        await engine.aclose()
+    return caught.value
+
+
 @asynccontextmanager
 async def resilient(
     server: FakeOpenAI, cfg: EngineConfig, limiter: ProviderRateLimiter | None = None
@@ -64,7 +74,7 @@ async def resilient(
 
 
 async def test_completion_carries_reply_model_and_reported_usage() -> None:
-    async with fake_openai_server() as server, resilient(server, config()) as engine:
+    async with FakeOpenAI() as server, resilient(server, config()) as engine:
         completion, attempts = await engine.complete_with_attempts(HELLO)
 
     assert completion.content == "echo: hello there"
@@ -78,7 +88,7 @@ async def test_completion_carries_reply_model_and_reported_usage() -> None:
 
 async def test_request_sends_bearer_key_model_messages_and_sampling_options() -> None:
     cfg = config(temperature=0.3, max_tokens=64)
-    async with fake_openai_server(api_key="sk-secret") as server, resilient(server, cfg) as engine:
+    async with FakeOpenAI(api_key="sk-secret") as server, resilient(server, cfg) as engine:
         await engine.complete(HELLO)
         await engine.complete(ask((Role.USER, "hi"), model="gpt-other", temperature=1.5))
 
@@ -95,7 +105,7 @@ async def test_request_sends_bearer_key_model_messages_and_sampling_options() ->
 
 
 async def test_unset_sampling_options_are_not_sent() -> None:
-    async with fake_openai_server() as server, resilient(server, config()) as engine:
+    async with FakeOpenAI() as server, resilient(server, config()) as engine:
         await engine.complete(HELLO)
 
     assert "temperature" not in server.requests[0].body
@@ -104,7 +114,7 @@ async def test_unset_sampling_options_are_not_sent() -> None:
 
 async def test_missing_usage_is_estimated_from_characters() -> None:
     async with (
-        fake_openai_server(include_usage=False) as server,
+        FakeOpenAI(include_usage=False) as server,
         resilient(server, config()) as engine,
     ):
         completion = await engine.complete(ask((Role.USER, "abcdefghi")))
@@ -115,7 +125,7 @@ async def test_missing_usage_is_estimated_from_characters() -> None:
 
 async def test_rate_limited_call_waits_retry_after_then_succeeds() -> None:
     async with (
-        fake_openai_server(faults=["429:0.3"]) as server,
+        FakeOpenAI(faults=["429:0.3"]) as server,
         resilient(server, config(), ProviderRateLimiter(None, None)) as engine,
     ):
         completion, attempts = await engine.complete_with_attempts(HELLO)
@@ -142,7 +152,7 @@ class SignallingLimiter(ProviderRateLimiter):
 async def test_rate_limit_pauses_other_calls_sharing_the_limiter() -> None:
     limiter = SignallingLimiter()
     async with (
-        fake_openai_server(faults=["429:0.4"]) as server,
+        FakeOpenAI(faults=["429:0.4"]) as server,
         resilient(server, config(), limiter) as engine,
     ):
         limited = asyncio.create_task(engine.complete(ask((Role.USER, "first"))))
@@ -160,7 +170,7 @@ async def test_rate_limit_pauses_other_calls_sharing_the_limiter() -> None:
 async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
     cfg = config(timeout_s=0.3)
     async with (
-        fake_openai_server(faults=[fault], hang_s=5.0) as server,
+        FakeOpenAI(faults=[fault], hang_s=5.0) as server,
         resilient(server, cfg) as engine,
     ):
         completion, attempts = await engine.complete_with_attempts(HELLO)
@@ -186,34 +196,26 @@ async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
 async def test_openai_engine_maps_fault_to_engine_error(
     fault: str, retriable: bool, retry_after: float | None, fragment: str
 ) -> None:
-    async with fake_openai_server(faults=[fault]) as server:
+    async with FakeOpenAI(faults=[fault]) as server:
         engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
-        try:
-            with pytest.raises(EngineError) as caught:
-                await engine.complete(HELLO)
-        finally:
-            await engine.aclose()
+        error = await failure_of(engine)
 
-    assert caught.value.retriable is retriable
-    assert caught.value.retry_after == retry_after
-    assert fragment in str(caught.value)
+    assert error.retriable is retriable
+    assert error.retry_after == retry_after
+    assert fragment in str(error)
 
 
 async def test_retry_after_ms_header_wins_over_retry_after() -> None:
-    async with fake_openai_server(faults=["429"], retry_after="7", retry_after_ms="150") as server:
+    async with FakeOpenAI(faults=["429"], retry_after="7", retry_after_ms="150") as server:
         engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
-        try:
-            with pytest.raises(EngineError) as caught:
-                await engine.complete(HELLO)
-        finally:
-            await engine.aclose()
+        error = await failure_of(engine)
 
-    assert caught.value.retry_after == pytest.approx(0.15)
+    assert error.retry_after == pytest.approx(0.15)
 
 
 async def test_bad_request_is_not_retried() -> None:
     async with (
-        fake_openai_server(faults=["400"]) as server,
+        FakeOpenAI(faults=["400"]) as server,
         resilient(server, config()) as engine,
     ):
         with pytest.raises(EngineError) as caught:
@@ -225,23 +227,19 @@ async def test_bad_request_is_not_retried() -> None:
 
 
 async def test_wrong_api_key_is_not_retried() -> None:
-    async with fake_openai_server(api_key="right") as server:
+    async with FakeOpenAI(api_key="right") as server:
         cfg = config()
         engine = ResilientEngine(OpenAIEngine(cfg, api_key="wrong", base_url=server.base_url), cfg)
-        try:
-            with pytest.raises(EngineError) as caught:
-                await engine.complete(HELLO)
-        finally:
-            await engine.aclose()
+        error = await failure_of(engine)
 
-    assert caught.value.retriable is False
-    assert "401" in str(caught.value)
+    assert error.retriable is False
+    assert "401" in str(error)
     assert len(server.requests) == 1
 
 
 async def test_persistent_server_errors_give_up_after_max_retries_plus_one_requests() -> None:
     async with (
-        fake_openai_server(faults=["500"] * 5) as server,
+        FakeOpenAI(faults=["500"] * 5) as server,
         resilient(server, config(max_retries=2)) as engine,
     ):
         with pytest.raises(EngineError) as caught:
@@ -256,34 +254,26 @@ async def test_persistent_server_errors_give_up_after_max_retries_plus_one_reque
 
 
 async def test_unreachable_endpoint_is_a_retriable_connection_error() -> None:
-    async with fake_openai_server() as server:
+    async with FakeOpenAI() as server:
         base_url = server.base_url
     engine = OpenAIEngine(config(), api_key="k", base_url=base_url)
-    try:
-        with pytest.raises(EngineError) as caught:
-            await engine.complete(HELLO)
-    finally:
-        await engine.aclose()
+    error = await failure_of(engine)
 
-    assert caught.value.retriable is True
-    assert "connection" in str(caught.value)
+    assert error.retriable is True
+    assert "connection" in str(error)
 
 
 async def test_empty_model_is_a_non_retriable_error_without_a_request() -> None:
-    async with fake_openai_server() as server:
+    async with FakeOpenAI() as server:
         engine = OpenAIEngine(config(model=""), api_key=server.api_key, base_url=server.base_url)
-        try:
-            with pytest.raises(EngineError) as caught:
-                await engine.complete(HELLO)
-        finally:
-            await engine.aclose()
+        error = await failure_of(engine)
 
-    assert caught.value.retriable is False
+    assert error.retriable is False
     assert server.requests == []
 
 
 async def test_build_openai_engine_reads_key_and_base_url_from_the_environment() -> None:
-    async with fake_openai_server(api_key="from-env") as server:
+    async with FakeOpenAI(api_key="from-env") as server:
         env = {"SB_LLM_KEY": "from-env", "OPENAI_BASE_URL": server.base_url}
         engine: LLMEngine = build_openai_engine(config(api_key_env="SB_LLM_KEY"), env)
         try:
@@ -335,7 +325,7 @@ def test_fake_server_rejects_unknown_faults() -> None:
 
 
 async def test_fake_server_rejects_a_request_breaking_the_contract() -> None:
-    async with fake_openai_server() as server, httpx.AsyncClient() as client:
+    async with FakeOpenAI() as server, httpx.AsyncClient() as client:
         no_key = await client.post(f"{server.base_url}/chat/completions", json={})
         headers = {"Authorization": f"Bearer {server.api_key}"}
         no_messages = await client.post(

@@ -24,7 +24,7 @@ Faults given to the constructor are checked; one appended later and unknown is a
 
 Example::
 
-    async with fake_openai_server(faults=["429", "500"], retry_after="0.2") as server:
+    async with FakeOpenAI(faults=["429", "500"], retry_after="0.2") as server:
         client = openai.AsyncOpenAI(api_key=server.api_key, base_url=server.base_url)
         ...
         assert len(server.requests) == 3
@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,6 @@ __all__ = [
     "NAMED_FAULTS",
     "FakeOpenAI",
     "RecordedRequest",
-    "fake_openai_server",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def _default_reply(messages: list[dict[str, Any]]) -> str:
 
 
 class FakeOpenAI:
-    """The server; use :func:`fake_openai_server`, or ``await start()`` / ``await aclose()``.
+    """The server: ``async with FakeOpenAI(...) as server``, or ``await start()`` / ``aclose()``.
 
     Args:
         api_key: The key clients must send as ``Authorization: Bearer <key>`` (401 otherwise);
@@ -338,39 +337,3 @@ class FakeOpenAI:
             return _error(status, f"Scripted fault {status}.", type_=type_)
         logger.error("fake OpenAI server: unknown fault %r", fault)
         return _error(500, f"fake OpenAI server: unknown fault {fault!r}", type_="server_error")
-
-
-@contextlib.asynccontextmanager
-async def fake_openai_server(
-    *,
-    api_key: str | None = "test-key",
-    latency_s: float = 0.0,
-    faults: Iterable[str] = (),
-    retry_after: str | None = "1",
-    retry_after_ms: str | None = None,
-    hang_s: float = 30.0,
-    reply: Callable[[list[dict[str, Any]]], str] | None = None,
-    include_usage: bool = True,
-) -> AsyncIterator[FakeOpenAI]:
-    """Run a :class:`FakeOpenAI` on a free loopback port for the ``async with`` block.
-
-    Args: as :class:`FakeOpenAI`.
-
-    Yields:
-        The started server (``.base_url``, ``.api_key``, ``.requests``, ``.faults``).
-    """
-    server = FakeOpenAI(
-        api_key=api_key,
-        latency_s=latency_s,
-        faults=faults,
-        retry_after=retry_after,
-        retry_after_ms=retry_after_ms,
-        hang_s=hang_s,
-        reply=reply,
-        include_usage=include_usage,
-    )
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.aclose()
