@@ -217,24 +217,11 @@ async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> N
         )
         return
     response, handoff = await answer(rt, request)
+    key = conversation_key(request.tenant, request.conversation_id)
     if handoff is not None:
         for name in ("handoff", "conversations"):  # humans' queue; the conversation's lifecycle
-            await send_record(
-                rt,
-                topics[name],
-                handoff,
-                key=conversation_key(request.tenant, request.conversation_id),
-                stage=STAGE,
-                parent=message,
-            )
-    await send_record(
-        rt,
-        topics["llm_responses"],
-        response,
-        key=conversation_key(request.tenant, request.conversation_id),
-        stage=STAGE,
-        parent=message,
-    )
+            await send_record(rt, topics[name], handoff, key=key, stage=STAGE, parent=message)
+    await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
 
 
 async def _fail_turn(
@@ -264,14 +251,8 @@ async def _fail_turn(
         error=f"{type(exc).__name__}: {exc}",
         attempts=0,
     )
-    await send_record(
-        rt,
-        topics["llm_responses"],
-        response,
-        key=conversation_key(request.tenant, request.conversation_id),
-        stage=STAGE,
-        parent=message,
-    )
+    key = conversation_key(request.tenant, request.conversation_id)
+    await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
