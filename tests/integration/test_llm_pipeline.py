@@ -84,6 +84,16 @@ async def _ask(stack: EmbeddedStack, content: str) -> Outcome:
     return outcome
 
 
+async def _response_to(stack: EmbeddedStack, outcome: Outcome) -> LLMResponse:
+    """The LLMResponse the llm stage sent for ``outcome``'s turn."""
+    return await find_record(
+        stack,
+        stack.settings().topics.llm_responses,
+        LLMResponse,
+        lambda r: r.turn_id == outcome.message.message_id,
+    )
+
+
 def _sent(provider: FakeOpenAI, content: str) -> list[Any]:
     return [r for r in provider.requests if r.body["messages"][-1]["content"] == content]
 
@@ -103,12 +113,7 @@ async def test_429_and_500_are_retried_then_answer_carries_usage_and_cost(
     assert headers["authorization"] == f"Bearer {provider.api_key}"
     assert requests[0].body["model"] == "gpt-test"
     assert requests[0].body["messages"][0]["role"] == "system"
-    response = await find_record(
-        llm_stack,
-        llm_stack.settings().topics.llm_responses,
-        LLMResponse,
-        lambda r: r.turn_id == outcome.message.message_id,
-    )
+    response = await _response_to(llm_stack, outcome)
     assert response.status == LLMStatus.OK
     assert (response.engine, response.model, response.attempts) == ("gpt", "gpt-test", 3)
     assert response.prompt_tokens > 0
@@ -143,12 +148,7 @@ async def test_persona_apologises_when_its_only_engine_keeps_failing(
     sent = _sent(provider, content)
     assert [r.fault for r in sent] == ["500", "timeout", "malformed"]
     assert {r.body["model"] for r in sent} == {"gpt-sales"}
-    response = await find_record(
-        llm_stack,
-        llm_stack.settings().topics.llm_responses,
-        LLMResponse,
-        lambda r: r.turn_id == outcome.message.message_id,
-    )
+    response = await _response_to(llm_stack, outcome)
     assert response.status == LLMStatus.FALLBACK
     assert "gave up after 3 attempts" in (response.error or "")
 
