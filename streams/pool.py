@@ -33,8 +33,6 @@ class CallPool(Generic[T]):
             (the caller's ``call`` should handle its own failures).
         waiting_max: most items kept waiting in memory while every slot is busy; ``submit``
             blocks beyond that (backpressure). Default ``max(16, limit // 4)``.
-        tasks: the set the pool's tasks are kept in while they run (to wait for them on
-            shutdown); a new set when None.
         on_busy: called with the number of running calls whenever it changes (a gauge).
 
     Raises:
@@ -47,7 +45,6 @@ class CallPool(Generic[T]):
         call: Callable[[T], Awaitable[None]],
         *,
         waiting_max: int | None = None,
-        tasks: set[asyncio.Task[None]] | None = None,
         on_busy: Callable[[int], None] | None = None,
     ) -> None:
         self.limit = limit
@@ -55,7 +52,8 @@ class CallPool(Generic[T]):
         if limit < 1 or self.waiting_max < 1:
             raise ValueError(f"limit and waiting_max must be >= 1, got {limit}, {waiting_max}")
         self.call = call
-        self.tasks: set[asyncio.Task[None]] = tasks if tasks is not None else set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        """The pool's running tasks."""
         self.on_busy = on_busy
         self._waiting: collections.deque[T] = collections.deque()
         self._room = asyncio.Event()
@@ -90,6 +88,20 @@ class CallPool(Generic[T]):
             task.add_done_callback(self.tasks.discard)
         else:
             self._waiting.append(item)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` seconds for the running calls (they take the waiting items
+        in turn), then cancel what still runs; return how many calls and waiting items were
+        left unfinished."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout_s)
+        left = [task for task in self.tasks if not task.done()]
+        waiting = len(self._waiting)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=1.0)
+        return len(left) + waiting
 
     def _set_busy(self, busy: int) -> None:
         self._busy = busy

@@ -80,10 +80,8 @@ class Runtime:
     idempotency: IdempotencyStore | None = field(init=False, default=None)
     kafka: Producer | None = field(init=False, default=None)
     """The worker's producer (set by ``streams.worker`` before any stage runs)."""
-    llm_tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
-    """LLM calls in flight in this worker (drained on shutdown)."""
     llm_pool: CallPool[Any] | None = field(init=False, default=None)
-    """The LLM stage's call pool (set by the stage), for what still waits at shutdown."""
+    """The LLM stage's calls in flight and waiting (set by the stage; drained on shutdown)."""
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _started: bool = field(init=False, default=False)
@@ -154,15 +152,7 @@ class Runtime:
         call runs into closed engines and answers with an apology) and re-issued by the
         conversation agent once their deadline passes.
         """
-        if self.llm_tasks:
-            await asyncio.wait(set(self.llm_tasks), timeout=timeout_s)
-        left = [task for task in self.llm_tasks if not task.done()]
-        waiting = self.llm_pool.waiting if self.llm_pool is not None else 0
-        for task in left:  # cancel before the engines close under them
-            task.cancel()
-        if left:
-            await asyncio.wait(left, timeout=1.0)
-        return len(left) + waiting
+        return await self.llm_pool.drain(timeout_s) if self.llm_pool is not None else 0
 
     async def aclose(self) -> None:
         """Close connectors, engines, the codec and Redis."""

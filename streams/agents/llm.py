@@ -281,10 +281,9 @@ def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
     pool: CallPool[RawMessage] = CallPool(
         rt.config.llm.max_in_flight,
         call,
-        tasks=rt.llm_tasks,  # drained by the worker on shutdown (streams.worker)
         on_busy=LLM_IN_FLIGHT.set,
     )
-    rt.llm_pool = pool
+    rt.llm_pool = pool  # drained by the worker on shutdown (streams.worker)
 
     async def start_calls(messages: list[RawMessage]) -> None:
         for message in messages:

@@ -9,16 +9,6 @@ import pytest
 from streams.pool import CallPool
 
 
-class CountingSet(set[asyncio.Task[None]]):
-    """A task set that counts the tasks ever added."""
-
-    added = 0
-
-    def add(self, task: asyncio.Task[None]) -> None:
-        self.added += 1
-        super().add(task)
-
-
 async def _drain(pool: CallPool[int]) -> None:
     while pool.tasks:
         await asyncio.wait(set(pool.tasks))
@@ -101,19 +91,38 @@ async def test_submit_blocks_while_every_slot_is_busy_and_the_queue_is_full() ->
 
 
 async def test_a_finished_call_takes_the_next_waiting_item_in_its_own_task() -> None:
-    tasks = CountingSet()
+    busy: list[int] = []
     order: list[int] = []
 
     async def call(item: int) -> None:
         await asyncio.sleep(0)
         order.append(item)
 
-    pool = CallPool(1, call, waiting_max=10, tasks=tasks)
+    pool = CallPool(1, call, waiting_max=10, on_busy=busy.append)
     for item in range(5):
         await pool.submit(item)
     await _drain(pool)
     assert order == [0, 1, 2, 3, 4]
-    assert tasks.added == 1  # one task ran the whole chain
+    assert busy == [1, 0]  # one task ran the whole chain, the slot was never handed back
+
+
+async def test_drain_finishes_the_queue_or_cancels_and_counts_what_is_left() -> None:
+    async def quick(item: int) -> None:
+        await asyncio.sleep(0.001)
+
+    pool = CallPool(1, quick, waiting_max=5)
+    for item in range(4):
+        await pool.submit(item)
+    assert await pool.drain(1.0) == 0  # the running call took the three waiting ones
+
+    async def stuck(item: int) -> None:
+        await asyncio.sleep(60)
+
+    pool = CallPool(1, stuck, waiting_max=5)
+    for item in range(3):
+        await pool.submit(item)
+    assert await pool.drain(0.05) == 3  # one cancelled call, two never started
+    assert pool.tasks == set()
 
 
 async def test_busy_count_is_reported_on_every_change() -> None:
