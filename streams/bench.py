@@ -18,10 +18,19 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from processors.tracing import TRACEPARENT, new_traceparent
+from schemas.codec import Codec
+from schemas.models import ConversationEvent, utcnow
 from streams.replay import ReplayResult, replay
 from streams.stack import EmbeddedStack, config_variant
 
-__all__ = ["bench_llm", "bench_pipeline", "conversation_lines", "raw_chain_throughput"]
+__all__ = [
+    "bench_llm",
+    "bench_pipeline",
+    "codec_hop",
+    "conversation_lines",
+    "raw_chain_throughput",
+]
 
 _QUESTIONS = (
     "My mouse is not responding.",
@@ -151,13 +160,20 @@ def bench_llm(
 
 
 async def raw_chain_throughput(
-    brokers: str, records: int, hops: int, partitions: int, value_size: int = 300
+    brokers: str,
+    records: int,
+    hops: int,
+    partitions: int,
+    *,
+    value: bytes = b"x" * 300,
+    transform: Callable[[bytes], bytes] | None = None,
 ) -> float:
-    """Records/s through ``hops`` raw aiokafka consume→produce stages in one process.
+    """Records/s through ``hops`` aiokafka consume→produce stages in one process.
 
-    Stage i consumes topic i and produces every record to topic i+1 (no decoding), like a
-    pipeline stage with no work; the rate is measured from the first send to the last record
-    read from the final topic.
+    Stage i consumes topic i and produces every record to topic i+1, like a pipeline stage
+    with no work of its own; with ``transform``, each stage sends ``transform(value)`` instead
+    of the bytes it read. Every record starts as ``value``. The rate is measured from the
+    first send to the last record read from the final topic.
     """
     prefix = f"raw-{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}.{i}" for i in range(hops + 1)]
@@ -183,7 +199,8 @@ async def raw_chain_throughput(
         while moved < records:
             for batch in (await consumers[i].getmany(timeout_ms=100, max_records=2000)).values():
                 for record in batch:
-                    await producer.send(names[i + 1], record.value, key=record.key)
+                    out = record.value if transform is None else transform(record.value)
+                    await producer.send(names[i + 1], out, key=record.key)
                 moved += len(batch)
 
     async def sink() -> None:
@@ -192,7 +209,6 @@ async def raw_chain_throughput(
             batch = await consumers[-1].getmany(timeout_ms=100, max_records=5000)
             seen += sum(len(b) for b in batch.values())
 
-    value = b"x" * value_size
     started = time.perf_counter()
     tasks = [asyncio.create_task(stage(i)) for i in range(hops)]
     for n in range(records):
@@ -207,11 +223,45 @@ async def raw_chain_throughput(
     return records / elapsed
 
 
+def codec_hop() -> tuple[bytes, Callable[[bytes], bytes]]:
+    """A ConversationEvent's Avro bytes, and the work of the contract layer at one hop.
+
+    The function decodes the bytes into their model (``Codec.decode_any``: fastavro, then
+    pydantic validation), copies the model with a new ``created_at`` and encodes the copy
+    (model dump, fastavro): what every stage of the pipeline does to a record before and after
+    its own logic, and nothing else.
+    """
+    codec = Codec()
+    now = utcnow()
+    event = ConversationEvent(
+        event_id=str(uuid.uuid4()),
+        conversation_id="bench-0",
+        tenant="bench",
+        content=f"{_QUESTIONS[0]} (turn 0)",
+        sender="user-0@bench.test",
+        metadata={TRACEPARENT: new_traceparent()},
+        origin_created_at=now,
+        created_at=now,
+    )
+
+    def hop(data: bytes) -> bytes:
+        record = codec.decode_any(data)
+        return codec.encode(record.model_copy(update={"created_at": utcnow()}))
+
+    return codec.encode(event), hop
+
+
 def bench_pipeline(
     *, conversations: int = 2000, turns: int = 3, workers: int = 1, timeout_s: float = 900.0
 ) -> dict[str, Any]:
     """CPU-bound: zero-latency engine and the outbox connector, against a raw aiokafka chain
-    with the same number of topic hops measured on the same broker in the same run."""
+    with the same number of topic hops measured on the same broker in the same run.
+
+    A second chain, the *codec chain*, also decodes and re-encodes every record at every hop
+    (``codec_hop``): the cost of the Avro and pydantic contracts alone, with none of the
+    stages' work (state, changelog, idempotency, delivery). It bounds what any pipeline on
+    these contracts can reach; ``codec_chain_ratio`` is its rate over the raw chain's.
+    """
 
     def mutate(raw: dict[str, Any]) -> None:
         raw["engines"]["local"]["latency_s"] = 0.0
@@ -219,10 +269,15 @@ def bench_pipeline(
     lines = conversation_lines(conversations, turns)
     ours = _run(lines, workers=workers, timeout_s=timeout_s, mutate=mutate)
     directory = Path(tempfile.mkdtemp(prefix="switchboard-bench-raw-"))
+    value, hop = codec_hop()
     with EmbeddedStack(workers=0, data_dir=directory) as stack:
+        brokers, partitions = stack.settings().kafka_brokers, stack.partitions
         raw_rate = asyncio.run(
+            raw_chain_throughput(brokers, len(lines), PIPELINE_HOPS, partitions, value=value)
+        )
+        codec_rate = asyncio.run(
             raw_chain_throughput(
-                stack.settings().kafka_brokers, len(lines), PIPELINE_HOPS, stack.partitions
+                brokers, len(lines), PIPELINE_HOPS, partitions, value=value, transform=hop
             )
         )
     return {
@@ -231,5 +286,7 @@ def bench_pipeline(
         "hops": PIPELINE_HOPS,
         **ours,
         "raw_chain_turns_per_s": round(raw_rate, 1),
+        "codec_chain_turns_per_s": round(codec_rate, 1),
+        "codec_chain_ratio": round(codec_rate / raw_rate, 3),
         "ratio": round(ours["turns_per_s"] / raw_rate, 3),
     }

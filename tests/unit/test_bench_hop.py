@@ -1,0 +1,31 @@
+"""The codec chain's per-hop work (``streams.bench.codec_hop``) is the contract layer, whole."""
+
+from __future__ import annotations
+
+from schemas.codec import Codec
+from schemas.models import ConversationEvent
+from streams.bench import codec_hop
+
+
+def test_a_hop_decodes_the_event_and_encodes_a_copy_with_a_new_created_at() -> None:
+    value, hop = codec_hop()
+    codec = Codec()
+    before = codec.decode(value, ConversationEvent)
+
+    after = codec.decode(hop(value), ConversationEvent)
+
+    assert after.model_dump(exclude={"created_at"}) == before.model_dump(exclude={"created_at"})
+    assert after.created_at >= before.created_at
+    assert before.content.endswith("(turn 0)")
+    assert before.metadata["traceparent"].startswith("00-")
+
+
+def test_hops_chain_like_the_pipeline_stages() -> None:
+    value, hop = codec_hop()
+    data = value
+    for _ in range(5):
+        data = hop(data)
+    assert (
+        Codec().decode(data, ConversationEvent).event_id
+        == Codec().decode(value, ConversationEvent).event_id
+    )
