@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio
 
-from connectors.redis_store import IdempotencyStore, StoreError, connect_redis, redact_url
+from connectors.redis_store import (
+    MARK_SCRIPT_KEYS,
+    IdempotencyStore,
+    StoreError,
+    connect_redis,
+    redact_url,
+)
 from streams.embedded import ManagedProcess, find_free_port, start_redis
 
 pytestmark = pytest.mark.integration
@@ -138,3 +144,18 @@ async def test_many_keys_are_marked_and_looked_up_in_order_in_one_round_trip(
     assert await store.seen_many(["b1", "b2", "b3"]) == [True, False, True]
     assert await store.seen_many([]) == []
     assert 0 < await client.ttl(store.key("b3")) <= 60
+
+
+async def test_mark_many_covers_more_keys_than_one_script_call_and_replaces_ttls(
+    store: IdempotencyStore, client: redis.asyncio.Redis
+) -> None:
+    keys = [f"m{i}" for i in range(2 * MARK_SCRIPT_KEYS + 7)]
+    await client.set(store.key("m3"), 1, ex=5)
+
+    await store.mark_many(keys, ttl_s=600)
+
+    assert await store.seen_many(keys) == [True] * len(keys)
+    assert await store.seen_many(["m-not-marked"]) == [False]
+    ttls = [await client.ttl(store.key(k)) for k in (keys[0], "m3", keys[-1])]
+    assert all(590 < ttl <= 600 for ttl in ttls), ttls
+    assert await client.get(store.key(keys[-1])) == b"1"
