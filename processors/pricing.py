@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from processors.config import ModelPrice
@@ -11,35 +12,47 @@ __all__ = ["VERSION_SEPARATORS", "cost_usd", "price_for"]
 VERSION_SEPARATORS = frozenset("-:@")
 """Characters that may follow a price's name in a longer model name (see :func:`price_for`)."""
 
+_DASH_VERSION = re.compile(r"-(?:\d{4}|\d{8}|\d{4}-\d{2}-\d{2})")
+"""What may follow a name at a ``-``: a dated or numbered snapshot (``-2024-08-06``,
+``-20241022``, ``-0613``), not the rest of another model's name (``-mini``, ``-turbo``)."""
 
-def _is_prefix_at_boundary(name: str, model: str) -> bool:
-    """Whether ``name`` begins ``model`` and ends at a version separator of it."""
+
+def _is_version_of(name: str, model: str) -> bool:
+    """Whether ``model`` is ``name`` plus a version suffix (see :func:`price_for`)."""
     if not name or len(name) >= len(model) or not model.startswith(name):
         return False
-    return name[-1] in VERSION_SEPARATORS or model[len(name)] in VERSION_SEPARATORS
+    if name[-1] in VERSION_SEPARATORS:  # an explicit prefix: "claude-3@", "gpt-4o-"
+        return True
+    rest = model[len(name) :]
+    if rest[0] in ":@":  # an Ollama tag or a Vertex AI version of the same model
+        return True
+    return _DASH_VERSION.fullmatch(rest) is not None
 
 
 def price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
     """Return the price configured for ``model``, or None when none applies.
 
-    An exact (case-sensitive) name wins. Otherwise the longest configured name that is a
-    prefix of ``model`` ending at a version separator (``-``, ``:`` or ``@``, in ``model`` or
-    as the name's last character): ``"gpt-4o"`` prices ``"gpt-4o-2024-08-06"`` (OpenAI's dated
-    snapshots), ``"llama3"`` prices ``"llama3:8b"`` (Ollama tags), ``"claude-3@"`` prices
-    ``"claude-3@20240229"``. The boundary keeps ``"gpt-4"`` from pricing ``"gpt-4o-mini"``, a
-    different and cheaper model; configure ``"gpt-4o-mini"`` or ``"gpt-4o"`` for that.
+    An exact (case-sensitive) name wins. Otherwise the longest configured name of which
+    ``model`` is a version: the name followed by ``:`` or ``@`` and anything (``"llama3"``
+    prices ``"llama3:8b"``, an Ollama tag; ``"claude-3-5-sonnet"`` prices
+    ``"claude-3-5-sonnet@20240620"``, a Vertex AI version), or by ``-`` and a snapshot date or
+    number (``"gpt-4o"`` prices ``"gpt-4o-2024-08-06"`` and ``"gpt-4-0613"``'s ``"gpt-4"``,
+    OpenAI's snapshots; ``"claude-3-5-sonnet"`` prices ``"claude-3-5-sonnet-20241022"``).
+    ``"gpt-4o"`` does not price ``"gpt-4o-mini"``, nor ``"gpt-4"`` ``"gpt-4-turbo"``: those
+    are other models at other prices. A name ending in a separator (``"gpt-4o-"``) is an
+    explicit prefix and prices every model that starts with it.
 
     Args:
         model: The model name an engine reported (``LLMResponse.model``).
         prices: ``LLMConfig.prices``: model name or prefix to price.
 
     Returns:
-        The matching price, or None.
+        The matching price, or None (the call then costs 0).
     """
     exact = prices.get(model)
     if exact is not None:
         return exact
-    candidates = [name for name in prices if _is_prefix_at_boundary(name, model)]
+    candidates = [name for name in prices if _is_version_of(name, model)]
     if not candidates:
         return None
     return prices[max(candidates, key=len)]

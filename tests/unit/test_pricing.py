@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,9 +39,32 @@ def test_dated_snapshot_uses_the_longest_matching_prefix() -> None:
 
 def test_prefix_must_end_at_a_version_separator() -> None:
     assert price_for("gpt-4o", {"gpt-4": GPT_4}) is None
-    assert price_for("gpt-4-turbo", {"gpt-4": GPT_4}) is GPT_4
+    assert price_for("gpt-4-0613", {"gpt-4": GPT_4}) is GPT_4
     assert price_for("llama3:8b", {"llama3": GPT_4}) is GPT_4
     assert price_for("claude-3@20240229", {"claude-3@": GPT_4}) is GPT_4
+    assert price_for("claude-3-5-sonnet@20240620", {"claude-3-5-sonnet": GPT_4}) is GPT_4
+    assert price_for("claude-3-5-sonnet-20241022", {"claude-3-5-sonnet": GPT_4}) is GPT_4
+
+
+@pytest.mark.parametrize(
+    ("model", "configured"),
+    [
+        ("gpt-4o-mini", "gpt-4o"),
+        ("gpt-4o-audio-preview", "gpt-4o"),
+        ("gpt-4-turbo", "gpt-4"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o"),
+        ("gpt-4-1106-preview", "gpt-4"),
+    ],
+)
+def test_a_sibling_model_is_not_priced_as_the_model_it_starts_with(
+    model: str, configured: str
+) -> None:
+    assert price_for(model, {configured: GPT_4O}) is None
+    assert cost_usd(model, 1000, 1000, {configured: GPT_4O}) == 0.0
+
+
+def test_a_name_ending_in_a_separator_is_an_explicit_prefix() -> None:
+    assert price_for("gpt-4o-mini", {"gpt-4o-": GPT_4O}) is GPT_4O
 
 
 def test_model_names_are_case_sensitive() -> None:
@@ -78,7 +103,13 @@ def test_cost_is_non_negative_and_grows_with_tokens(
     assert cost == pytest.approx(expected, abs=1e-9)
 
 
-@given(st.text(alphabet="abc-:@", min_size=1, max_size=12), _tokens)
-def test_a_snapshot_of_a_priced_model_costs_what_the_model_costs(suffix: str, n: int) -> None:
+_SNAPSHOTS = st.sampled_from(["-{:%Y-%m-%d}", "-{:%Y%m%d}", "-{:%m%d}", ":{}", "@{}"])
+
+
+@given(st.dates(min_value=date(2000, 1, 1), max_value=date(2099, 12, 31)), _SNAPSHOTS, _tokens)
+def test_a_snapshot_of_a_priced_model_costs_what_the_model_costs(
+    day: date, suffix: str, n: int
+) -> None:
     prices = {"gpt-4o": GPT_4O}
-    assert cost_usd(f"gpt-4o-{suffix}", n, n, prices) == cost_usd("gpt-4o", n, n, prices)
+    model = "gpt-4o" + suffix.format(day)
+    assert cost_usd(model, n, n, prices) == cost_usd("gpt-4o", n, n, prices)
