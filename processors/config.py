@@ -103,6 +103,12 @@ class EngineConfig(_Strict):
     )
     backoff_initial_s: float = Field(0.5, gt=0, description="First backoff window (s).")
     backoff_max_s: float = Field(20.0, gt=0, description="Largest backoff window (s).")
+    max_retry_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest Retry-After honoured (s); a provider asking for longer fails this "
+        "engine at once, so the next engine (or the apology) answers instead of a stalled stage.",
+    )
     requests_per_minute: int | None = Field(None, ge=1, description="Provider request limit.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Provider token limit.")
     context_tokens: int = Field(

@@ -177,7 +177,7 @@ def _request(state: ConversationState, turn: PendingTurn, cfg: ConversationConfi
         messages=messages,
         metadata=dict(turn.metadata),
         created_at=_ms(turn.issued_at),
-        deadline_at=_ms(turn.issued_at + timedelta(seconds=cfg.llm_deadline_s)),
+        deadline_at=_ms(turn.issued_at + timedelta(seconds=deadline_s(turn.attempt, cfg))),
     )
 
 

@@ -92,7 +92,7 @@ LLM_COST = Counter(
 )
 LLM_OUTCOMES = Counter(
     "switchboard_llm_outcomes_total",
-    "LLM turns by outcome (ok, fallback, escalated) and engine.",
+    "LLM turns by outcome (ok, fallback, failed, escalated) and engine.",
     ["persona", "engine", "status"],
 )
 DELIVERIES = Counter(

@@ -87,6 +87,8 @@ def _map_error(exc: openai.OpenAIError, model: str) -> EngineError:
         retry_after = parse_retry_after(exc.response.headers)
         retriable = status >= 500 or status in _RETRIABLE_4XX
         reason = "rate limited" if status == 429 else "HTTP error"
+        if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
+            retriable, reason = False, "out of quota (billing), not rate limited:"
         return EngineError(
             f"{where}: {reason} {status}: {exc.message}",
             retriable=retriable,
@@ -126,12 +128,16 @@ def _to_completion(response: Any, request: CompletionRequest, model: str) -> Com
     refusal = getattr(message, "refusal", None)
     if content is None and isinstance(refusal, str) and refusal:
         raise EngineError(f"openai {model!r}: model refused: {refusal}", retriable=False)
+    finish_reason = getattr(choices[0], "finish_reason", None)
+    if not content and finish_reason == "content_filter":
+        raise EngineError(
+            f"openai {model!r}: reply withheld by the content filter", retriable=False
+        )
     if not isinstance(content, str):
         raise EngineError(f"openai {model!r}: empty choices (no content)", retriable=True)
     usage = response.usage
     prompt_tokens = getattr(usage, "prompt_tokens", None)
     completion_tokens = getattr(usage, "completion_tokens", None)
-    finish_reason = getattr(choices[0], "finish_reason", None)
     return Completion(
         content=content,
         model=response.model if isinstance(response.model, str) and response.model else model,
@@ -155,8 +161,10 @@ class OpenAIEngine(LLMEngine):
 
     Errors are ``EngineError``: 429 (with ``retry_after`` from ``retry-after-ms`` /
     ``Retry-After``), 408, 409 and 5xx, timeouts, connection failures, a 200 whose body is not
-    JSON or not a chat completion, and empty ``choices`` / ``content`` are retriable; other 4xx
-    (400, 401, 403, 404, 422), a refusal and a missing model are not. Token counts come from
+    JSON or not a chat completion, empty ``choices`` / ``content`` and any other exception of
+    the HTTP stack are retriable; other 4xx (400, 401, 403, 404, 422), a 429 whose ``code`` is
+    ``insufficient_quota`` (billing, not rate), a refusal, an empty reply stopped by the
+    content filter and a missing model are not. Token counts come from
     ``usage``, or are estimated as ``ceil(chars / 4)`` when the server sends none.
 
     Args:
@@ -209,6 +217,10 @@ class OpenAIEngine(LLMEngine):
             raise error from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _malformed(model, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # e.g. an anyio/TLS error the client does not wrap
+            raise EngineError(
+                f"openai {model!r}: {type(exc).__name__}: {exc}", retriable=True
+            ) from exc
         return _to_completion(response, request, model)
 
     async def aclose(self) -> None:

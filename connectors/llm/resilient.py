@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from connectors.errors import EngineError
@@ -52,7 +53,9 @@ class ResilientEngine(LLMEngine):
     are retried up to ``cfg.max_retries`` times after
     ``processors.backoff.backoff_delay`` (full jitter, never sooner than the error's
     ``retry_after``); an error with ``retry_after`` (a 429's ``Retry-After``) also pauses the
-    shared limiter, so every call to the provider slows down, not only this one.
+    shared limiter, so every call to the provider slows down, not only this one. A
+    ``Retry-After`` longer than ``cfg.max_retry_after_s`` ends the retries at once (the pause is
+    capped at that too): a provider asking for an hour is down for this turn's purposes.
     Non-retriable errors are raised at once.
 
     Every ``EngineError`` raised carries ``attempts`` (read it with :func:`attempts_of`); after
@@ -97,23 +100,32 @@ class ResilientEngine(LLMEngine):
                 f"{self.name}: no completion within {self._cfg.timeout_s} s", retriable=True
             ) from exc
 
-    async def complete_with_attempts(self, request: CompletionRequest) -> tuple[Completion, int]:
+    async def complete_with_attempts(
+        self, request: CompletionRequest, *, budget_s: float | None = None
+    ) -> tuple[Completion, int]:
         """Answer ``request`` and say how many attempts it took.
 
         Args:
             request: The prompt.
+            budget_s: Seconds the turn may still take (until its ``deadline_at``), or None for
+                no limit. The first attempt is always made; a retry is not started when its
+                backoff would end past the budget, since the conversation stage re-issues the
+                turn then and a second chain of retries would only double the provider's load.
 
         Returns:
             ``(completion, attempts)``, attempts from 1 to ``cfg.max_retries + 1``.
 
         Raises:
-            EngineError: Non-retriable (raised at once), or retries exhausted
-                (``retriable=False``, message "gave up after N attempts: ..."); either way
-                with an ``attempts`` attribute.
+            EngineError: Non-retriable (raised at once), or given up (``retriable=False``,
+                message "gave up after N attempts: ..."): retries exhausted, a
+                ``Retry-After`` longer than ``cfg.max_retry_after_s``, or the budget spent.
+                Either way with an ``attempts`` attribute.
         """
         cfg = self._cfg
         tokens = estimate_call_tokens(request, cfg)
         attempts = cfg.max_retries + 1
+        give_up_at = None if budget_s is None else time.monotonic() + budget_s
+        why = ""
         for attempt in range(attempts):
             if self._limiter is not None:
                 await self._limiter.acquire(tokens)
@@ -124,32 +136,41 @@ class ResilientEngine(LLMEngine):
                     _with_attempts(exc, attempt + 1)
                     raise
                 last = exc
-            if last.retry_after is not None and self._limiter is not None:
-                self._limiter.penalize(last.retry_after)
-            if attempt + 1 == attempts:
+            made = attempt + 1
+            asked = last.retry_after
+            if asked is not None and self._limiter is not None:
+                self._limiter.penalize(min(asked, cfg.max_retry_after_s))
+            if asked is not None and asked > cfg.max_retry_after_s:
+                cap = cfg.max_retry_after_s
+                why = f" (the provider asks to wait {asked:.0f} s, more than {cap:g} s)"
+                break
+            if made == attempts:
                 break
             delay = backoff_delay(
                 attempt,
                 initial_s=cfg.backoff_initial_s,
                 max_s=cfg.backoff_max_s,
                 rng=self._rng,
-                retry_after_s=last.retry_after,
+                retry_after_s=asked,
             )
+            if give_up_at is not None and time.monotonic() + delay >= give_up_at:
+                why = f" (a retry in {delay:.3f} s would pass the turn's deadline)"
+                break
             logger.warning(
                 "%s attempt %d/%d failed (%s); retrying in %.3f s",
                 self.name,
-                attempt + 1,
+                made,
                 attempts,
                 last,
                 delay,
             )
             await self._sleep(delay)
         error = EngineError(
-            f"gave up after {attempts} attempts: {last}",
+            f"gave up after {made} attempts: {last}{why}",
             retriable=False,
             retry_after=last.retry_after,
         )
-        raise _with_attempts(error, attempts) from last
+        raise _with_attempts(error, made) from last
 
     async def aclose(self) -> None:
         """Close the inner engine."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -96,8 +97,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
         The response, and the handoff event to publish when the turn was escalated.
     """
     persona = _persona(rt, request.persona)
-    last = request.messages[-1] if request.messages else None
-    user_content = last.content if last is not None and last.role == Role.USER else ""
+    user_content = _user_content(request)
     verdict = check_turn(persona, user_content)
     if isinstance(verdict, Escalate):
         child(LLM_OUTCOMES, request.persona, "rules", "escalated").inc()
@@ -132,6 +132,17 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             reserve_tokens=max_tokens or 256,
             model=model,
         )
+        if user_content and not messages[-1].content:
+            errors.append(f"{engine_name}: the prompt leaves no room for the user's message")
+            log.warning(
+                "engine %s skipped for %s: context_tokens %d minus the reply's %s tokens "
+                "leaves no room for the user's message",
+                engine_name,
+                request.request_id,
+                engine_cfg.context_tokens,
+                max_tokens or 256,
+            )
+            continue
         started = time.perf_counter()
         try:
             completion, used = await engine.complete_with_attempts(
@@ -143,7 +154,8 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
                     temperature=temperature,
                     max_tokens=max_tokens,
                     metadata=request.metadata,
-                )
+                ),
+                budget_s=_budget_s(request),
             )
         except EngineError as exc:
             attempts += attempts_of(exc)
@@ -151,8 +163,24 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             errors.append(f"{engine_name}: {exc}")
             log.warning("engine %s failed for %s: %s", engine_name, request.request_id, exc)
             continue
+        except Exception as exc:  # an engine bug or a client error it did not map
+            attempts += 1
+            child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
+            errors.append(f"{engine_name}: unexpected {type(exc).__name__}: {exc}")
+            log.exception("engine %s raised for %s", engine_name, request.request_id)
+            continue
         attempts += used
         elapsed = time.perf_counter() - started
+        prompt_tokens = max(0, completion.prompt_tokens)
+        completion_tokens = max(0, completion.completion_tokens)
+        if (prompt_tokens, completion_tokens) != (
+            completion.prompt_tokens,
+            completion.completion_tokens,
+        ):
+            log.warning("engine %s reported negative token counts; counted as 0", engine_name)
+            completion = dataclasses.replace(
+                completion, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+            )
         cost = cost_usd(
             completion.model,
             completion.prompt_tokens,
@@ -176,19 +204,40 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             ),
             None,
         )
-    error = "; ".join(errors) or "no engine configured"
+    return _failed(
+        rt, request, "; ".join(errors) or "no engine configured", LLMStatus.FALLBACK, attempts
+    )
+
+
+def _budget_s(request: LLMRequest) -> float | None:
+    """Seconds until the request's ``deadline_at`` (negative when past), or None."""
+    if request.deadline_at is None:
+        return None
+    return (request.deadline_at - utcnow()).total_seconds()
+
+
+def _user_content(request: LLMRequest) -> str:
+    last = request.messages[-1] if request.messages else None
+    return last.content if last is not None and last.role == Role.USER else ""
+
+
+def _failed(
+    rt: Runtime, request: LLMRequest, error: str, status: LLMStatus, attempts: int
+) -> tuple[LLMResponse, ConversationEvent | None]:
+    """The answer to a turn no engine answered: a handoff when ``llm.on_failure`` is
+    ``handoff``, else the persona's apology with ``status`` (``fallback`` after the engines
+    failed, ``failed`` after an unexpected error)."""
+    persona = _persona(rt, request.persona)
     if rt.config.llm.on_failure == "handoff":
         child(LLM_OUTCOMES, request.persona, "none", "escalated").inc()
         reply = finalize_reply(persona, persona.handoff_reply)
         return (
             _response(request, LLMStatus.ESCALATED, reply, "none", error=error, attempts=attempts),
-            _handoff_event(request, user_content, f"every engine failed: {error}"),
+            _handoff_event(request, _user_content(request), f"no answer: {error}"),
         )
-    child(LLM_OUTCOMES, request.persona, "none", "fallback").inc()
+    child(LLM_OUTCOMES, request.persona, "none", status.value).inc()
     reply = finalize_reply(persona, persona.apology_reply)
-    return _response(
-        request, LLMStatus.FALLBACK, reply, "none", error=error, attempts=attempts
-    ), None
+    return _response(request, status, reply, "none", error=error, attempts=attempts), None
 
 
 def _record_usage(
@@ -231,7 +280,8 @@ async def _fail_turn(
 
     Without an answer the turn would stay pending: re-issued and failing again at every
     deadline while the conversation's later turns wait behind it. The user gets the persona's
-    apology reply instead, recorded as a ``failed`` LLMResponse with the error.
+    apology reply instead, recorded as a ``failed`` LLMResponse with the error, or the turn is
+    handed off when ``llm.on_failure`` is ``handoff``.
     """
     try:
         await internal_error(rt, topics, message, exc, stage=STAGE)
@@ -242,16 +292,13 @@ async def _fail_turn(
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError:
         return  # not a request: nothing to answer
-    persona = _persona(rt, request.persona)
-    response = _response(
-        request,
-        LLMStatus.FAILED,
-        finalize_reply(persona, persona.apology_reply),
-        "none",
-        error=f"{type(exc).__name__}: {exc}",
-        attempts=0,
+    response, handoff = _failed(
+        rt, request, f"{type(exc).__name__}: {exc}", LLMStatus.FAILED, attempts=0
     )
     key = conversation_key(request.tenant, request.conversation_id)
+    if handoff is not None:
+        for name in ("handoff", "conversations"):
+            await send_record(rt, topics[name], handoff, key=key, stage=STAGE, parent=message)
     await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
 
 

@@ -49,6 +49,7 @@ def llm_stack(
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.05,
             "timeout_s": 2,
+            "max_retry_after_s": 1,
         }
         raw["personas"]["support"]["engines"] = ["gpt", "local"]
         raw["personas"]["support"]["escalation_triggers"] = ["speak to a human"]
@@ -133,6 +134,19 @@ async def test_request_that_cannot_succeed_falls_back_to_the_next_engine(
         "Restart your router and check if the cables are connected properly."
     )
     assert [r.fault for r in _sent(provider, content)] == ["400"]  # a 400 is not retried
+
+
+async def test_a_retry_after_beyond_the_cap_falls_back_at_once_instead_of_stalling(
+    llm_stack: EmbeddedStack, provider: FakeOpenAI
+) -> None:
+    provider.faults.append("429:3600")  # "come back in an hour"; the stack's cap is 1 s
+    content = "I forgot my password."
+    outcome = await _ask(llm_stack, content)
+    assert outcome.report is not None
+    assert [r.fault for r in _sent(provider, content)] == ["429:3600"]
+    response = await _response_to(llm_stack, outcome)
+    assert (response.status, response.engine, response.attempts) == (LLMStatus.OK, "local", 2)
+    assert outcome.report.content == response.content
 
 
 async def test_persona_apologises_when_its_only_engine_keeps_failing(

@@ -191,6 +191,8 @@ async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
         ("malformed", True, None, "malformed body"),
         ("html", True, None, "malformed body"),
         ("empty_choices", True, None, "empty choices"),
+        ("quota", False, None, "out of quota"),
+        ("content_filter", False, None, "content filter"),
     ],
 )
 async def test_openai_engine_maps_fault_to_engine_error(
@@ -336,3 +338,16 @@ async def test_fake_server_rejects_a_request_breaking_the_contract() -> None:
     assert no_messages.status_code == 400
     assert no_messages.json()["error"]["param"] == "messages"
     assert len(server.requests) == 2
+
+
+async def test_an_exhausted_quota_is_not_retried_and_the_next_engine_can_answer() -> None:
+    async with (
+        FakeOpenAI(faults=["quota"]) as server,
+        resilient(server, config()) as engine,
+    ):
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(HELLO)
+
+    assert caught.value.retriable is False
+    assert attempts_of(caught.value) == 1
+    assert [r.fault for r in server.requests] == ["quota"]

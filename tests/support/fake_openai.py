@@ -18,6 +18,10 @@ valid request, oldest first; an empty deque means "answer normally"):
 - ``"malformed"``: 200 ``application/json`` whose body is not valid JSON (a flaky proxy).
 - ``"html"``: 200 ``text/html`` (a proxy's error page instead of JSON).
 - ``"empty_choices"``: 200, a valid completion with ``choices: []``.
+- ``"quota"``: 429 with code ``insufficient_quota``, what OpenAI answers when the account's
+  credit is used up (OpenAI *Error codes*: "You exceeded your current quota").
+- ``"content_filter"``: 200 whose choice has ``content: null`` and ``finish_reason:
+  "content_filter"`` (the reply was withheld by the provider's filter).
 
 Faults given to the constructor are checked; one appended later and unknown is answered with a
 500 naming it.
@@ -53,7 +57,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NAMED_FAULTS = frozenset({"429", "500", "400", "timeout", "malformed", "html", "empty_choices"})
+NAMED_FAULTS = frozenset(
+    {
+        "429",
+        "500",
+        "400",
+        "timeout",
+        "malformed",
+        "html",
+        "empty_choices",
+        "quota",
+        "content_filter",
+    }
+)
 """Faults with a name; any other three-digit 4xx/5xx status and ``"429:<value>"`` work too."""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -319,6 +335,19 @@ class FakeOpenAI:
                 code="rate_limit_exceeded",
                 headers=headers,
             )
+        if fault == "quota":
+            return _error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+                headers={},
+            )
+        if fault == "content_filter":
+            filtered = self.completion_body(body)
+            filtered["choices"][0]["message"]["content"] = None
+            filtered["choices"][0]["finish_reason"] = "content_filter"
+            return web.json_response(filtered)
         if fault == "timeout":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.hang_s)

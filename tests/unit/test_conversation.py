@@ -247,6 +247,8 @@ def test_overdue_turn_is_reissued_and_first_response_of_any_attempt_wins() -> No
     retry = issued(again)
     assert (retry.request_id, retry.attempt, retry.turn_id) == ("e1:1", 1, "e1")
     assert retry.messages == issued(t).messages
+    # attempt 1 may take twice as long before it is re-issued, and says so to the LLM stage
+    assert retry.deadline_at == retry.created_at + timedelta(seconds=60)
     assert again.state.reissues == 1
 
     late_first = respond(again.state, answer(issued(t)))

@@ -263,3 +263,52 @@ async def test_name_is_the_inner_name_and_aclose_closes_the_inner_engine() -> No
 
 def test_attempts_of_a_foreign_error_is_one() -> None:
     assert attempts_of(ValueError("x")) == 1
+
+
+async def test_a_retry_after_beyond_the_cap_fails_the_engine_at_once() -> None:
+    sleep, limiter = RecordingSleep(), RecordingLimiter()
+    inner = ScriptedEngine({"hi": [rate_limited(retry_after=86_400.0)]})
+    engine = ResilientEngine(inner, config(max_retry_after_s=30.0), limiter=limiter, sleep=sleep)
+
+    with pytest.raises(EngineError) as caught:
+        await engine.complete(ask("hi"))
+
+    assert caught.value.retriable is False
+    assert "asks to wait 86400 s, more than 30 s" in str(caught.value)
+    assert attempts_of(caught.value) == 1
+    assert inner.calls == ["hi"]
+    assert sleep.delays == []
+    assert limiter.penalties == [30.0]  # the shared pause is capped too
+
+
+async def test_a_retry_after_within_the_cap_is_waited_in_full() -> None:
+    sleep = RecordingSleep()
+    inner = ScriptedEngine({"hi": [rate_limited(retry_after=30.0)]})
+    engine = ResilientEngine(inner, config(max_retry_after_s=30.0), sleep=sleep)
+
+    _, attempts = await engine.complete_with_attempts(ask("hi"))
+
+    assert (attempts, sleep.delays) == (2, [30.0])
+
+
+async def test_no_retry_is_started_that_would_end_past_the_turns_budget() -> None:
+    sleep = RecordingSleep()
+    inner = ScriptedEngine({"hi": [rate_limited(retry_after=2.0), rate_limited()]})
+    engine = ResilientEngine(inner, config(), sleep=sleep)
+
+    with pytest.raises(EngineError, match=r"gave up after 1 attempts: .*deadline") as caught:
+        await engine.complete_with_attempts(ask("hi"), budget_s=1.0)
+
+    assert inner.calls == ["hi"]
+    assert sleep.delays == []
+    assert caught.value.retriable is False
+
+
+async def test_retries_within_the_budget_go_on() -> None:
+    sleep = RecordingSleep()
+    inner = ScriptedEngine({"hi": [rate_limited(retry_after=0.5)]})
+    engine = ResilientEngine(inner, config(), sleep=sleep)
+
+    _, attempts = await engine.complete_with_attempts(ask("hi"), budget_s=5.0)
+
+    assert (attempts, sleep.delays) == (2, [0.5])
