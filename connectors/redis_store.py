@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -12,7 +13,14 @@ import redis.exceptions
 
 from connectors.errors import ConnectorError
 
-__all__ = ["MARK_SCRIPT_KEYS", "IdempotencyStore", "StoreError", "connect_redis", "redact_url"]
+__all__ = [
+    "MARK_SCRIPT_KEYS",
+    "TRANSIENT_REPLIES",
+    "IdempotencyStore",
+    "StoreError",
+    "connect_redis",
+    "redact_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,25 @@ for _, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+
+
+TRANSIENT_REPLIES = (
+    "READONLY",
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "OOM",
+)
+"""Error replies of a server that is failing over, loading, running a long script or out of
+memory: the same command can succeed later (Redis documentation, *Redis error replies*), so they
+are retriable: the batch waits, instead of every worker exiting together."""
+
+
+_TRANSIENT_REPLY = re.compile(rf"(?:^|-)(?:{'|'.join(TRANSIENT_REPLIES)})\b")
+"""One of them at the start of the reply, or after the ``-`` of an error a script passed on
+("Error running script ...: -READONLY You can't write against a read only replica.")."""
 
 
 class StoreError(ConnectorError):
@@ -111,7 +138,10 @@ class IdempotencyStore:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise StoreError(f"redis {command} {self.key(key)}: {exc}", retriable=True) from exc
         except redis.exceptions.RedisError as exc:
-            raise StoreError(f"redis {command} {self.key(key)}: {exc}", retriable=False) from exc
+            retriable = _TRANSIENT_REPLY.search(str(exc)) is not None
+            raise StoreError(
+                f"redis {command} {self.key(key)}: {exc}", retriable=retriable
+            ) from exc
 
     @staticmethod
     def _check_ttl(ttl_s: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
@@ -223,6 +223,8 @@ def is_transient(exc: BaseException) -> bool:
     broker (a produce that was not acknowledged)."""
     if isinstance(exc, ConnectorError | SchemaRegistryError):
         return exc.retriable
+    if isinstance(exc, KafkaTimeoutError):  # a send not taken within request_timeout_ms:
+        return True  # a partition without a leader for a while; aiokafka says not retriable
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
@@ -458,7 +460,10 @@ class BatchConsumer:
     async def _commit_every(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await self._commit()
+            try:
+                await self._commit()
+            except Exception:  # the next round tries again; a crash meanwhile replays more
+                log.exception("%s: periodic commit failed", self.stage)
 
     async def _commit(self) -> None:
         due = {
@@ -482,8 +487,14 @@ class BatchConsumer:
         # done: a batch fetched meanwhile must not be handled against state not restored yet.
         async with self.lock:
             log.info("%s: assigned %s", self.stage, _describe(assigned))
-            if self.on_assigned is not None:
-                await self.on_assigned(set(assigned))
+            hook = self.on_assigned
+            if hook is not None:
+                # aiokafka logs and swallows what a rebalance listener raises, which would
+                # leave the stage owning partitions it never handles: a transient failure of
+                # the hook (a restore's marker not acknowledged) is retried, anything else
+                # (a restore timing out, a changelog record that does not decode) exits the
+                # worker, as a batch's would.
+                await guard_batch(f"{self.stage}.assign", lambda: hook(set(assigned)))
             self.assigned = set(assigned)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:

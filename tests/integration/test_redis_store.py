@@ -159,3 +159,19 @@ async def test_mark_many_covers_more_keys_than_one_script_call_and_replaces_ttls
     ttls = [await client.ttl(store.key(k)) for k in (keys[0], "m3", keys[-1])]
     assert all(590 < ttl <= 600 for ttl in ttls), ttls
     assert await client.get(store.key(keys[-1])) == b"1"
+
+
+async def test_a_read_only_replica_is_a_retriable_error_not_a_crash(
+    store: IdempotencyStore, client: redis.asyncio.Redis
+) -> None:
+    # what a worker sees while Redis fails over: its server was demoted to a replica
+    await client.execute_command("REPLICAOF", "127.0.0.1", str(find_free_port()))
+    try:
+        with pytest.raises(StoreError) as info:
+            await store.mark_many(["r1"], ttl_s=60)
+    finally:
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+    assert info.value.retriable is True
+    assert "READONLY" in str(info.value)
+    await store.mark_many(["r1"], ttl_s=60)  # a primary again: the retry succeeds
+    assert await store.seen_many(["r1"]) == [True]

@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, RequestTimedOutError
 
+from connectors.redis_store import StoreError
 from streams.settings import Settings
 from streams.transport import (
     BatchConsumer,
     _all_acknowledged,
     after_acknowledged,
+    is_transient,
     track_acknowledgement,
 )
 
@@ -114,3 +116,52 @@ async def test_a_failed_or_cancelled_acknowledgement_is_a_kafka_error() -> None:
     other.set_exception(OSError("reset"))
     with pytest.raises(KafkaError, match="produce failed"):
         await _all_acknowledged([other])
+
+
+def test_a_produce_timeout_is_transient_and_a_bug_is_not() -> None:
+    assert is_transient(KafkaTimeoutError()) is True
+    assert is_transient(RequestTimedOutError()) is True
+    assert is_transient(ValueError("bug")) is False
+    assert is_transient(StoreError("READONLY replica", retriable=True)) is True
+
+
+async def test_an_assign_hook_failing_transiently_is_retried_before_the_partitions_are_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[set[TopicPartition]] = []
+
+    async def restore(tps: set[TopicPartition]) -> None:
+        calls.append(tps)
+        if len(calls) == 1:
+            raise StoreError("connection reset", retriable=True)
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    monkeypatch.setattr("streams.transport.asyncio.sleep", no_wait)
+    consumer = BatchConsumer(Settings(), "test", [TP.topic], Harness().handle, on_assigned=restore)
+
+    await consumer._assigned({TP})
+
+    assert calls == [{TP}, {TP}]
+    assert consumer.assigned == {TP}
+
+
+async def test_periodic_commits_go_on_after_a_commit_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = Harness()
+    attempts: list[int] = []
+
+    async def flaky_commit() -> None:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise KafkaError("metadata too large")
+        if len(attempts) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(harness.consumer, "_commit", flaky_commit)
+    with pytest.raises(asyncio.CancelledError):
+        await harness.consumer._commit_every(0)
+
+    assert attempts == [0, 1, 2]  # the first failure did not end the loop
