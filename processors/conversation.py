@@ -263,7 +263,7 @@ def on_user_turn(
     effects: list[Effect] = []
     if state is not None and state.status not in ENDED and _idle_too_long(state, now, cfg):
         state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT})
-        effects.append(Closed("timeout"))
+        effects.append(Closed("timeout", ended=state))
     if state is None:
         state = _new_state(event, persona, now)
     elif state.status in ENDED:

@@ -135,9 +135,15 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """The session ended (``reason``: the close event's content or kind, or ``timeout``)."""
+    """The session ended (``reason``: the close event's content or kind, or ``timeout``).
+
+    ``ended`` is the state the session ended in when the transition's own state is already a
+    later one (a user turn that timed the idle session out and opened the next); None means
+    the transition's state is the ended one.
+    """
 
     reason: str
+    ended: ConversationState | None = None
 
 
 @dataclass(frozen=True, slots=True)

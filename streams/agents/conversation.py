@@ -183,7 +183,7 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
-            summary = summarize(transition.state, effect.reason, utcnow())
+            summary = summarize(effect.ended or transition.state, effect.reason, utcnow())
             child(CONVERSATIONS_ENDED, summary.status).inc()
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message

@@ -17,6 +17,7 @@ from processors.conversation import (
     on_llm_response,
     on_user_turn,
     reissue_due,
+    summarize,
 )
 from processors.conversation_state import (
     Closed,
@@ -291,7 +292,18 @@ def test_idle_conversation_is_timed_out_lazily_and_reopened_fresh() -> None:
     reopened = user_turn(t.state, event("e2", "back again", at=later), now=later, persona="support")
 
     assert [type(e) for e in reopened.effects] == [Closed, IssueLLM]
-    assert reopened.effects[0] == Closed("timeout")
+    closed = reopened.effects[0]
+    assert isinstance(closed, Closed)
+    assert closed.reason == "timeout"
+    assert closed.ended is not None  # the session that ended, not the one just opened
+    assert (closed.ended.status, closed.ended.sessions, closed.ended.opened_at) == (
+        "timed_out",
+        1,
+        T0,
+    )
+    assert (closed.ended.user_turns, closed.ended.assistant_turns) == (1, 1)
+    summary = summarize(closed.ended, closed.reason, later)
+    assert (summary.status, summary.session, summary.user_turns) == ("timed_out", 1, 1)
     assert [m.content for m in issued(reopened).messages] == ["back again"]
     assert issued(reopened).persona == "support"
     s = reopened.state
