@@ -142,10 +142,11 @@ def _to_completion(response: Any, request: CompletionRequest, model: str) -> Com
         content=content,
         model=response.model if isinstance(response.model, str) and response.model else model,
         finish_reason=finish_reason if isinstance(finish_reason, str) else None,
-        prompt_tokens=prompt_tokens
+        # a negative count (a proxy's bug) counts as 0 rather than failing the answered turn
+        prompt_tokens=max(0, prompt_tokens)
         if isinstance(prompt_tokens, int)
         else sum(estimate_tokens(m.content) for m in request.messages),
-        completion_tokens=completion_tokens
+        completion_tokens=max(0, completion_tokens)
         if isinstance(completion_tokens, int)
         else estimate_tokens(content),
     )
@@ -165,7 +166,8 @@ class OpenAIEngine(LLMEngine):
     the HTTP stack are retriable; other 4xx (400, 401, 403, 404, 422), a 429 whose ``code`` is
     ``insufficient_quota`` (billing, not rate), a refusal, an empty reply stopped by the
     content filter and a missing model are not. Token counts come from
-    ``usage``, or are estimated as ``ceil(chars / 4)`` when the server sends none.
+    ``usage`` (negative counts read as 0), or are estimated as ``ceil(chars / 4)`` when the
+    server sends none.
 
     Args:
         cfg: Model, sampling defaults and ``timeout_s`` (per HTTP call, s).

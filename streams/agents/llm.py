@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -171,16 +170,6 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             continue
         attempts += used
         elapsed = time.perf_counter() - started
-        prompt_tokens = max(0, completion.prompt_tokens)
-        completion_tokens = max(0, completion.completion_tokens)
-        if (prompt_tokens, completion_tokens) != (
-            completion.prompt_tokens,
-            completion.completion_tokens,
-        ):
-            log.warning("engine %s reported negative token counts; counted as 0", engine_name)
-            completion = dataclasses.replace(
-                completion, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-            )
         cost = cost_usd(
             completion.model,
             completion.prompt_tokens,

@@ -123,6 +123,17 @@ async def test_missing_usage_is_estimated_from_characters() -> None:
     assert (completion.prompt_tokens, completion.completion_tokens) == (3, 4)
 
 
+async def test_negative_usage_counts_as_zero_and_keeps_the_answer() -> None:
+    async with (
+        FakeOpenAI(faults=["negative_usage"]) as server,
+        resilient(server, config()) as engine,
+    ):
+        completion, attempts = await engine.complete_with_attempts(ask((Role.USER, "hi")))
+
+    assert (completion.content, attempts) == ("echo: hi", 1)
+    assert (completion.prompt_tokens, completion.completion_tokens) == (0, 0)
+
+
 async def test_rate_limited_call_waits_retry_after_then_succeeds() -> None:
     async with (
         FakeOpenAI(faults=["429:0.3"]) as server,

@@ -22,6 +22,7 @@ valid request, oldest first; an empty deque means "answer normally"):
   credit is used up (OpenAI *Error codes*: "You exceeded your current quota").
 - ``"content_filter"``: 200 whose choice has ``content: null`` and ``finish_reason:
   "content_filter"`` (the reply was withheld by the provider's filter).
+- ``"negative_usage"``: 200, a normal reply whose ``usage`` counts are negative (a proxy's bug).
 
 Faults given to the constructor are checked; one appended later and unknown is answered with a
 500 naming it.
@@ -68,6 +69,7 @@ NAMED_FAULTS = frozenset(
         "empty_choices",
         "quota",
         "content_filter",
+        "negative_usage",
     }
 )
 """Faults with a name; any other three-digit 4xx/5xx status and ``"429:<value>"`` work too."""
@@ -348,6 +350,10 @@ class FakeOpenAI:
             filtered["choices"][0]["message"]["content"] = None
             filtered["choices"][0]["finish_reason"] = "content_filter"
             return web.json_response(filtered)
+        if fault == "negative_usage":
+            broken = self.completion_body(body)
+            broken["usage"] = {"prompt_tokens": -5, "completion_tokens": -3, "total_tokens": -8}
+            return web.json_response(broken)
         if fault == "timeout":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.hang_s)
