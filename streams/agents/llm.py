@@ -8,7 +8,7 @@ from typing import Any
 
 from connectors.errors import EngineError
 from connectors.llm.base import Completion, CompletionRequest
-from connectors.llm.resilient import attempts_of
+from connectors.llm.resilient import DEFAULT_COMPLETION_TOKENS, attempts_of
 from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
 from processors.config import PersonaConfig
 from processors.preprocess import conversation_key
@@ -125,21 +125,22 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
         temperature = (
             persona.temperature if persona.temperature is not None else engine_cfg.temperature
         )
+        reserve = max_tokens or DEFAULT_COMPLETION_TOKENS
         messages = trim_to_budget(
             prompt,
             budget_tokens=engine_cfg.context_tokens,
-            reserve_tokens=max_tokens or 256,
+            reserve_tokens=reserve,
             model=model,
         )
         if user_content and not messages[-1].content:
             errors.append(f"{engine_name}: the prompt leaves no room for the user's message")
             log.warning(
-                "engine %s skipped for %s: context_tokens %d minus the reply's %s tokens "
+                "engine %s skipped for %s: context_tokens %d minus the reply's %d tokens "
                 "leaves no room for the user's message",
                 engine_name,
                 request.request_id,
                 engine_cfg.context_tokens,
-                max_tokens or 256,
+                reserve,
             )
             continue
         started = time.perf_counter()
@@ -255,9 +256,21 @@ async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> N
         )
         return
     response, handoff = await answer(rt, request)
-    key = conversation_key(request.tenant, request.conversation_id)
+    await _send_answer(rt, topics, message, response, handoff)
+
+
+async def _send_answer(
+    rt: Runtime,
+    topics: dict[str, str],
+    message: RawMessage,
+    response: LLMResponse,
+    handoff: ConversationEvent | None,
+) -> None:
+    """Send a turn's response, after its handoff event (if any) to the humans' queue and to
+    the conversation's lifecycle, all keyed by conversation."""
+    key = conversation_key(response.tenant, response.conversation_id)
     if handoff is not None:
-        for name in ("handoff", "conversations"):  # humans' queue; the conversation's lifecycle
+        for name in ("handoff", "conversations"):
             await send_record(rt, topics[name], handoff, key=key, stage=STAGE, parent=message)
     await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
 
@@ -284,11 +297,7 @@ async def _fail_turn(
     response, handoff = _failed(
         rt, request, f"{type(exc).__name__}: {exc}", LLMStatus.FAILED, attempts=0
     )
-    key = conversation_key(request.tenant, request.conversation_id)
-    if handoff is not None:
-        for name in ("handoff", "conversations"):
-            await send_record(rt, topics[name], handoff, key=key, stage=STAGE, parent=message)
-    await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
+    await _send_answer(rt, topics, message, response, handoff)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
