@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
@@ -51,6 +52,10 @@ _JSON_STARTS: Final = frozenset(b'{["-0123456789tfn')
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+UNKNOWN_ID_RETRY_S: Final = 60.0
+"""How long ``Codec.resolve_unknown`` trusts the registry's "unknown id" answer (s)."""
+
+
 class Codec:
     """Encodes and decodes the record models with their bundled Avro schemas.
 
@@ -69,6 +74,8 @@ class Codec:
         self._parsed = {n: bundled.parsed_schema(n) for n in names}
         self._by_fingerprint = {bundled.fingerprint(n): self._parsed[n] for n in names}
         self._by_id: dict[int, dict[str, Any]] = {}
+        self._unknown_until: dict[int, float] = {}
+        """Schema id → monotonic time (s) before which ``resolve_unknown`` won't ask again."""
         self._headers: dict[str, bytes] = {}
         if registry is None:
             self._headers = {n: SINGLE_OBJECT_MAGIC + bundled.fingerprint(n) for n in names}
@@ -101,9 +108,11 @@ class Codec:
             The full name of the fetched record schema.
 
         Raises:
-            UnknownSchemaError: The registry does not know the id (404) or its schema is not a
-                valid Avro record schema: the record cannot be decoded (dead-letter it).
-            SchemaRegistryError: The registry could not be reached or failed (``retriable``).
+            UnknownSchemaError: The registry does not know the id (404), or its schema is not
+                Avro or not a valid Avro record schema: the record cannot be decoded
+                (dead-letter it). Asking again would get the same answer.
+            SchemaRegistryError: The registry could not be reached or failed (``retriable``),
+                or refused the call (e.g. 401/403: wrong credentials, not retriable).
             SchemaError: No registry configured.
         """
         if schema_id not in self._by_id:
@@ -112,12 +121,17 @@ class Codec:
             try:
                 schema = await self._registry.get_schema(schema_id)
             except SchemaRegistryError as exc:
-                if exc.status != 404:
-                    raise
-                raise UnknownSchemaError(
-                    f"Confluent framing: schema id {schema_id} unknown to the schema registry",
-                    schema_id=schema_id,
-                ) from exc
+                if exc.status == 404:
+                    raise UnknownSchemaError(
+                        f"Confluent framing: schema id {schema_id} unknown to the schema registry",
+                        schema_id=schema_id,
+                    ) from exc
+                if exc.status is None and not exc.retriable:  # answered, but not usable
+                    raise UnknownSchemaError(
+                        f"Confluent framing: schema id {schema_id} is unusable: {exc.message}",
+                        schema_id=schema_id,
+                    ) from exc
+                raise
             try:
                 self._by_id[schema_id] = self.add_writer_schema(schema)
             except SchemaError as exc:
@@ -126,6 +140,48 @@ class Codec:
                     schema_id=schema_id,
                 ) from exc
         return str(self._by_id[schema_id]["name"])
+
+    async def resolve_unknown(self, values: Iterable[bytes | None]) -> set[int]:
+        """Fetch the writer schemas of every Confluent-framed value whose schema id is unknown.
+
+        Called on each batch before its records are decoded (``BatchConsumer.prepare``), so
+        every stage reads records written with schemas it has not seen yet, e.g. by a newer
+        producer during a rolling upgrade. Ids the registry cannot supply are left unknown:
+        decoding those records raises :class:`UnknownSchemaError` and the stage dead-letters
+        them. An id the registry could not supply is asked for again only after
+        ``UNKNOWN_ID_RETRY_S``, so a stream of such records costs no call per batch. Does
+        nothing without a registry.
+
+        Args:
+            values: Kafka record values; other framings and tombstones are skipped.
+
+        Returns:
+            The schema ids that were unknown and stay unknown (404 or unusable schema).
+
+        Raises:
+            SchemaRegistryError: The registry could not be reached or failed (``retriable``:
+                the batch is retried), or refused the call (not retriable).
+        """
+        if self._registry is None:
+            return set()
+        wanted = {
+            int.from_bytes(value[1:5], "big")
+            for value in values
+            if value and len(value) >= 5 and value[0] == 0x00
+        }
+        missing: set[int] = set()
+        now = time.monotonic()
+        for schema_id in sorted(wanted - self._by_id.keys()):
+            if self._unknown_until.get(schema_id, 0.0) > now:
+                missing.add(schema_id)
+                continue
+            try:
+                await self.resolve(schema_id)
+            except UnknownSchemaError as exc:
+                logger.warning("%s; records written with it are dead-lettered", exc.reason)
+                missing.add(schema_id)
+                self._unknown_until[schema_id] = now + UNKNOWN_ID_RETRY_S
+        return missing
 
     def add_writer_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
         """Make a writer schema (e.g. an older version) readable in single-object encoding.

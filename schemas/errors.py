@@ -85,10 +85,17 @@ class SchemaRegistryError(SchemaError):
         error_code: The registry's ``error_code`` (e.g. 40403 schema not found), if given.
         message: The registry's ``message``, or a description of the transport failure.
         retriable: True for transport failures, 408, 429 and 5xx; the same call may succeed.
+            A 2xx answer whose schema is unusable (not Avro, not a JSON object) is not
+            retriable: asking again returns the same schema.
     """
 
     def __init__(
-        self, message: str, *, status: int | None = None, error_code: int | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_code: int | None = None,
+        retriable: bool | None = None,
     ) -> None:
         detail = f"schema registry: {message}"
         if status is not None:
@@ -98,4 +105,6 @@ class SchemaRegistryError(SchemaError):
         self.status = status
         self.error_code = error_code
         self.message = message
-        self.retriable = status is None or status in (408, 429) or status >= 500
+        if retriable is None:
+            retriable = status is None or status in (408, 429) or status >= 500
+        self.retriable = retriable

@@ -109,19 +109,27 @@ class SchemaRegistryClient:
 
         Raises:
             SchemaRegistryError: Transport failure, non-2xx status (404 / error_code 40403 for
-                an unknown id), a non-Avro ``schemaType`` or a schema that is not a JSON object.
+                an unknown id); not ``retriable`` for a non-Avro ``schemaType``, a missing or
+                invalid ``schema`` string, or a schema that is not a JSON object (asking again
+                returns the same answer).
         """
         path = f"/schemas/ids/{int(schema_id)}"
         payload = await self._call("GET", path)
         schema_type = payload.get("schemaType", "AVRO")
         if schema_type != "AVRO":
-            raise SchemaRegistryError(f"schema id {schema_id} is {schema_type}, not AVRO")
+            raise SchemaRegistryError(
+                f"schema id {schema_id} is {schema_type}, not AVRO", retriable=False
+            )
         try:
             schema = json.loads(payload["schema"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise SchemaRegistryError(f"GET {path}: no valid schema string: {exc}") from exc
+            raise SchemaRegistryError(
+                f"GET {path}: no valid schema string: {exc}", retriable=False
+            ) from exc
         if not isinstance(schema, dict):
-            raise SchemaRegistryError(f"schema id {schema_id} is not a JSON object: {schema!r}")
+            raise SchemaRegistryError(
+                f"schema id {schema_id} is not a JSON object: {schema!r}", retriable=False
+            )
         return schema
 
     async def aclose(self) -> None:

@@ -304,6 +304,9 @@ class BatchConsumer:
         on_assigned: awaited when partitions are assigned (a table restores them), before any
             batch of theirs is handled. Revoked partitions are given up only after every batch
             in progress finished and was committed.
+        prepare: awaited with each batch before ``handler`` and under the same retry rules
+            (e.g. ``Codec.resolve_unknown`` fetching writer schemas). Settable after
+            construction.
         max_records: most records per batch.
     """
 
@@ -315,12 +318,14 @@ class BatchConsumer:
         handler: Handler,
         *,
         on_assigned: PartitionsHook | None = None,
+        prepare: Handler | None = None,
         max_records: int = BATCH_MAX,
     ) -> None:
         self.stage = stage
         self.topics = list(topics)
         self.handler = handler
         self.on_assigned = on_assigned
+        self.prepare = prepare
         self.max_records = max_records
         self.lock = asyncio.Lock()
         """Held while a batch is handled, and while partitions are revoked."""
@@ -413,6 +418,8 @@ class BatchConsumer:
             async def attempt() -> None:
                 ctx.acks.clear()
                 ctx.after.clear()
+                if self.prepare is not None:
+                    await self.prepare(records)
                 with handling(ctx):
                     await self.handler(records)
 

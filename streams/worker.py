@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from processors.config import SwitchboardConfig
 from streams.agents import conversation, delivery, ingest, llm
+from streams.agents.common import RawMessage
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.transport import BatchConsumer, Producer
@@ -27,6 +30,13 @@ log = logging.getLogger(__name__)
 
 DRAIN_S = 10.0
 """How long a stopping worker waits for its LLM calls in flight (s)."""
+
+
+async def _resolve_writer_schemas(rt: Runtime, records: Sequence[RawMessage]) -> None:
+    """Fetch the writer schemas a batch needs (``Codec.resolve_unknown``)."""
+    await rt.codec.resolve_unknown(
+        record.value if isinstance(record.value, bytes) else None for record in records
+    )
 
 
 def topic_names(settings: Settings) -> dict[str, str]:
@@ -66,6 +76,9 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         llm.stage(rt, topics),
         delivery.stage(rt, topics),
     ]
+    if settings.schema_registry_url is not None:
+        for consumer in stages:
+            consumer.prepare = partial(_resolve_writer_schemas, rt)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

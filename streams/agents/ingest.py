@@ -7,7 +7,7 @@ from functools import partial
 
 from processors.preprocess import Accepted, conversation_key, dedup_key, preprocess
 from processors.router import RouteDecision
-from schemas.errors import DecodeError, UnknownSchemaError
+from schemas.errors import DecodeError
 from schemas.models import (
     ConversationEvent,
     ConversationEventKind,
@@ -41,23 +41,13 @@ log = logging.getLogger(__name__)
 STAGE = "ingest"
 
 
-async def _decode(rt: Runtime, data: bytes) -> InboundMessage:
-    try:
-        return rt.codec.decode_inbound(data)
-    except UnknownSchemaError as exc:
-        if exc.schema_id is None or rt.settings.schema_registry_url is None:
-            raise
-        await rt.codec.resolve(exc.schema_id)
-        return rt.codec.decode_inbound(data)
-
-
 async def _accept(rt: Runtime, topics: dict[str, str], message: RawMessage) -> Accepted | None:
     """Decode, validate and pre-process one record; dead-letter it and return None if bad."""
     child(RECORDS_IN, STAGE).inc()
     dlq = topics["deadletter"]
     value = message.value if isinstance(message.value, bytes) else b""
     try:
-        inbound = await _decode(rt, value)
+        inbound = rt.codec.decode_inbound(value)
     except DecodeError as exc:
         await dead_letter(
             rt, dlq, message, stage="ingest.decode", reason=exc.reason, error_type=exc.error_type

@@ -165,3 +165,26 @@ async def test_periodic_commits_go_on_after_a_commit_error(
         await harness.consumer._commit_every(0)
 
     assert attempts == [0, 1, 2]  # the first failure did not end the loop
+
+
+async def test_prepare_runs_before_each_attempt_of_the_handler_and_its_transient_errors_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness()
+    prepared: list[list[int]] = []
+
+    async def prepare(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        prepared.append([r.offset for r in records])
+        h.events.append("prepared")
+        if len(prepared) == 1:
+            raise StoreError("registry briefly unreachable", retriable=True)
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    monkeypatch.setattr("streams.transport.asyncio.sleep", no_wait)
+    h.consumer.prepare = prepare
+    await h.consumer._handle({TP: [_record(7), _record(8)]})
+
+    assert prepared == [[7, 8], [7, 8]]
+    assert h.events == ["prepared", "prepared", "handled 8"]

@@ -29,6 +29,9 @@ class FakeRegistry:
     schemas: dict[int, str] = field(default_factory=dict)
     subjects: dict[str, list[int]] = field(default_factory=dict)
     content_types: list[str] = field(default_factory=list)
+    schema_types: dict[int, str] = field(default_factory=dict)
+    """Schema id → ``schemaType`` answered (Avro, the default, is left out as the registry does)."""
+    fetched: list[int] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -60,9 +63,13 @@ class FakeRegistry:
 
     async def get_schema(self, request: web.Request) -> web.Response:
         schema_id = int(request.match_info["schema_id"])
+        self.fetched.append(schema_id)
         if schema_id not in self.schemas:
             return self.error(404, 40403, "Schema not found")
-        return web.json_response({"schema": self.schemas[schema_id]}, content_type=CONTENT_TYPE)
+        body = {"schema": self.schemas[schema_id]}
+        if schema_id in self.schema_types:
+            body["schemaType"] = self.schema_types[schema_id]
+        return web.json_response(body, content_type=CONTENT_TYPE)
 
 
 @pytest.fixture
@@ -221,3 +228,70 @@ async def test_resolve_of_an_id_the_registry_lacks_is_an_unknown_schema_decode_e
         assert codec.decode(single_object, InboundMessage) == _message()
     finally:
         await codec.aclose()
+
+
+PROTOBUF = 'syntax = "proto3"; message T { int32 a = 1; }'
+
+
+@pytest.mark.parametrize(
+    ("schema_type", "schema", "reason"),
+    [
+        ("PROTOBUF", PROTOBUF, "is PROTOBUF, not AVRO"),
+        ("AVRO", "[1, 2]", "is not a JSON object"),
+        ("AVRO", "{not json", "no valid schema string"),
+    ],
+)
+async def test_an_unusable_schema_is_not_retriable_and_its_records_are_undecodable(
+    server: tuple[FakeRegistry, str], schema_type: str, schema: str, reason: str
+) -> None:
+    fake, url = server
+    fake.schemas[555] = schema
+    fake.schema_types[555] = schema_type
+    async with SchemaRegistryClient(url, timeout_s=5) as client:
+        with pytest.raises(SchemaRegistryError) as info:
+            await client.get_schema(555)
+    assert info.value.retriable is False  # retrying gets the same answer: no endless retry
+    assert reason in info.value.message
+
+    codec = Codec(SchemaRegistryClient(url, timeout_s=5))
+    try:
+        with pytest.raises(UnknownSchemaError) as unknown:
+            await codec.resolve(555)
+        assert unknown.value.schema_id == 555
+        assert reason in unknown.value.reason
+    finally:
+        await codec.aclose()
+
+
+async def test_resolve_unknown_fetches_each_missing_id_once_and_remembers_the_unknown_ones(
+    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+) -> None:
+    fake, url = server
+    newer: dict[str, Any] = registry.raw_schema("InboundMessage")
+    newer["fields"].append({"name": "locale", "type": "string", "default": "en"})
+    schema_id = await client.register("switchboard.InboundMessage", json.dumps(newer))
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(newer, named_schemas={}), _message().to_avro())
+    data = b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
+    lost = b"\x00" + (4242).to_bytes(4, "big") + body.getvalue()
+
+    codec = Codec(SchemaRegistryClient(url, timeout_s=5))
+    await codec.start()
+    try:
+        fake.fetched.clear()
+        values = [data, lost, data, None, b"", Codec().encode(_message()), lost]
+        assert await codec.resolve_unknown(values) == {4242}
+        assert sorted(fake.fetched) == sorted([4242, schema_id])
+        assert codec.decode(data, InboundMessage) == _message()
+        with pytest.raises(UnknownSchemaError):
+            codec.decode(lost, InboundMessage)
+
+        assert await codec.resolve_unknown([data, lost]) == {4242}
+        assert sorted(fake.fetched) == sorted([4242, schema_id])  # neither asked again
+    finally:
+        await codec.aclose()
+
+
+async def test_resolve_unknown_without_a_registry_does_nothing() -> None:
+    lost = b"\x00" + (9).to_bytes(4, "big") + b"\x02"
+    assert await Codec().resolve_unknown([lost]) == set()
