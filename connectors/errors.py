@@ -24,4 +24,20 @@ class DeliveryError(ConnectorError):
 
 
 class EngineError(ConnectorError):
-    """An LLM engine could not produce a completion."""
+    """An LLM engine could not produce a completion.
+
+    Attributes:
+        rate_limited: The provider refused the call for its rate limit (HTTP 429), with or
+            without ``retry_after``; every call to that provider should slow down.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retriable: bool,
+        retry_after: float | None = None,
+        rate_limited: bool = False,
+    ) -> None:
+        super().__init__(message, retriable=retriable, retry_after=retry_after)
+        self.rate_limited = rate_limited

@@ -93,6 +93,7 @@ def _map_error(exc: openai.OpenAIError, model: str) -> EngineError:
             f"{where}: {reason} {status}: {exc.message}",
             retriable=retriable,
             retry_after=retry_after if retriable else None,
+            rate_limited=status == 429 and retriable,
         )
     if isinstance(exc, openai.APITimeoutError):
         return EngineError(f"{where}: request timed out", retriable=True)

@@ -46,6 +46,13 @@ class ProviderRateLimiter:
     caller after a 429, so one ``Retry-After`` slows the whole stage instead of each call
     finding the limit for itself. One limiter is meant to be shared by all calls to a provider.
 
+    A call is counted with its *estimated* tokens when it starts; :meth:`settle` then charges
+    what the provider reported beyond the estimate to the next calls (a debt), so a prompt the
+    estimate under-counts (e.g. CJK text, ~1 token per character against the estimate's 4
+    characters per token) cannot push the provider past its budget. Tokens over-estimated are
+    not given back: the ``limits`` moving window has no refund, and counting too much only
+    makes the stage a little slower.
+
     Args:
         requests_per_minute: Request budget, or None for no request limit.
         tokens_per_minute: Token budget (prompt + completion), or None for no token limit.
@@ -85,6 +92,7 @@ class ProviderRateLimiter:
             self._token_block = math.ceil(tokens_per_minute / MAX_WINDOW_ENTRIES)
             self._tokens = item(tokens_per_minute // self._token_block, namespace="tokens")
         self._paused_until = -math.inf
+        self._debt_tokens = 0
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -115,6 +123,21 @@ class ProviderRateLimiter:
             self._paused_until = until
             logger.info("provider asked for a pause; all calls wait %.3f s", retry_after_s)
 
+    @property
+    def debt_tokens(self) -> int:
+        """Tokens used beyond the estimates that the next :meth:`acquire` will count."""
+        return self._debt_tokens
+
+    def settle(self, estimated: int, actual: int) -> None:
+        """Charge a finished call's tokens beyond its estimate to the next calls.
+
+        Args:
+            estimated: Tokens the call was counted with by :meth:`acquire`.
+            actual: Prompt + completion tokens the provider reported for it.
+        """
+        if self._tokens is not None and actual > estimated:
+            self._debt_tokens += actual - estimated
+
     def _costs(self, tokens: int) -> list[tuple[RateLimitItem, int]]:
         costs: list[tuple[RateLimitItem, int]] = []
         if self._requests is not None:
@@ -144,7 +167,8 @@ class ProviderRateLimiter:
         """Wait until one request of ``tokens`` tokens fits the budgets, then count it.
 
         Args:
-            tokens: Estimated prompt + completion tokens of the call (>= 0).
+            tokens: Estimated prompt + completion tokens of the call (>= 0); the debt of
+                earlier calls (:meth:`settle`) is added to it.
 
         Returns:
             Seconds waited (by ``clock``).
@@ -154,6 +178,7 @@ class ProviderRateLimiter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
+        tokens, self._debt_tokens = tokens + self._debt_tokens, 0
         costs = self._costs(tokens)
         started = self._clock()
         if not costs and self._paused_until <= started:

@@ -53,7 +53,10 @@ class ResilientEngine(LLMEngine):
     are retried up to ``cfg.max_retries`` times after
     ``processors.backoff.backoff_delay`` (full jitter, never sooner than the error's
     ``retry_after``); an error with ``retry_after`` (a 429's ``Retry-After``) also pauses the
-    shared limiter, so every call to the provider slows down, not only this one. A
+    shared limiter, so every call to the provider slows down, not only this one; a 429 without
+    ``Retry-After`` (``EngineError.rate_limited``) pauses it for the retry's own backoff. After
+    an answer, the tokens the provider reported beyond the estimate are charged to the
+    limiter (``ProviderRateLimiter.settle``). A
     ``Retry-After`` longer than ``cfg.max_retry_after_s`` ends the retries at once (the pause is
     capped at that too): a provider asking for an hour is down for this turn's purposes.
     Non-retriable errors are raised at once.
@@ -130,22 +133,19 @@ class ResilientEngine(LLMEngine):
             if self._limiter is not None:
                 await self._limiter.acquire(tokens)
             try:
-                return await self._attempt(request), attempt + 1
+                completion = await self._attempt(request)
             except EngineError as exc:
                 if not exc.retriable:
                     _with_attempts(exc, attempt + 1)
                     raise
                 last = exc
+            else:
+                if self._limiter is not None:
+                    used = completion.prompt_tokens + completion.completion_tokens
+                    self._limiter.settle(tokens, used)
+                return completion, attempt + 1
             made = attempt + 1
             asked = last.retry_after
-            if asked is not None and self._limiter is not None:
-                self._limiter.penalize(min(asked, cfg.max_retry_after_s))
-            if asked is not None and asked > cfg.max_retry_after_s:
-                cap = cfg.max_retry_after_s
-                why = f" (the provider asks to wait {asked:.0f} s, more than {cap:g} s)"
-                break
-            if made == attempts:
-                break
             delay = backoff_delay(
                 attempt,
                 initial_s=cfg.backoff_initial_s,
@@ -153,6 +153,17 @@ class ResilientEngine(LLMEngine):
                 rng=self._rng,
                 retry_after_s=asked,
             )
+            if self._limiter is not None and (asked is not None or last.rate_limited):
+                # A 429 without Retry-After pauses everyone for this call's own backoff.
+                self._limiter.penalize(
+                    min(delay if asked is None else asked, cfg.max_retry_after_s)
+                )
+            if asked is not None and asked > cfg.max_retry_after_s:
+                cap = cfg.max_retry_after_s
+                why = f" (the provider asks to wait {asked:.0f} s, more than {cap:g} s)"
+                break
+            if made == attempts:
+                break
             if give_up_at is not None and time.monotonic() + delay >= give_up_at:
                 why = f" (a retry in {delay:.3f} s would pass the turn's deadline)"
                 break

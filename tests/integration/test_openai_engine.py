@@ -195,6 +195,7 @@ async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
     ("fault", "retriable", "retry_after", "fragment"),
     [
         ("429:0.25", True, 0.25, "rate limited 429"),
+        ("429", True, None, "rate limited 429"),
         ("500", True, None, "500"),
         ("400", False, None, "400"),
         ("404", False, None, "404"),
@@ -209,12 +210,13 @@ async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
 async def test_openai_engine_maps_fault_to_engine_error(
     fault: str, retriable: bool, retry_after: float | None, fragment: str
 ) -> None:
-    async with FakeOpenAI(faults=[fault]) as server:
+    async with FakeOpenAI(faults=[fault], retry_after=None) as server:
         engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
         error = await failure_of(engine)
 
     assert error.retriable is retriable
     assert error.retry_after == retry_after
+    assert error.rate_limited is fault.startswith("429")  # not "quota": that 429 is billing
     assert fragment in str(error)
 
 

@@ -191,3 +191,29 @@ async def test_from_config_uses_the_engine_budgets_per_minute() -> None:
 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(limiter.acquire(10), timeout=0.3)
+
+
+async def test_tokens_used_beyond_the_estimate_are_charged_to_the_next_call() -> None:
+    limiter = ProviderRateLimiter(None, 100, per="second")
+    assert await limiter.acquire(10) < 0.05
+    limiter.settle(10, 90)  # the provider counted 90 tokens for a call estimated at 10
+    assert limiter.debt_tokens == 80
+
+    waited = await limiter.acquire(20)  # 80 owed + 20 > the 90 left of this second's 100
+
+    assert waited >= 0.5
+    assert limiter.debt_tokens == 0
+
+
+async def test_an_over_estimate_is_not_charged_and_settle_without_a_token_budget_is_a_no_op() -> (
+    None
+):
+    limiter = ProviderRateLimiter(None, 100, per="second")
+    await limiter.acquire(60)
+    limiter.settle(60, 20)
+    assert limiter.debt_tokens == 0
+    assert await limiter.acquire(40) < 0.05  # 60 + 40 fit: nothing was added
+
+    requests_only = ProviderRateLimiter(5, None, per="second")
+    requests_only.settle(1, 10_000)
+    assert requests_only.debt_tokens == 0

@@ -69,6 +69,7 @@ class RecordingLimiter(ProviderRateLimiter):
         super().__init__(None, None)
         self.acquired: list[int] = []
         self.penalties: list[float] = []
+        self.settled: list[tuple[int, int]] = []
 
     async def acquire(self, tokens: int) -> float:
         self.acquired.append(tokens)
@@ -76,6 +77,9 @@ class RecordingLimiter(ProviderRateLimiter):
 
     def penalize(self, retry_after_s: float) -> None:
         self.penalties.append(retry_after_s)
+
+    def settle(self, estimated: int, actual: int) -> None:
+        self.settled.append((estimated, actual))
 
 
 def config(**overrides: Any) -> EngineConfig:
@@ -312,3 +316,36 @@ async def test_retries_within_the_budget_go_on() -> None:
     _, attempts = await engine.complete_with_attempts(ask("hi"), budget_s=5.0)
 
     assert (attempts, sleep.delays) == (2, [0.5])
+
+
+async def test_a_429_without_retry_after_pauses_the_shared_limiter_for_the_backoff() -> None:
+    sleep, limiter = RecordingSleep(), RecordingLimiter()
+    no_header = EngineError("rate limited 429", retriable=True, rate_limited=True)
+    server_error = EngineError("HTTP error 500", retriable=True)
+    inner = ScriptedEngine({"hi": [no_header, server_error]})
+    engine = ResilientEngine(inner, config(), limiter=limiter, sleep=sleep)
+
+    await engine.complete(ask("hi"))
+
+    assert len(sleep.delays) == 2
+    assert limiter.penalties == [sleep.delays[0]]  # the 429 paused everyone; the 500 did not
+
+
+class UsageEngine(ScriptedEngine):
+    """Answers reporting 500 prompt and 20 completion tokens."""
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        answer = await super().complete(request)
+        return Completion(
+            content=answer.content, model="m", prompt_tokens=500, completion_tokens=20
+        )
+
+
+async def test_the_tokens_the_provider_reported_are_settled_with_the_limiter() -> None:
+    limiter = RecordingLimiter()
+    engine = ResilientEngine(UsageEngine({}), config(), limiter=limiter)
+
+    await engine.complete(ask("abcdefgh", max_tokens=100))
+
+    assert limiter.acquired == [102]
+    assert limiter.settled == [(102, 520)]
