@@ -228,7 +228,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
-async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
+class BatchAbandoned(Exception):
+    """A batch given up because its partitions are being revoked (``guard_batch``)."""
+
+
+async def guard_batch(
+    stage: str,
+    body: Callable[[], Awaitable[None]],
+    *,
+    abandon: asyncio.Event | None = None,
+    grace_s: float = 0.0,
+) -> None:
     """Run one batch so that its offsets are never committed without its outputs.
 
     Per-record failures are dead-lettered by the stages themselves; what reaches here failed
@@ -237,12 +247,30 @@ async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
     waits, nothing is dropped. Re-running a batch re-creates outputs with the same ids, which
     the next stages drop. Anything else is a bug: the worker exits at once (status 70)
     without committing, and its restart replays the batch.
+
+    Args:
+        stage: Name for logs and metrics.
+        body: One try of the batch.
+        abandon: Set when the batch's partitions are being revoked. A batch waiting to retry
+            is then given up at once; a try still running gets ``grace_s`` more seconds and is
+            then cancelled. Either way nothing of it is committed and the partitions' next
+            owner replays it, instead of this member holding the rebalance past its timeout
+            and writing, as a zombie, for partitions another member already handles.
+        grace_s: See ``abandon`` (s).
+
+    Raises:
+        BatchAbandoned: ``abandon`` was set (the batch must not be marked finished).
     """
     attempt = 0
     while True:
         try:
-            await body()
+            if abandon is None:
+                await body()
+            else:
+                await _unless_abandoned(body, abandon, grace_s)
             return
+        except BatchAbandoned:
+            raise
         except Exception as exc:
             if not is_transient(exc):
                 log.critical(
@@ -256,7 +284,49 @@ async def guard_batch(stage: str, body: Callable[[], Awaitable[None]]) -> None:
             child(STAGE_ERRORS, stage, type(exc).__name__).inc()
             log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
             attempt += 1
-            await asyncio.sleep(delay)
+            if abandon is None:
+                await asyncio.sleep(delay)
+            elif await _abandoned_within(abandon, delay):
+                raise BatchAbandoned(
+                    f"{stage}: partitions revoked while the batch was retried"
+                ) from exc
+
+
+async def _abandoned_within(abandon: asyncio.Event, delay_s: float) -> bool:
+    """Sleep ``delay_s`` seconds, or less if ``abandon`` is set meanwhile; return whether it
+    was set."""
+    sleeper = asyncio.ensure_future(asyncio.sleep(delay_s))
+    waiter = asyncio.ensure_future(abandon.wait())
+    try:
+        await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waiter.cancel()
+    return abandon.is_set()
+
+
+async def _unless_abandoned(
+    body: Callable[[], Awaitable[None]], abandon: asyncio.Event, grace_s: float
+) -> None:
+    """Await ``body``; once ``abandon`` is set, give it ``grace_s`` s more, then cancel it."""
+    if abandon.is_set():
+        raise BatchAbandoned("partitions revoked before the batch was tried")
+    task = asyncio.ensure_future(body())
+    waiter = asyncio.ensure_future(abandon.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace_s)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            raise BatchAbandoned(f"partitions revoked; the batch ran {grace_s:g} s longer")
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    task.result()
 
 
 Handler = Callable[[list[Record]], Awaitable[None]]
@@ -330,6 +400,7 @@ class BatchConsumer:
         self.lock = asyncio.Lock()
         """Held while a batch is handled, and while partitions are revoked."""
         session_ms = int(settings.session_timeout_s * 1000)
+        rebalance_ms = max(session_ms * 2, 10_000)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.broker_list(),
             group_id=f"{settings.app_id}.{stage}",
@@ -340,10 +411,14 @@ class BatchConsumer:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(500, session_ms // 6),
-            rebalance_timeout_ms=max(session_ms * 2, 10_000),
+            rebalance_timeout_ms=rebalance_ms,
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self._stopping = asyncio.Event()
+        self._revoking = asyncio.Event()
+        """Set while partitions wait to be revoked: the batch in progress is given up after
+        ``abandon_after_s`` rather than holding the rebalance past its timeout."""
+        self.abandon_after_s = rebalance_ms / 2000
         self.assigned: set[TopicPartition] = set()
         self._outstanding: list[asyncio.Task[None]] = []
         self._finished: dict[TopicPartition, int] = {}
@@ -423,11 +498,26 @@ class BatchConsumer:
                 with handling(ctx):
                     await self.handler(records)
 
-            await guard_batch(self.stage, attempt)
+            try:
+                await guard_batch(
+                    self.stage, attempt, abandon=self._revoking, grace_s=self.abandon_after_s
+                )
+            except BatchAbandoned as exc:
+                self._rewind(owned)
+                child(STAGE_ERRORS, self.stage, "BatchAbandoned").inc()
+                log.warning("%s: batch given up (%s); it is handled again", self.stage, exc)
+                return
             offsets = {tp: tp_records[-1].offset + 1 for tp, tp_records in owned.items()}
             previous = self._outstanding[-1] if self._outstanding else None
             task = asyncio.ensure_future(self._finish(ctx, offsets, previous))
             self._outstanding.append(task)
+
+    def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        """Fetch a given-up batch again: partitions this member keeps must not skip it (their
+        later batches would commit past it); revoked ones are replayed by their next owner."""
+        for tp, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # no longer assigned here
+                self.consumer.seek(tp, records[0].offset)
 
     async def _finish(
         self,
@@ -505,13 +595,18 @@ class BatchConsumer:
             self.assigned = set(assigned)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self.lock:  # the batch being handled finishes first
-            await self._finish_outstanding()
-            await self._commit()
-            self.assigned -= revoked
-            for tp in revoked:
-                self._finished.pop(tp, None)
-                self._committed.pop(tp, None)
+        self._revoking.set()  # a batch stuck retrying or waiting is given up
+        try:
+            async with self.lock:  # the batch being handled finishes first
+                self._revoking.clear()
+                await self._finish_outstanding()
+                await self._commit()
+                self.assigned -= revoked
+                for tp in revoked:
+                    self._finished.pop(tp, None)
+                    self._committed.pop(tp, None)
+        finally:
+            self._revoking.clear()
 
 
 async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:

@@ -188,3 +188,89 @@ async def test_prepare_runs_before_each_attempt_of_the_handler_and_its_transient
 
     assert prepared == [[7, 8], [7, 8]]
     assert h.events == ["prepared", "prepared", "handled 8"]
+
+
+def _recording_seeks(h: Harness) -> list[tuple[TopicPartition, int]]:
+    seeks: list[tuple[TopicPartition, int]] = []
+    h.consumer.consumer.seek = lambda tp, offset: seeks.append((tp, offset))
+    return seeks
+
+
+async def test_a_batch_retrying_a_transient_error_is_given_up_when_its_partitions_are_revoked() -> (
+    None
+):
+    h = Harness()
+    seeks = _recording_seeks(h)
+    tries: list[int] = []
+
+    async def redis_down(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        tries.append(records[0].offset)
+        raise StoreError("connection refused", retriable=True)
+
+    h.consumer.handler = redis_down
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(3), _record(4)]}))
+    await asyncio.sleep(0.05)  # first try failed; now waiting 0.5 s or more to retry
+    assert tries == [3]
+    assert not handling.done()
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=0.3)  # not after the backoff
+
+    assert handling.done()
+    assert handling.exception() is None
+    assert tries == [3]
+    assert seeks == [(TP, 3)]  # fetched again if the partition stays here
+    assert h.events == []  # nothing committed: the next owner replays offsets 3 and 4
+    assert h.consumer.assigned == set()
+
+
+async def test_a_batch_still_running_gets_the_grace_period_and_is_then_cancelled() -> None:
+    h = Harness()
+    seeks = _recording_seeks(h)
+    h.consumer.abandon_after_s = 0.1
+    cancelled = asyncio.Event()
+
+    async def stuck(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        try:
+            await asyncio.sleep(3600)  # e.g. waiting for a free LLM call slot
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    h.consumer.handler = stuck
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}))
+    await asyncio.sleep(0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert 0.08 <= loop.time() - started < 1.0
+    assert cancelled.is_set()
+    assert handling.done()
+    assert seeks == [(TP, 9)]
+    assert h.events == []
+
+
+async def test_a_batch_finishing_within_the_grace_period_is_kept_and_committed() -> None:
+    h = Harness()
+    seeks = _recording_seeks(h)
+    h.consumer.abandon_after_s = 5
+    release = asyncio.Event()
+    inner = h.handle
+
+    async def slow(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        await release.wait()
+        await inner(records)
+
+    h.consumer.handler = slow
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(5), _record(6)]}))
+    await asyncio.sleep(0.02)
+    revoke = asyncio.create_task(h.consumer._revoked({TP}))
+    await asyncio.sleep(0.05)
+    release.set()
+    await handling
+    h.acks[0].set_result(None)
+    await asyncio.wait_for(revoke, timeout=2)
+
+    assert seeks == []
+    assert h.events == ["handled 6", "after 6", "commit 7"]
