@@ -15,6 +15,7 @@ from schemas.errors import DecodeError
 from schemas.models import DeliveryReport, DeliveryRequest, DeliveryStatus, utcnow
 from streams.agents.common import (
     RawMessage,
+    UnmarkedKeys,
     dead_letter,
     internal_error,
     parse_each,
@@ -23,15 +24,20 @@ from streams.agents.common import (
 )
 from streams.metrics import DELIVERIES, DROPPED, END_TO_END_LATENCY, RECORDS_IN, STAGE_ERRORS, child
 from streams.runtime import Runtime, UnconfiguredChannelError
-from streams.transport import BatchConsumer
+from streams.transport import BATCH_MAX, PIPELINE_DEPTH, BatchConsumer
 
-__all__ = ["deliver", "handle_batch", "stage"]
+__all__ = ["UNMARKED_MAX", "deliver", "handle_batch", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "delivery"
 MAX_CONCURRENT_SENDS = 64
 """Connector sends in flight per worker."""
 _DELIVERED_TTL_S = 7 * 24 * 3600
+UNMARKED_MAX = 4 * PIPELINE_DEPTH * BATCH_MAX
+"""Most delivered-but-not-yet-marked delivery ids a worker's delivery stage keeps in memory
+(``UnmarkedKeys``): 16,000, about 2 MB. At most ``PIPELINE_DEPTH`` batches of ``BATCH_MAX``
+records wait for their acknowledgements at once, so the bound is only reached when Redis
+fails to take marks for a while."""
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -140,20 +146,51 @@ async def handle_batch(
     topics: dict[str, str],
     messages: list[RawMessage],
     max_sends: int = MAX_CONCURRENT_SENDS,
+    *,
+    unmarked: UnmarkedKeys,
 ) -> None:
     """Deliver a batch: recipients in parallel (at most ``max_sends`` >= 1 sends at once),
     each recipient's messages one after another in arrival order.
 
-    Already-delivered ids are found with one Redis round trip, and this batch's deliveries are
-    recorded once the broker acknowledged their reports (see ``remember_after_ack``).
+    A request whose delivery id was already delivered is dropped: its idempotency key
+    ``delivered:<delivery_id>`` is in Redis (one round trip per batch), in ``unmarked``, or
+    earlier in the batch. The keys of this batch's
+    deliveries are written to Redis only once the broker acknowledged their reports
+    (``remember_after_ack``), so a crash in between leads to a redelivery, not a loss. Until
+    then they are in ``unmarked`` (the stage's, kept for the worker's life), which is what lets
+    the next batches, handled while these acknowledgements are outstanding, recognise a
+    duplicate of an id delivered here.
+
+    A batch that raises (a transient error; ``guard_batch`` runs it again) has added nothing
+    to ``unmarked``: the keys are added only at the very end, once every report was queued.
+    The retry therefore sends again every request of the failed try that Redis does not
+    know, including those the failed try had sent: that try's acknowledgements are dropped
+    by ``guard_batch``, so nothing would ever confirm those reports, and skipping the sends
+    could lose a report while the request's offset gets committed. A duplicate send on a
+    retry is the at-least-once cost, as before; a missing report is not acceptable.
+
+    Args:
+        rt: the worker's runtime (connectors, codec, Redis store, producer).
+        topics: topic names by role (``delivery_reports``, ``deadletter``).
+        messages: the batch, DeliveryRequest records.
+        max_sends: most connector sends in flight.
+        unmarked: the stage's delivered-but-not-yet-marked keys (``stage`` creates it).
+
+    Raises:
+        Exception: a transient error (``is_transient``), for ``guard_batch`` to retry.
     """
     decoded = await parse_each(rt, topics, messages, partial(_decode, rt, topics), stage=STAGE)
     keys = [f"delivered:{r.delivery_id}" for _, r in decoded]
+    # Looked up before the Redis round trip: a key leaves ``unmarked`` only after its mark was
+    # written, so one missing here is already in Redis for the MGET that follows.
+    pending = [key in unmarked for key in keys]
     seen = await rt.store.seen_many(keys)
     groups: dict[tuple[str, str], list[tuple[RawMessage, DeliveryRequest, str]]] = {}
     in_batch: set[str] = set()
-    for (message, request), key, duplicate in zip(decoded, keys, seen, strict=True):
-        if duplicate or key in in_batch:
+    for (message, request), key, marked, delivered_before in zip(
+        decoded, keys, seen, pending, strict=True
+    ):
+        if marked or delivered_before or key in in_batch:
             child(DROPPED, STAGE, "already_delivered").inc()
             continue
         in_batch.add(key)
@@ -206,12 +243,17 @@ async def handle_batch(
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
         raise
-    if delivered:
-        remember_after_ack(rt, delivered, _DELIVERED_TTL_S)
+    if delivered:  # the last step: nothing after it may raise (see above)
+        remember_after_ack(rt, delivered, _DELIVERED_TTL_S, unmarked=unmarked)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
-    """The delivery stage: consumes the delivery requests topic in batches (``handle_batch``)."""
+    """The delivery stage: consumes the delivery requests topic in batches (``handle_batch``),
+    with its own ``UnmarkedKeys`` of at most ``UNMARKED_MAX`` delivery ids."""
+    unmarked = UnmarkedKeys(UNMARKED_MAX)
     return BatchConsumer(
-        rt.settings, STAGE, [topics["delivery_requests"]], partial(handle_batch, rt, topics)
+        rt.settings,
+        STAGE,
+        [topics["delivery_requests"]],
+        partial(handle_batch, rt, topics, unmarked=unmarked),
     )

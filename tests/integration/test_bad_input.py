@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 from confluent_kafka import Producer
+from support.stacks import new_stack
 
 from processors.ids import new_message_id
 from schemas.codec import Codec
 from schemas.models import DeadLetter, DeliveryReport, InboundMessage, utcnow
+from streams.agents.common import max_record_bytes
 from streams.replay import assign_from_end
 from streams.stack import EmbeddedStack
+from streams.transport import Producer as WorkerProducer
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +138,82 @@ async def test_each_bad_record_is_dead_lettered_with_reason_and_bytes_and_neighb
     assert len(dead) == len(bad)
     assert set(reports) == wanted_reports
     assert all(r.status.value == "delivered" for r in reports.values())
+
+
+@pytest.fixture(scope="module")
+def own_stack(
+    tmp_path_factory: pytest.TempPathFactory, pipeline_config: Path
+) -> Iterator[EmbeddedStack]:
+    """A stack of its own: before the fix, the record below made its worker exit."""
+    embedded = new_stack(tmp_path_factory.mktemp("big-dead-letter"), "bigdl")
+    embedded.config = pipeline_config
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+async def test_record_whose_dead_letter_exceeds_the_producer_limit_is_cut_and_the_stage_goes_on(
+    own_stack: EmbeddedStack,
+) -> None:
+    settings = own_stack.settings()
+    codec = Codec()
+    producer = WorkerProducer(settings)  # what the worker's producer is built with
+    limit = max_record_bytes(producer)
+    await producer.stop()
+    # Undecodable, and just under the limit itself: its letter (the value plus the letter's
+    # fields and the record overhead) is over it.
+    original = b"\x7f" + b"\xab" * (limit - 200)
+    good = _valid("Still there?")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.broker_list(),
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=limit,
+    )
+    await consumer.start()
+    try:
+        await assign_from_end(
+            consumer, [settings.topics.deadletter, settings.topics.delivery_reports]
+        )
+        client = Producer(
+            {"bootstrap.servers": settings.kafka_brokers, "message.max.bytes": 2 * limit}
+        )
+        # One key: both records in the same partition, the good one after the big one.
+        client.produce(settings.topics.inbound, original, key=b"big")
+        client.produce(settings.topics.inbound, codec.encode(good), key=b"big")
+        assert client.flush(30) == 0
+
+        letter: DeadLetter | None = None
+        report: DeliveryReport | None = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (letter is None or report is None):
+            own_stack.check_workers()  # before the fix: exited with status 70
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for record in records:
+                    if record.topic == settings.topics.deadletter:
+                        found = codec.decode(record.value, DeadLetter)
+                        if found.stage == "ingest.decode":
+                            letter = found
+                    else:
+                        found_report = codec.decode(record.value, DeliveryReport)
+                        if found_report.message_id == good.message_id:
+                            report = found_report
+    finally:
+        await consumer.stop()
+
+    own_stack.check_workers()
+    assert letter is not None, "the big record was not dead-lettered"
+    assert letter.original_value is not None
+    assert 0 < len(letter.original_value) < len(original)
+    assert original.startswith(letter.original_value)
+    assert f"of {len(original)} bytes" in letter.reason
+    assert hashlib.sha256(original).hexdigest() in letter.reason
+    assert "first byte" in letter.reason
+    assert letter.source_topic == settings.topics.inbound
+    assert letter.source_offset >= 0
+    assert letter.original_key == b"big"
+    assert report is not None, "the record after the big one was not delivered"
+    assert report.status.value == "delivered"
