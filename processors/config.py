@@ -68,6 +68,15 @@ class ConversationConfig(_Strict):
     llm_deadline_s: float = Field(
         60.0, gt=0, description="An LLM turn without a response after this is re-issued."
     )
+    ended_retention_s: float = Field(
+        86400.0,
+        gt=0,
+        description="An ended conversation (closed or timed out) is kept this long after it "
+        "ended, then deleted from the table (a tombstone in the changelog). Until then its "
+        "state recognises redelivered inputs by id and a new user turn continues it as its "
+        "next session; after it the conversation id starts afresh. Keep it longer than any "
+        "redelivery or replay of an input can be late.",
+    )
 
 
 class KnowledgeBaseConfig(_Strict):

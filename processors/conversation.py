@@ -32,7 +32,14 @@ Lifecycle choices:
   order, then the status changes and :class:`Closed` follows the last ``Deliver``.
 * In ``handoff`` a human owns the conversation: user turns are recorded in history for the
   operator but not sent to the LLM (``Dropped(reason="handoff")``) until the conversation is
-  closed or times out.
+  closed or times out (the timer times it out like an open session, :func:`next_due_at`).
+* An ended conversation (``closed`` or ``timed_out``) is kept ``ended_retention_s`` after it
+  ended (:func:`prune_at`): meanwhile a redelivered input is still dropped by id, a late LLM
+  response as ``duplicate``/``stale``, and a new user turn opens its next session. Then the
+  timer's tick finds :func:`prune_due` true and the agent deletes the state (a tombstone in the
+  changelog); an input arriving later is treated as for a conversation never seen. The
+  placeholder stored for an input about an unknown conversation is a closed state and is
+  pruned the same way.
 * An LLM response is delivered whatever its ``status`` (the llm stage fills ``failed``
   responses with the persona's apology); one with empty content ends the turn without a
   delivery and yields ``Dropped(reason="empty_reply")`` so that the agent counts it.
@@ -76,10 +83,13 @@ from schemas.models import (
 __all__ = [
     "check_timeout",
     "deadline_s",
+    "ended_at",
     "next_due_at",
     "on_close",
     "on_llm_response",
     "on_user_turn",
+    "prune_at",
+    "prune_due",
     "reissue_due",
     "summarize",
 ]
@@ -119,7 +129,11 @@ def _placeholder(
 ) -> ConversationState:
     """The state returned for an input about an unknown conversation: closed, zero sessions.
 
-    Storing it is harmless: the next user turn opens session 1 as for a new conversation.
+    It exists because a transition always carries a state; it records no event id, so it makes
+    no later input a duplicate. Storing it is harmless: the next user turn opens session 1 as
+    for a new conversation (keeping the placeholder's ``created_at``), a replayed command is
+    ``not_open`` again, a second response for it is ``stale``. Like any closed state it is
+    pruned ``ended_retention_s`` after it was stored (:func:`prune_at`).
     """
     return ConversationState(
         conversation_id=conversation_id,
@@ -500,18 +514,56 @@ def summarize(state: ConversationState, reason: str, now: datetime) -> Conversat
 def next_due_at(state: ConversationState, cfg: ConversationConfig) -> datetime | None:
     """When this conversation next needs a timer tick, or None if it never will by itself.
 
-    The pending turn's LLM deadline (``issued_at + llm_deadline_s``), else for an open or
-    active idle session its inactivity timeout (``last_activity_at + inactivity_timeout_s``).
-    A tick at that time makes :func:`reissue_due` or :func:`check_timeout` act.
+    The pending turn's LLM deadline (``issued_at + deadline_s(attempt)``); else for an ended
+    conversation its :func:`prune_at`; else for an idle open, active or handed-off session its
+    inactivity timeout (``last_activity_at + inactivity_timeout_s``). A tick at that time makes
+    :func:`reissue_due` or :func:`check_timeout` act, or the agent prune (:func:`prune_due`).
     """
     pending = state.pending
     if pending is not None:
         if pending.issued_at is None:
             return None
         return pending.issued_at + timedelta(seconds=deadline_s(pending.attempt, cfg))
-    if state.status in ONGOING and not state.queue:
+    if state.status in ENDED:
+        return prune_at(state, cfg)
+    if not state.queue:
         return state.last_activity_at + timedelta(seconds=cfg.inactivity_timeout_s)
     return None
+
+
+def ended_at(state: ConversationState, cfg: ConversationConfig) -> datetime | None:
+    """When the conversation's last session ended; None while it is open, active or handed off.
+
+    A ``closed`` state ended at its ``last_activity_at`` (the close event, or the reply that let
+    a requested close take effect; a placeholder: when it was stored). A ``timed_out`` one ended
+    ``inactivity_timeout_s`` after its ``last_activity_at``, the earliest moment
+    :func:`check_timeout` could end it.
+    """
+    if state.status not in ENDED or not _is_idle(state):
+        return None
+    if state.status == ConversationStatus.TIMED_OUT:
+        return state.last_activity_at + timedelta(seconds=cfg.inactivity_timeout_s)
+    return state.last_activity_at
+
+
+def prune_at(state: ConversationState, cfg: ConversationConfig) -> datetime | None:
+    """When an ended conversation may be forgotten: :func:`ended_at` + ``ended_retention_s``.
+
+    None while the conversation is open, active or handed off (it must end first).
+    """
+    end = ended_at(state, cfg)
+    return None if end is None else end + timedelta(seconds=cfg.ended_retention_s)
+
+
+def prune_due(state: ConversationState, now: datetime, cfg: ConversationConfig) -> bool:
+    """True when ``state`` ended ``ended_retention_s`` or more before ``now``: the agent deletes
+    it from the table (a tombstone in the changelog) instead of storing a transition.
+
+    Within the retention the state still recognises redelivered inputs by id; after it, the
+    conversation id is treated as never seen.
+    """
+    due = prune_at(state, cfg)
+    return due is not None and now >= due
 
 
 def check_timeout(state: ConversationState, now: datetime, cfg: ConversationConfig) -> Transition:

@@ -15,6 +15,10 @@ caught up: read from just after the last changelog record this table wrote or re
 new marker. Usually that is the marker alone; but a worker that missed a round of the group
 (paused longer than the session timeout, say) gets partitions back that another worker owned
 and changed meanwhile, and those changes must not be lost under the stale copy kept here.
+
+A deleted key is written to the changelog as a tombstone (the key with a null value); restoring
+or catching up removes the key when it reads one, and compaction eventually drops the key's
+earlier records and, after ``delete.retention.ms``, the tombstone itself.
 """
 
 from __future__ import annotations
@@ -80,21 +84,28 @@ class ChangelogTable(Generic[V]):
         """The value of ``key`` in ``partition`` (None when absent or not held here)."""
         return self._data.get(partition, {}).get(key)
 
-    def put_many(self, changes: list[tuple[int, bytes, V]]) -> None:
-        """Store ``(partition, key, value)`` changes made by the batch being handled.
+    def put_many(self, changes: list[tuple[int, bytes, V | None]]) -> None:
+        """Store ``(partition, key, value)`` changes made by the batch being handled; a value
+        of None deletes the key (its changelog record is a tombstone: same key, null value).
 
-        The values are visible at once (to the next records and batches); their changelog
+        The changes are visible at once (to the next records and batches); their changelog
         records are sent once every record the batch produced was acknowledged, in batch
         order (``streams.transport.after_acknowledged``): a restored state never accounts
-        for an output that was lost.
+        for an output that was lost, and a deletion is never restored before it is durable.
 
         Raises:
             KeyError: a partition is not held by this worker.
             RuntimeError: called outside a batch being handled by a ``BatchConsumer``.
         """
-        encoded = [(p, key, self.encode(value)) for p, key, value in changes]
+        encoded = [
+            (p, key, None if value is None else self.encode(value)) for p, key, value in changes
+        ]
         for partition, key, value in changes:
-            self._data[partition][key] = value
+            entries = self._data[partition]
+            if value is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
 
         async def write() -> None:
             for partition, key, data in encoded:
@@ -134,6 +145,7 @@ class ChangelogTable(Generic[V]):
         here is caught up from its position (see the module docstring). A marker record is
         produced to each partition first, and reading stops at the marker, so every change
         written before the call is applied, whatever the broker says its end offsets are.
+        A tombstone (null value) removes its key.
 
         Raises:
             TimeoutError: the markers were not reached within ``timeout_s`` seconds.

@@ -4,8 +4,11 @@ Consumes the conversations topic (user turns and lifecycle commands) and the LLM
 topic, both keyed by conversation_id and co-partitioned with the table's changelog. Every
 input goes through one pure function of ``processors.conversation``; the agent stores the new
 state and sends the effects. A timer sends ``timeout`` ticks for conversations whose LLM turn
-is overdue or that are idle, so deadlines and inactivity timeouts survive restarts (the state
-lives in the changelog-backed table, the ticks are ordinary records).
+is overdue, that are idle, or that ended ``ended_retention_s`` ago, so deadlines, inactivity
+timeouts and pruning survive restarts (the state lives in the changelog-backed table, the
+ticks are ordinary records). A tick for a conversation due for pruning deletes its state: it
+leaves the table and a tombstone goes to the changelog, counted in
+``switchboard_dropped_total{stage="conversation",reason="pruned"}``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from processors.conversation import (
     on_close,
     on_llm_response,
     on_user_turn,
+    prune_due,
     reissue_due,
     summarize,
 )
@@ -107,7 +111,8 @@ class Batch:
     records only after every record the batch produced was acknowledged: a worker killed in
     between would otherwise restore a state that says "answered" for a reply that was never
     sent, and drop the replayed response as a duplicate. Replaying the inputs re-creates the
-    same records with the same ids, which the next stages drop.
+    same records with the same ids, which the next stages drop. A state staged as None (pruned)
+    is deleted the same way: its tombstone follows the batch's acknowledgements.
     """
 
     def __init__(self, table: ChangelogTable[ConversationState], index: DueIndex | None = None):
@@ -125,19 +130,18 @@ class Batch:
         return state
 
     def commit(self) -> None:
-        """Store the changed states (the changelog follows the batch's acknowledgements)."""
-        changes = []
+        """Store the changed states and delete the pruned ones (the changelog records and
+        tombstones follow the batch's acknowledgements)."""
+        changes: list[tuple[int, bytes, ConversationState | None]] = []
         for key in self.changed:
             partition, state = self.states[key]
-            if state is None:
-                continue
             changes.append((partition, key, state))
             if self.index is not None:
                 self.index.update(key, state)
         self.table.put_many(changes)
 
-    def stage(self, partition: int, key: bytes, state: ConversationState) -> None:
-        """Record the new state of ``key`` (stored by ``commit``)."""
+    def stage(self, partition: int, key: bytes, state: ConversationState | None) -> None:
+        """Record the new state of ``key``, or None to delete it (applied by ``commit``)."""
         self.states[key] = (partition, state)
         self.changed.add(key)
 
@@ -158,10 +162,14 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         return
     key = conversation_key(record.tenant, record.conversation_id).encode()
     before = batch.get(message.partition, key)
-    transition = apply(rt, before, record, utcnow())
+    now = utcnow()
+    is_tick = isinstance(record, ConversationEvent) and record.kind == ConversationEventKind.TIMEOUT
+    if is_tick and before is not None and prune_due(before, now, rt.config.conversation):
+        _prune(batch, message.partition, key, record.conversation_id)
+        return
+    transition = apply(rt, before, record, now)
     if transition is None:
         return
-    is_tick = isinstance(record, ConversationEvent) and record.kind == ConversationEventKind.TIMEOUT
     if is_tick and not transition.effects and transition.state == before:
         return  # a tick that found nothing due: no changelog write
     for effect in transition.effects:
@@ -191,6 +199,13 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
     batch.stage(message.partition, key, transition.state)
 
 
+def _prune(batch: Batch, partition: int, key: bytes, conversation_id: str) -> None:
+    """Delete the state of a conversation ended longer than ``ended_retention_s`` ago."""
+    batch.stage(partition, key, None)  # a tombstone once the batch's outputs are acknowledged
+    child(DROPPED, STAGE, "pruned").inc()
+    log.debug("pruned conversation %s", conversation_id)
+
+
 class StateEntries(Protocol):
     """Anything listing ``(partition, key, state)`` entries, like ``ChangelogTable``."""
 
@@ -198,7 +213,8 @@ class StateEntries(Protocol):
 
 
 class DueIndex:
-    """When each conversation next needs a timer tick (LLM deadline or inactivity timeout).
+    """When each conversation next needs a timer tick (LLM deadline, inactivity timeout, or
+    pruning of an ended conversation).
 
     Kept up to date from every batch the stage commits, so a timer run looks at a dict instead
     of every stored state. The whole table is rescanned after its partitions changed (states
@@ -212,10 +228,11 @@ class DueIndex:
         self._due: dict[bytes, tuple[datetime, str, str]] = {}
         self._scanned_at: datetime | None = None
 
-    def update(self, key: bytes, state: ConversationState) -> None:
-        """Record the next due time of ``key`` (or forget it when nothing is due)."""
-        due = next_due_at(state, self.cfg)
-        if due is None:
+    def update(self, key: bytes, state: ConversationState | None) -> None:
+        """Record the next due time of ``key`` (or forget it when nothing is due or the state
+        was deleted, ``state`` None)."""
+        due = None if state is None else next_due_at(state, self.cfg)
+        if state is None or due is None:
             self._due.pop(key, None)
         else:
             self._due[key] = (due, state.tenant, state.conversation_id)
@@ -271,7 +288,10 @@ def stage(
         ``timeout`` ticks for conversations that are due, forever.
     """
     cfg = rt.config.conversation
-    interval = max(0.5, min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, 30.0))
+    interval = max(
+        0.5,
+        min(cfg.llm_deadline_s / 4, cfg.inactivity_timeout_s / 4, cfg.ended_retention_s / 4, 30.0),
+    )
     index = DueIndex(cfg, rescan_s=max(10 * interval, 30.0))
     table: ChangelogTable[ConversationState] = ChangelogTable(
         rt.settings,

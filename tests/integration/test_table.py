@@ -111,3 +111,58 @@ def test_partitions_kept_across_a_rebalance_catch_up_with_changes_made_elsewhere
     assert (k, other) == ("from-second", "from-second")
     # the other worker's two changes and the late one, not the whole changelog again
     assert read == 3
+
+
+async def _delete_and_restore(
+    settings: Settings,
+) -> tuple[dict[bytes, str], dict[bytes, str], str | None, int, int]:
+    await create_topics(settings)
+    producer = Producer(settings)
+    await producer.start()
+
+    async def batch(
+        table: ChangelogTable[str], changes: list[tuple[int, bytes, str | None]]
+    ) -> None:
+        with handling(BatchContext()) as ctx:
+            table.put_many(changes)
+        for action in ctx.after:
+            await action()
+        await producer.flush()
+
+    try:
+        writer = _table(settings, producer)
+        await writer.restore({0, 1})
+        await batch(writer, [(k % 2, f"k{k}".encode(), f"v{k}") for k in range(10)])
+        # another worker's copy that holds every key; it catches up after the deletes
+        kept = _table(settings, producer)
+        await kept.restore({0, 1})
+        # a batch deleting 3 keys (tombstones) and changing another, one of them on each side
+        await batch(
+            writer, [(0, b"k0", None), (1, b"k1", None), (0, b"k2", "again"), (1, b"k3", None)]
+        )
+        gone_at_once = writer.get(0, b"k0")
+        fresh = _table(settings, producer)
+        read = await fresh.restore({0, 1})
+        caught_up = await kept.restore({0, 1})
+        return (
+            {key: value for _, key, value in fresh.items()},
+            {key: value for _, key, value in kept.items()},
+            gone_at_once,
+            read,
+            caught_up,
+        )
+    finally:
+        await producer.stop()
+
+
+def test_deleted_keys_are_tombstoned_and_absent_after_restore_and_catch_up(
+    stack: EmbeddedStack,
+) -> None:
+    settings = _fresh_settings(stack)
+    restored, kept, gone_at_once, read, caught_up = asyncio.run(_delete_and_restore(settings))
+    expected = {f"k{k}".encode(): f"v{k}" for k in range(4, 10)} | {b"k2": "again"}
+    assert gone_at_once is None  # the writer's own copy forgets at once
+    assert restored == expected  # a fresh table restored from the changelog
+    assert kept == expected  # a held copy caught up with the tombstones
+    assert read == 10 + 4  # the 3 tombstones are change records, read like the others
+    assert caught_up == 4

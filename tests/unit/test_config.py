@@ -158,3 +158,10 @@ def test_empty_personas_is_rejected() -> None:
     loc, msg = only_error(config_with(personas={}))
     assert loc == "personas"
     assert "at least 1 item" in msg
+
+
+def test_ended_retention_defaults_to_a_day_and_must_be_positive() -> None:
+    assert SwitchboardConfig.model_validate(BASE).conversation.ended_retention_s == 86400.0
+    loc, msg = only_error(config_with(conversation={"ended_retention_s": 0}))
+    assert loc == "conversation.ended_retention_s"
+    assert msg == "Input should be greater than 0"

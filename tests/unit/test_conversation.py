@@ -13,9 +13,12 @@ from hypothesis import strategies as st
 from processors.config import ConversationConfig, PersonaConfig
 from processors.conversation import (
     check_timeout,
+    ended_at,
     on_close,
     on_llm_response,
     on_user_turn,
+    prune_at,
+    prune_due,
     reissue_due,
     summarize,
 )
@@ -41,7 +44,10 @@ from schemas.models import (
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-CFG = ConversationConfig(max_history_turns=4, inactivity_timeout_s=600.0, llm_deadline_s=30.0)
+CFG = ConversationConfig(
+    max_history_turns=4, inactivity_timeout_s=600.0, llm_deadline_s=30.0, ended_retention_s=3600.0
+)
+RETENTION = timedelta(seconds=3600)
 PERSONAS = {
     "concierge": PersonaConfig.model_validate({"name": "Concierge"}),
     "support": PersonaConfig.model_validate({"name": "Support"}),
@@ -414,6 +420,95 @@ def test_replaying_an_input_on_the_same_state_repeats_the_same_effect_ids() -> N
     b = respond(second.state, answer(issued(first)), now=T0 + timedelta(seconds=2))
     assert delivered(a).request.delivery_id == delivered(b).request.delivery_id
     assert issued(a).request_id == issued(b).request_id == "e2:0"
+
+
+# --- retention of ended conversations: when the table may forget a state ----------------------
+
+
+def _closed_at(moment: datetime) -> ConversationState:
+    t = user_turn(None, event("e1"))
+    t = respond(t.state, answer(issued(t)), now=T0 + timedelta(seconds=5))
+    closed = on_close(t.state, event("x1", "bye", kind=ConversationEventKind.CLOSE), moment)
+    assert closed.state.status is ConversationStatus.CLOSED
+    return closed.state
+
+
+def test_closed_conversation_is_pruned_retention_after_its_close() -> None:
+    closed_at = T0 + timedelta(seconds=10)
+    closed = _closed_at(closed_at)
+
+    assert ended_at(closed, CFG) == closed_at
+    assert prune_at(closed, CFG) == closed_at + RETENTION
+    assert not prune_due(closed, closed_at + RETENTION - timedelta(milliseconds=1), CFG)
+    assert prune_due(closed, closed_at + RETENTION, CFG)
+    # until it is pruned, a redelivered turn is still recognised and a late response dropped
+    late = closed_at + RETENTION - timedelta(seconds=1)
+    assert user_turn(closed, event("e1"), now=late).effects == [Dropped("e1", "duplicate")]
+    request = issued(user_turn(None, event("e1")))
+    assert respond(closed, answer(request), late).effects == [Dropped("e1:0", "duplicate")]
+
+
+def test_close_that_waited_for_the_last_reply_counts_retention_from_that_reply() -> None:
+    t = user_turn(None, event("e1"))
+    closing = on_close(t.state, event("x1", kind=ConversationEventKind.CLOSE), T0)
+    replied_at = T0 + timedelta(seconds=20)
+    done = respond(closing.state, answer(issued(t)), now=replied_at)
+    assert done.state.status is ConversationStatus.CLOSED
+    assert prune_at(done.state, CFG) == replied_at + RETENTION
+
+
+def test_timed_out_conversation_is_pruned_retention_after_it_timed_out() -> None:
+    t = user_turn(None, event("e1"))
+    idle = respond(t.state, answer(issued(t)), now=T0)
+    timed_out = check_timeout(idle.state, T0 + timedelta(seconds=650), CFG).state
+    assert timed_out.status is ConversationStatus.TIMED_OUT
+
+    timeout = T0 + timedelta(seconds=600)  # last activity + inactivity_timeout_s
+    assert ended_at(timed_out, CFG) == timeout
+    assert prune_at(timed_out, CFG) == timeout + RETENTION
+    assert not prune_due(timed_out, timeout + RETENTION - timedelta(milliseconds=1), CFG)
+    assert prune_due(timed_out, timeout + RETENTION, CFG)
+
+
+def test_open_active_closing_and_handed_off_conversations_are_never_pruned() -> None:
+    much_later = T0 + timedelta(days=3650)
+    pending = user_turn(None, event("e1"))
+    active = respond(pending.state, answer(issued(pending)))
+    closing = on_close(pending.state, event("x1", kind=ConversationEventKind.CLOSE), T0)
+    handed = on_close(active.state, event("h1", kind=ConversationEventKind.HANDOFF), T0)
+    assert closing.state.closing is ConversationStatus.CLOSED
+    assert handed.state.status is ConversationStatus.HANDOFF
+    for state in (pending.state, active.state, closing.state, handed.state):
+        assert (ended_at(state, CFG), prune_at(state, CFG)) == (None, None)
+        assert not prune_due(state, much_later, CFG)
+
+
+def test_reopened_conversation_is_no_longer_due_for_pruning() -> None:
+    closed = _closed_at(T0 + timedelta(seconds=10))
+    later = T0 + RETENTION  # not yet pruned: the next session continues the conversation
+    reopened = user_turn(closed, event("e2", at=later), now=later)
+    assert reopened.state.sessions == 2
+    assert prune_at(reopened.state, CFG) is None
+    assert not prune_due(reopened.state, later + 2 * RETENTION, CFG)
+
+
+def test_placeholder_of_an_unknown_conversation_is_pruned_like_a_closed_one() -> None:
+    at = T0 + timedelta(seconds=7)
+    close = event("x1", kind=ConversationEventKind.CLOSE)
+    by_close = on_close(None, close, at).state
+    request = issued(user_turn(None, event("e1")))
+    by_response = on_llm_response(None, answer(request), cfg=CFG, now=at).state
+    by_assistant_turn = user_turn(None, event("a1", role=Role.ASSISTANT), now=at).state
+    for placeholder in (by_close, by_response, by_assistant_turn):
+        assert (placeholder.status, placeholder.sessions) == (ConversationStatus.CLOSED, 0)
+        assert prune_at(placeholder, CFG) == at + RETENTION
+        assert prune_due(placeholder, at + RETENTION, CFG)
+    # a placeholder remembers no id: whether it is stored or pruned, inputs behave the same
+    assert on_close(by_close, close, at).effects == on_close(None, close, at).effects
+    after = user_turn(by_close, event("e2"), now=at)
+    fresh = user_turn(None, event("e2"), now=at)
+    assert after.effects == fresh.effects
+    assert (after.state.sessions, after.state.status) == (1, ConversationStatus.OPEN)
 
 
 def test_state_round_trips_through_json() -> None:
