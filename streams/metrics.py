@@ -65,7 +65,8 @@ DEADLETTERS = Counter(
 )
 DROPPED = Counter(
     "switchboard_dropped_total",
-    "Records dropped on purpose (duplicates, stale LLM responses).",
+    "Records dropped on purpose (duplicates, stale LLM responses) and conversations pruned "
+    '(reason "pruned").',
     ["stage", "reason"],
 )
 END_TO_END_LATENCY = Histogram(

@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
 from streams.settings import Settings
+from streams.transport import MAX_REQUEST_SIZE
 
 __all__ = [
     "TABLE_NAMES",
@@ -105,7 +106,11 @@ async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
         for name, partitions in wanted:
             if name in existing:
                 continue
-            configs = {"cleanup.policy": "compact"} if name in changelogs else None
+            # Records up to the producer's limit must fit every topic (Kafka's default
+            # max.message.bytes is ~1 MiB): a dead letter wraps a whole input record.
+            configs = {"max.message.bytes": str(MAX_REQUEST_SIZE)}
+            if name in changelogs:
+                configs["cleanup.policy"] = "compact"
             try:
                 await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
                 created.append(name)

@@ -140,6 +140,11 @@ def key_partition(key: bytes | None, all_partitions: list[int], available: list[
     return all_partitions[_key_hash(key) % len(all_partitions)]
 
 
+MAX_REQUEST_SIZE = 8 * 1024 * 1024
+"""Largest produce request (bytes), hence largest record, the producer sends; topics are created
+with this ``max.message.bytes`` (``streams.topics``)."""
+
+
 class Producer:
     """The worker's one aiokafka producer (acks=all, no idempotence: Tansu rejects
     InitProducerId v0, and duplicates are dropped by id downstream)."""
@@ -150,7 +155,7 @@ class Producer:
             "acks": "all",
             "linger_ms": 10,
             "max_batch_size": 1024 * 1024,
-            "max_request_size": 8 * 1024 * 1024,
+            "max_request_size": MAX_REQUEST_SIZE,
             "request_timeout_ms": 30_000,
             "partitioner": key_partition,
         }
@@ -158,6 +163,8 @@ class Producer:
             options["max_batch_size"] = 1  # one record per batch (ENVIRONMENT.md, ListOffsets)
             options["linger_ms"] = 0
         self._producer = AIOKafkaProducer(**options)
+        self.max_request_size: int = MAX_REQUEST_SIZE
+        """The producer's ``max_request_size`` (bytes): no record may be larger."""
 
     async def start(self) -> None:
         """Connect to the brokers.

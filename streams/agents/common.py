@@ -179,13 +179,10 @@ def max_record_bytes(producer: object) -> int:
     ``max_request_size`` (bytes), which aiokafka compares with
     ``DefaultRecordBatchBuilder.estimate_size_in_bytes`` in ``send()``.
 
-    Read from the producer: a public ``max_request_size`` if it has one, else the wrapped
-    ``AIOKafkaProducer``'s setting; ``AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE`` when neither is
-    there (e.g. a test double).
+    Read from the producer's ``max_request_size`` attribute;
+    ``AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE`` when it has none (e.g. a test double).
     """
     limit = getattr(producer, "max_request_size", None)
-    if not isinstance(limit, int):
-        limit = getattr(getattr(producer, "_producer", None), "_max_request_size", None)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         return limit
     return AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE
