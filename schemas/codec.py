@@ -52,8 +52,14 @@ _JSON_STARTS: Final = frozenset(b'{["-0123456789tfn')
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-UNKNOWN_ID_RETRY_S: Final = 60.0
-"""How long ``Codec.resolve_unknown`` trusts the registry's "unknown id" answer (s)."""
+UNKNOWN_ID_RETRY_S: Final = 10.0
+"""How long ``Codec.resolve_unknown`` trusts the registry's "unknown id" answer (s): long
+enough that a stream of bad records costs one registry call per id every few seconds, short
+enough that an id a lagging registry follower did not know yet is soon asked for again."""
+UNKNOWN_IDS_MAX: Final = 10_000
+"""Most unknown ids remembered at once; beyond, the expired ones are forgotten, then all."""
+_MAX_SCHEMA_ID: Final = 2**31 - 1  # registry ids are Java ints: larger ones are not asked for
+_REGISTRY_ACCESS_ERRORS: Final = frozenset({401, 403, 407, 408, 429})
 
 
 class Codec:
@@ -108,9 +114,9 @@ class Codec:
             The full name of the fetched record schema.
 
         Raises:
-            UnknownSchemaError: The registry does not know the id (404), or its schema is not
-                Avro or not a valid Avro record schema: the record cannot be decoded
-                (dead-letter it). Asking again would get the same answer.
+            UnknownSchemaError: The registry does not know the id (404) or refuses it (another
+                4xx than 401, 403, 407, 408 and 429), or its schema is not Avro or not a valid
+                Avro record schema: the record cannot be decoded (dead-letter it).
             SchemaRegistryError: The registry could not be reached or failed (``retriable``),
                 or refused the call (e.g. 401/403: wrong credentials, not retriable).
             SchemaError: No registry configured.
@@ -124,6 +130,13 @@ class Codec:
                 if exc.status == 404:
                     raise UnknownSchemaError(
                         f"Confluent framing: schema id {schema_id} unknown to the schema registry",
+                        schema_id=schema_id,
+                    ) from exc
+                refused = exc.status is not None and 400 <= exc.status < 500
+                if refused and exc.status not in _REGISTRY_ACCESS_ERRORS:  # e.g. 400, 422
+                    raise UnknownSchemaError(
+                        f"Confluent framing: schema id {schema_id} refused by the schema "
+                        f"registry: {exc.message} (HTTP {exc.status})",
                         schema_id=schema_id,
                     ) from exc
                 if exc.status is None and not exc.retriable:  # answered, but not usable
@@ -149,8 +162,9 @@ class Codec:
         producer during a rolling upgrade. Ids the registry cannot supply are left unknown:
         decoding those records raises :class:`UnknownSchemaError` and the stage dead-letters
         them. An id the registry could not supply is asked for again only after
-        ``UNKNOWN_ID_RETRY_S``, so a stream of such records costs no call per batch. Does
-        nothing without a registry.
+        ``UNKNOWN_ID_RETRY_S``, so a stream of such records costs no call per batch; an id
+        above 2**31 - 1 (registry ids are Java ints) is never asked for. Does nothing
+        without a registry.
 
         Args:
             values: Kafka record values; other framings and tombstones are skipped.
@@ -171,8 +185,12 @@ class Codec:
         }
         missing: set[int] = set()
         now = time.monotonic()
+        if len(self._unknown_until) > UNKNOWN_IDS_MAX:
+            self._unknown_until = {i: t for i, t in self._unknown_until.items() if t > now}
+            if len(self._unknown_until) > UNKNOWN_IDS_MAX:
+                self._unknown_until.clear()
         for schema_id in sorted(wanted - self._by_id.keys()):
-            if self._unknown_until.get(schema_id, 0.0) > now:
+            if schema_id > _MAX_SCHEMA_ID or self._unknown_until.get(schema_id, 0.0) > now:
                 missing.add(schema_id)
                 continue
             try:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
 from streams.settings import Settings
 from streams.transport import MAX_REQUEST_SIZE
@@ -79,11 +79,34 @@ def _check_partitions(described: list[Any], wanted: list[tuple[str, int]]) -> No
         )
 
 
+def _created(response: Any, name: str) -> bool:
+    """Whether a CreateTopics response says ``name`` was created (False: it already existed).
+
+    aiokafka returns the response without raising its per-topic error codes.
+
+    Raises:
+        TopicLayoutError: the broker refused the topic (e.g. a topic policy rejecting its
+            configs), which would otherwise leave it to be auto-created without them.
+    """
+    for entry in getattr(response, "topic_errors", ()):
+        topic, code = entry[0], entry[1]
+        if topic != name or code == 0:
+            continue
+        if code == TopicAlreadyExistsError.errno:
+            return False
+        message = entry[2] if len(entry) > 2 and entry[2] else ""
+        error = for_code(code).__name__
+        raise TopicLayoutError(f"the broker refused to create topic {name}: {error} {message}")
+    return True
+
+
 async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
     """Create every topic that does not exist yet; return the names created.
 
     Raises:
         KafkaConnectionError: the brokers could not be reached within ``timeout_s`` seconds.
+        TopicLayoutError: the broker refused a topic, or an existing topic has too few
+            partitions.
     """
     wanted = [(name, settings.partitions) for name in settings.topics.all()]
     wanted += internal_topics(settings)
@@ -112,10 +135,13 @@ async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[
             if name in changelogs:
                 configs["cleanup.policy"] = "compact"
             try:
-                await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
-                created.append(name)
+                response = await admin.create_topics(
+                    [NewTopic(name, partitions, 1, topic_configs=configs)]
+                )
             except TopicAlreadyExistsError:
-                pass
+                continue
+            if _created(response, name):
+                created.append(name)
         _check_partitions(await admin.describe_topics([n for n, _ in wanted]), wanted)
     finally:
         await admin.close()

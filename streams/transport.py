@@ -262,7 +262,11 @@ async def guard_batch(
             is then given up at once; a try still running gets ``grace_s`` more seconds and is
             then cancelled. Either way nothing of it is committed and the partitions' next
             owner replays it, instead of this member holding the rebalance past its timeout
-            and writing, as a zombie, for partitions another member already handles.
+            and then handling, as a zombie, partitions another member already handles. What
+            the given-up batch already sent (records queued, LLM calls it started, messages
+            delivered) stays sent: the replay repeats it and the next stages drop the
+            duplicates by id — except a delivery whose report was not written, which a
+            replay sends again (at-least-once).
         grace_s: See ``abandon`` (s).
 
     Raises:
@@ -327,6 +331,8 @@ async def _unless_abandoned(
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("a given-up batch ended with %r", task.exception())
             raise BatchAbandoned(f"partitions revoked; the batch ran {grace_s:g} s longer")
     except asyncio.CancelledError:
         task.cancel()
@@ -377,10 +383,12 @@ class BatchConsumer:
             partition numbers of each (co-partitioned inputs, e.g. a stage with a table).
         handler: processes a batch; dead-letters bad records itself. A transient error it
             raises retries the batch, anything else stops the worker (``guard_batch``). It
-            must leave no state changed when it raises.
+            must leave no state changed when it raises or is cancelled (a batch given up
+            when its partitions are revoked).
         on_assigned: awaited when partitions are assigned (a table restores them), before any
-            batch of theirs is handled. Revoked partitions are given up only after every batch
-            in progress finished and was committed.
+            batch of theirs is handled. Revoked partitions are given up only after the batch
+            in progress finished (or was given up: ``guard_batch``'s ``abandon``) and the
+            finished ones were committed.
         prepare: awaited with each batch before ``handler`` and under the same retry rules
             (e.g. ``Codec.resolve_unknown`` fetching writer schemas). Settable after
             construction.
@@ -520,8 +528,10 @@ class BatchConsumer:
             self._outstanding.append(task)
 
     def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
-        """Fetch a given-up batch again: partitions this member keeps must not skip it (their
-        later batches would commit past it); revoked ones are replayed by their next owner."""
+        """Fetch a given-up batch again from its first offsets, so no later batch of a partition
+        this member still holds commits past it. With aiokafka's eager rebalance every
+        partition is revoked and resumes from its committed offset anyway; the seek drops the
+        records buffered for the old assignment."""
         for tp, records in batch.items():
             with contextlib.suppress(IllegalStateError):  # no longer assigned here
                 self.consumer.seek(tp, records[0].offset)

@@ -178,7 +178,6 @@ class ProviderRateLimiter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
-        tokens, self._debt_tokens = tokens + self._debt_tokens, 0
         costs = self._costs(tokens)
         started = self._clock()
         if not costs and self._paused_until <= started:
@@ -189,6 +188,10 @@ class ProviderRateLimiter:
                 if pause > 0:
                     await self._sleep(pause)
                     continue
+                # The debt is read here, under the lock, and cleared only once counted: a
+                # call cancelled while it waits leaves it to the next one.
+                owed = self._debt_tokens
+                costs = self._costs(tokens + owed)
                 wait = await self._window_wait(costs)
                 if wait > 0:
                     await self._sleep(wait)
@@ -198,6 +201,7 @@ class ProviderRateLimiter:
                 # call waits a little and tries again (counting too much, never too little).
                 hits = [await self._strategy.hit(item, cost=cost) for item, cost in costs]
                 if all(hits):
+                    self._debt_tokens -= owed
                     break
                 await self._sleep(_MIN_SLEEP_S)
         waited = self._clock() - started

@@ -9,9 +9,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from processors.tracing import TRACEPARENT, child_traceparent
+from schemas.errors import EncodeError
 from schemas.models import AvroRecord, DeadLetter, Header, utcnow
 from streams.metrics import DEADLETTERS, RECORDS_OUT, STAGE_ERRORS, child
 from streams.runtime import Runtime
@@ -285,27 +287,28 @@ async def dead_letter(
     """Send the consumed record (key, value bytes, headers) to the dead-letter topic, in a
     DeadLetter with stage and reason, keyed by the original key.
 
-    Never a poison pill: a record that cannot be dead-lettered does not stop the worker.
+    Never a poison pill: a record too large to be dead-lettered does not stop the worker.
 
     - Size: a letter larger than the producer's ``max_request_size`` (``max_record_bytes``)
       less ``DEAD_LETTER_HEADROOM_BYTES`` carries only the first bytes of the original value
       that fit; its reason says so and gives the original size (bytes) and SHA-256 (see
       ``_fit``).
-    - Send: a non-transient error raised by encoding or sending is logged at error level with
-      the source topic/partition/offset and counted in ``switchboard_stage_errors_total``
-      (stage ``<stage>.deadletter``), and this returns normally: the batch goes on, and the
-      original stays in its source topic.
+    - Send: a size or encoding error (``_TOO_LARGE``) raised by encoding or sending is logged
+      at error level with the source topic/partition/offset and counted in
+      ``switchboard_stage_errors_total`` (stage ``<stage>.deadletter``), and this returns
+      normally: the batch goes on, and the original stays in its source topic.
     - Acknowledgement: the batch's offsets wait for the letter's acknowledgement as for any
-      record. If the broker refuses it with a non-transient error (e.g. larger than the
-      dead-letter topic's ``max.message.bytes``), a letter without the original key, value
-      and headers is sent instead (its reason gives the refusal and the value's size and
-      SHA-256); if that is refused too, it is logged and counted as above.
+      record. If the broker refuses it as too large (e.g. larger than the dead-letter
+      topic's ``max.message.bytes``), a letter without the original key, value and headers
+      is sent instead (its reason gives the refusal and the value's size and SHA-256); if
+      that is refused too, it is logged and counted as above.
 
     Raises:
-        Exception: a transient error (``is_transient``: Redis, the schema registry, the
-            producer's buffer full for ``request_timeout_ms``), for ``guard_batch`` to retry
-            the batch. A transient failure of the acknowledgement fails the batch's
-            acknowledgements instead (the worker stops without committing, as for any record).
+        Exception: anything else, e.g. a transient error (``is_transient``: the producer's
+            buffer full for ``request_timeout_ms``) for ``guard_batch`` to retry the batch,
+            or an authorization error, which stops the worker without commit. A failed
+            acknowledgement other than a size refusal fails the batch's acknowledgements
+            (the worker stops without committing, as for any record).
     """
     headers: Sequence[tuple[str, bytes | None]] = headers_of(message)
     value = message.value
@@ -331,9 +334,7 @@ async def dead_letter(
         # which contains a refusal by the broker.
         with handling(BatchContext()):
             ack = await _send_encoded(rt, topic, encoded, key=key, headers=trace, stage=stage)
-    except Exception as exc:
-        if is_transient(exc):
-            raise
+    except _TOO_LARGE as exc:
         _not_dead_lettered(message, stage, exc)
         return
     guarded = asyncio.ensure_future(
@@ -363,6 +364,11 @@ async def dead_letter(
     )
 
 
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, EncodeError)
+"""What ``dead_letter`` contains: a letter too large for the producer or the broker, or one
+the codec cannot write. Anything else (an authorization error, a bug) propagates: transient
+errors retry the batch, the rest stop the worker without commit, as for any record."""
+
 _guards: set[asyncio.Future[None]] = set()
 """Acknowledgement guards of dead letters not finished yet (a task needs a reference)."""
 
@@ -386,9 +392,7 @@ async def _contain_refusal(
     try:
         await ack
         return
-    except Exception as exc:
-        if is_transient(exc):
-            raise
+    except _TOO_LARGE as exc:
         refusal = exc
     log.error(
         "the broker refused the dead letter of %s[%s]@%s at %s (%s: %s); sending it without "
@@ -417,9 +421,7 @@ async def _contain_refusal(
                 stage=stage,
             )
         await retry
-    except Exception as exc:
-        if is_transient(exc):
-            raise
+    except _TOO_LARGE as exc:
         _not_dead_lettered(message, stage, exc)
 
 

@@ -14,6 +14,7 @@ leaves the table and a tombstone goes to the changelog, counted in
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
@@ -212,6 +213,12 @@ class StateEntries(Protocol):
     def items(self) -> Iterable[tuple[int, bytes, ConversationState]]: ...
 
 
+TICKS_PER_RUN = 2_000
+"""Most timer ticks one run of the timer sends, so that a backlog (every ended conversation
+due for pruning after an upgrade or a long stop) is spread over several runs instead of
+holding the event loop."""
+
+
 class DueIndex:
     """When each conversation next needs a timer tick (LLM deadline, inactivity timeout, or
     pruning of an ended conversation).
@@ -253,11 +260,22 @@ class DueIndex:
             self.update(key, state)
         self._scanned_at = now
 
-    def take_due(self, now: datetime, retry_s: float) -> list[tuple[bytes, str, str]]:
-        """(key, tenant, conversation_id) of the conversations due at ``now``; each is asked
-        again after ``retry_s`` unless a commit updates it first (the tick's own processing
-        normally does)."""
-        due = [(key, tenant, conv) for key, (at, tenant, conv) in self._due.items() if at <= now]
+    def take_due(
+        self, now: datetime, retry_s: float, limit: int | None = None
+    ) -> list[tuple[bytes, str, str]]:
+        """(key, tenant, conversation_id) of at most ``limit`` conversations due at ``now``;
+        each is asked again after ``retry_s`` unless a commit updates it first (the tick's own
+        processing normally does). Over ``limit``, the most recently due go first (a
+        re-issue or an inactivity timeout before a backlog of prunes); the others stay due
+        for the next call."""
+        if limit is not None and len(self._due) > limit:
+            latest = heapq.nlargest(
+                limit,
+                ((at, key) for key, (at, _, _) in self._due.items() if at <= now),
+            )
+            due = [(key, *self._due[key][1:]) for _, key in latest]
+        else:
+            due = [(k, tenant, conv) for k, (at, tenant, conv) in self._due.items() if at <= now]
         later = now + timedelta(seconds=retry_s)
         for key, tenant, conv in due:
             self._due[key] = (later, tenant, conv)
@@ -325,7 +343,9 @@ def stage(
             await asyncio.sleep(interval)
             now = utcnow()
             index.rescan(table, now)
-            for key, tenant, conversation_id in index.take_due(now, retry_s=interval):
+            due = index.take_due(now, retry_s=interval, limit=TICKS_PER_RUN)
+            for number, (key, tenant, conversation_id) in enumerate(due):
+                await cooperate(number)
                 tick = ConversationEvent(
                     event_id=f"tick:{uuid.uuid4()}",
                     conversation_id=conversation_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -31,3 +32,17 @@ def test_topics_are_created_once_and_a_partition_mismatch_is_refused(
     wider = settings.model_copy(update={"partitions": 6})
     with pytest.raises(TopicLayoutError, match=rf"{prefix}\.inbound has 3 partitions, expected 6"):
         asyncio.run(create_topics(wider))
+
+
+class _Response:
+    def __init__(self, *topic_errors: tuple[Any, ...]) -> None:
+        self.topic_errors = list(topic_errors)
+
+
+def test_a_topic_the_broker_refuses_is_an_error_and_one_that_exists_is_not_created() -> None:
+    from streams.topics import _created
+
+    assert _created(_Response(("t", 0, None)), "t") is True
+    assert _created(_Response(("t", 36, "exists")), "t") is False
+    with pytest.raises(TopicLayoutError, match=r"PolicyViolationError max\.message\.bytes too big"):
+        _created(_Response(("t", 44, "max.message.bytes too big")), "t")

@@ -19,6 +19,7 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    RecordListTooLargeError,
     TopicAuthorizationFailedError,
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -199,17 +200,23 @@ async def test_when_even_an_empty_value_does_not_fit_the_letter_keeps_only_where
     assert (letter.source_topic, letter.source_offset) == ("t.inbound", 41)
 
 
-async def test_a_permanent_send_error_is_logged_counted_and_does_not_raise(
+async def test_a_send_refused_as_too_large_is_logged_counted_and_does_not_raise(
     rt: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _producer(rt).raises.append(TopicAuthorizationFailedError("not allowed"))
-    before = _errors("test.decode.deadletter", "TopicAuthorizationFailedError")
+    _producer(rt).raises.append(MessageSizeTooLargeError("larger than max_request_size"))
+    before = _errors("test.decode.deadletter", "MessageSizeTooLargeError")
     with caplog.at_level(logging.ERROR, logger="streams.agents.common"):
         ctx = await _dead_letter_in_batch(rt, _record(b"\x7fbad"))
     assert ctx.acks == []
-    assert _errors("test.decode.deadletter", "TopicAuthorizationFailedError") == before + 1
+    assert _errors("test.decode.deadletter", "MessageSizeTooLargeError") == before + 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any("t.inbound[2]@41" in r.getMessage() for r in errors), caplog.text
+
+
+async def test_an_authorization_error_is_not_swallowed_but_stops_the_batch(rt: Runtime) -> None:
+    _producer(rt).raises.append(TopicAuthorizationFailedError("not allowed"))
+    with pytest.raises(TopicAuthorizationFailedError):
+        await _dead_letter_in_batch(rt, _record(b"\x7fbad"))
 
 
 async def test_a_transient_send_error_propagates_for_the_batch_to_be_retried(
@@ -242,13 +249,13 @@ async def test_a_letter_refused_twice_is_logged_and_the_batch_goes_on(
     rt: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
     _producer(rt).refusals.extend(
-        [TopicAuthorizationFailedError("no"), TopicAuthorizationFailedError("still no")]
+        [MessageSizeTooLargeError("too large"), RecordListTooLargeError("still too large")]
     )
-    before = _errors("test.decode.deadletter", "TopicAuthorizationFailedError")
+    before = _errors("test.decode.deadletter", "RecordListTooLargeError")
     with caplog.at_level(logging.ERROR, logger="streams.agents.common"):
         await _dead_letter_in_batch(rt, _record(b"\x7fbad"))
     assert len(_producer(rt).sent) == 2
-    assert _errors("test.decode.deadletter", "TopicAuthorizationFailedError") == before + 1
+    assert _errors("test.decode.deadletter", "RecordListTooLargeError") == before + 1
     assert "could not dead-letter t.inbound[2]@41" in caplog.text
 
 

@@ -104,6 +104,25 @@ def test_index_returns_due_keys_once_per_retry_window_and_follows_updates() -> N
     assert index.take_due(T0 + timedelta(seconds=700), retry_s=5) == [(b"b", "t", "b")]
 
 
+def test_over_the_limit_the_most_recently_due_go_first_and_the_rest_wait() -> None:
+    index = DueIndex(CFG, rescan_s=3600)
+    long_ago = T0 - timedelta(days=2)
+    closed = _state("old", pending=False).model_copy(
+        update={"status": "closed", "last_activity_at": long_ago}
+    )
+    for n in range(3):  # a backlog of prunes, due for two days
+        index.update(f"old{n}".encode(), closed.model_copy(update={"conversation_id": f"o{n}"}))
+    index.update(b"new", _state("new", pending=True))
+    reissue_at = T0 + timedelta(seconds=61)  # the pending turn's LLM deadline just passed
+
+    first = index.take_due(reissue_at, retry_s=600, limit=2)
+    assert first[0] == (b"new", "t", "new")
+    assert len(first) == 2
+    rest = index.take_due(reissue_at, retry_s=600, limit=2)
+    assert len(rest) == 2
+    assert {k for k, _, _ in first + rest} == {b"new", b"old0", b"old1", b"old2"}
+
+
 class _Entries:
     def __init__(self) -> None:
         self.entries: list[tuple[int, bytes, ConversationState]] = []

@@ -32,6 +32,8 @@ class FakeRegistry:
     schema_types: dict[int, str] = field(default_factory=dict)
     """Schema id → ``schemaType`` answered (Avro, the default, is left out as the registry does)."""
     fetched: list[int] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    """Schema id → error status answered for it (e.g. 422, 401)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -64,6 +66,9 @@ class FakeRegistry:
     async def get_schema(self, request: web.Request) -> web.Response:
         schema_id = int(request.match_info["schema_id"])
         self.fetched.append(schema_id)
+        if schema_id in self.statuses:
+            status = self.statuses[schema_id]
+            return self.error(status, status * 100 + 1, "refused")
         if schema_id not in self.schemas:
             return self.error(404, 40403, "Schema not found")
         body = {"schema": self.schemas[schema_id]}
@@ -295,3 +300,31 @@ async def test_resolve_unknown_fetches_each_missing_id_once_and_remembers_the_un
 async def test_resolve_unknown_without_a_registry_does_nothing() -> None:
     lost = b"\x00" + (9).to_bytes(4, "big") + b"\x02"
     assert await Codec().resolve_unknown([lost]) == set()
+
+
+async def test_an_id_the_registry_refuses_is_unknown_but_an_access_error_is_not(
+    server: tuple[FakeRegistry, str],
+) -> None:
+    fake, url = server
+    fake.statuses.update({600: 422, 601: 401})
+    codec = Codec(SchemaRegistryClient(url, timeout_s=5))
+    try:
+        with pytest.raises(UnknownSchemaError, match="refused by the schema registry"):
+            await codec.resolve(600)
+        with pytest.raises(SchemaRegistryError) as info:  # wrong credentials: stop, loudly
+            await codec.resolve(601)
+        assert not isinstance(info.value, UnknownSchemaError)
+        assert (info.value.status, info.value.retriable) == (401, False)
+    finally:
+        await codec.aclose()
+
+
+async def test_an_id_beyond_a_java_int_is_never_asked_for(server: tuple[FakeRegistry, str]) -> None:
+    fake, url = server
+    garbage = b"\x00\xff\xff\xff\xff" + b"\x02"
+    codec = Codec(SchemaRegistryClient(url, timeout_s=5))
+    try:
+        assert await codec.resolve_unknown([garbage]) == {2**32 - 1}
+        assert fake.fetched == []
+    finally:
+        await codec.aclose()
