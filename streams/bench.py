@@ -8,6 +8,7 @@ same run, so the figure holds on a noisy machine where absolute times do not.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -69,6 +70,21 @@ def _order_violations(result: ReplayResult, outbox: Path) -> int:
     return sum(1 for conv, ids in published.items() if delivered.get(conv) != ids)
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used, from ``/proc/<pid>/stat``
+    (fields 14 and 15, in clock ticks; proc(5)); None where there is no such file."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _workers_cpu_s(stack: EmbeddedStack) -> float | None:
+    used = [process_cpu_s(w.process.pid) for w in stack.worker_procs]
+    return None if not used or None in used else sum(u for u in used if u is not None)
+
+
 def _run(
     lines: list[dict[str, Any]],
     *,
@@ -87,6 +103,7 @@ def _run(
     )
     with stack:
         stack.wait_ready()
+        cpu_before = _workers_cpu_s(stack)
         result = asyncio.run(
             replay(
                 stack.settings(),
@@ -95,7 +112,12 @@ def _run(
                 on_progress=lambda *_: stack.check_workers(),
             )
         )
+        cpu_after = _workers_cpu_s(stack)
     summary = result.summary()
+    turns = summary["records_in"]
+    cpu_per_turn = None
+    if cpu_before is not None and cpu_after is not None and turns:
+        cpu_per_turn = round((cpu_after - cpu_before) * 1e6 / turns, 1)
     latencies = sorted(o.report.latency_ms for o in result.outcomes.values() if o.report)
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0
     return {
@@ -105,6 +127,7 @@ def _run(
         "p50_ms": summary["latency_p50_ms"],
         "p99_ms": round(p99, 1),
         "order_violations": _order_violations(result, directory / "outbox.jsonl"),
+        "worker_cpu_us_per_turn": cpu_per_turn,
     }
 
 

@@ -29,3 +29,20 @@ def test_hops_chain_like_the_pipeline_stages() -> None:
         Codec().decode(data, ConversationEvent).event_id
         == Codec().decode(value, ConversationEvent).event_id
     )
+
+
+def test_process_cpu_s_counts_this_process_cpu_and_none_for_no_process() -> None:
+    import os
+    import time
+
+    from streams.bench import process_cpu_s
+
+    before = process_cpu_s(os.getpid())
+    assert before is not None
+    spin_until = time.process_time() + 0.2
+    while time.process_time() < spin_until:
+        pass
+    after = process_cpu_s(os.getpid())
+    assert after is not None
+    assert 0.1 <= after - before < 5.0
+    assert process_cpu_s(2**22 + 12345) is None  # above pid_max: no such process
