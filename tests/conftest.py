@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from support.stacks import new_stack
 
+from streams.embedded import ManagedProcess, start_redis
 from streams.stack import EmbeddedStack, config_variant
 
 
@@ -66,3 +67,13 @@ def stack(
             text = log.read_text(errors="replace")
             if "Traceback" in text:
                 print(f"--- {log} (has tracebacks) ---\n{text[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[ManagedProcess]:
+    """A real redis-server of the module's own, on a free loopback port."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,7 +7,7 @@ import asyncio
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from processors.ids import new_message_id
 from schemas.models import Channel, DeliveryReport, DeliveryRequest, utcnow
 from streams.agents.common import UnmarkedKeys
 from streams.agents.delivery import UNMARKED_MAX, handle_batch
-from streams.embedded import ManagedProcess, start_redis
+from streams.embedded import ManagedProcess
 from streams.replay import replay
 from streams.runtime import Runtime
 from streams.settings import Settings, load_config
@@ -159,15 +159,6 @@ async def _acknowledged(ctx: BatchContext) -> None:
         await ack
     for action in ctx.after:
         await action()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[ManagedProcess]:
-    server = start_redis()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

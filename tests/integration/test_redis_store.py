@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
@@ -16,18 +16,9 @@ from connectors.redis_store import (
     connect_redis,
     redact_url,
 )
-from streams.embedded import ManagedProcess, find_free_port, start_redis
+from streams.embedded import ManagedProcess, find_free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[ManagedProcess]:
-    server = start_redis()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
