@@ -34,7 +34,6 @@ __all__ = [
     "dead_letter",
     "headers_of",
     "internal_error",
-    "max_record_bytes",
     "parse_each",
     "remember_after_ack",
     "send_record",
@@ -164,30 +163,12 @@ async def parse_each(
     return parsed
 
 
-AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE = 1024 * 1024
-"""aiokafka's default ``max_request_size`` (bytes): the limit assumed when the producer does
-not say which one it was built with."""
-
 DEAD_LETTER_HEADROOM_BYTES = 1024
 """Bytes a dead letter keeps free below the producer's ``max_request_size``, on top of the
 record and batch overhead and headers that aiokafka's own size estimate counts."""
 
 _MINIMAL_REASON_CHARS = 2000
 """Longest reason (characters) kept in a dead letter stripped of the original record."""
-
-
-def max_record_bytes(producer: object) -> int:
-    """The largest record ``producer`` (a ``streams.transport.Producer``) accepts: its
-    ``max_request_size`` (bytes), which aiokafka compares with
-    ``DefaultRecordBatchBuilder.estimate_size_in_bytes`` in ``send()``.
-
-    Read from the producer's ``max_request_size`` attribute;
-    ``AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE`` when it has none (e.g. a test double).
-    """
-    limit = getattr(producer, "max_request_size", None)
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-        return limit
-    return AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE
 
 
 def _record_bytes(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
@@ -234,7 +215,7 @@ def _fit(
     Raises:
         EncodeError, SchemaError: the codec could not encode the letter.
     """
-    limit = max_record_bytes(rt.producer)
+    limit = rt.producer.max_request_size
     budget = limit - DEAD_LETTER_HEADROOM_BYTES
     encoded = rt.codec.encode(letter)
     if _record_bytes(key, encoded, headers) <= budget:
@@ -289,10 +270,9 @@ async def dead_letter(
 
     Never a poison pill: a record too large to be dead-lettered does not stop the worker.
 
-    - Size: a letter larger than the producer's ``max_request_size`` (``max_record_bytes``)
-      less ``DEAD_LETTER_HEADROOM_BYTES`` carries only the first bytes of the original value
-      that fit; its reason says so and gives the original size (bytes) and SHA-256 (see
-      ``_fit``).
+    - Size: a letter larger than the producer's ``max_request_size`` less
+      ``DEAD_LETTER_HEADROOM_BYTES`` carries only the first bytes of the original value that
+      fit; its reason says so and gives the original size (bytes) and SHA-256 (see ``_fit``).
     - Send: a size or encoding error (``_TOO_LARGE``) raised by encoding or sending is logged
       at error level with the source topic/partition/offset and counted in
       ``switchboard_stage_errors_total`` (stage ``<stage>.deadletter``), and this returns

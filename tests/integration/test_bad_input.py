@@ -18,7 +18,6 @@ from support.stacks import new_stack
 from processors.ids import new_message_id
 from schemas.codec import Codec
 from schemas.models import DeadLetter, DeliveryReport, InboundMessage, utcnow
-from streams.agents.common import max_record_bytes
 from streams.replay import assign_from_end
 from streams.stack import EmbeddedStack
 from streams.transport import Producer as WorkerProducer
@@ -160,7 +159,7 @@ async def test_record_whose_dead_letter_exceeds_the_producer_limit_is_cut_and_th
     settings = own_stack.settings()
     codec = Codec()
     producer = WorkerProducer(settings)  # what the worker's producer is built with
-    limit = max_record_bytes(producer)
+    limit = producer.max_request_size
     await producer.stop()
     # Undecodable, and just under the limit itself: its letter (the value plus the letter's
     # fields and the record overhead) is over it.

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaTimeoutError
+from support.producer import RecordingProducer
 
 from connectors.delivery.base import DeliveryConnector, SendResult
 from connectors.delivery.registry import register_connector, unregister_connector
@@ -34,7 +35,6 @@ from streams.transport import (
     BatchContext,
     guard_batch,
     handling,
-    track_acknowledgement,
 )
 from streams.worker import topic_names
 
@@ -72,32 +72,6 @@ class Counting(DeliveryConnector):
     async def send(self, request: DeliveryRequest) -> SendResult:
         self.sends[request.delivery_id] += 1
         return SendResult(provider_message_id=f"ok:{request.delivery_id}")
-
-
-class RecordingProducer:
-    """Takes every record at once (a done delivery future, counted in the current batch like
-    ``streams.transport.Producer.send`` does); ``raises`` errors ``send()`` raises in turn."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-        self.raises: list[Exception] = []
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes | None = None,
-        partition: int | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]:
-        if self.raises:
-            raise self.raises.pop(0)
-        self.sent.append((topic, value))
-        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        ack.set_result(None)
-        track_acknowledgement(ack)
-        return ack
 
 
 @dataclass
@@ -147,9 +121,9 @@ class Stage:
 
     def reports(self) -> list[DeliveryReport]:
         return [
-            self.rt.codec.decode(value, DeliveryReport)
-            for topic, value in self.producer.sent
-            if topic == self.topics["delivery_reports"]
+            self.rt.codec.decode(sent.value, DeliveryReport)
+            for sent in self.producer.sent
+            if sent.topic == self.topics["delivery_reports"]
         ]
 
 

@@ -7,10 +7,8 @@ fail a send or its acknowledgement; the real Codec encodes and decodes the lette
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,81 +20,32 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
 )
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import REGISTRY
+from support.producer import RecordingProducer
 
 from schemas.models import DeadLetter
 from streams.agents.common import (
-    AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE,
     DEAD_LETTER_HEADROOM_BYTES,
     dead_letter,
-    max_record_bytes,
 )
 from streams.runtime import Runtime
 from streams.settings import Settings, default_config_path, load_config
-from streams.transport import BatchContext, Producer, handling, track_acknowledgement
+from streams.transport import BatchContext, Producer, handling
 
 LIMIT = 64 * 1024
 TOPIC = "t.deadletter"
 
 
-@dataclass
-class Sent:
-    topic: str
-    value: bytes
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    size: int
-
-
-@dataclass
-class FakeProducer:
-    """Takes records like aiokafka: ``MessageSizeTooLargeError`` from ``send()`` above
-    ``max_request_size``. ``raises``: errors ``send()`` raises in turn before taking a record;
-    ``refusals``: errors the acknowledgements of the records taken fail with in turn (None
-    for an acknowledged record)."""
-
-    max_request_size: int = LIMIT
-    raises: list[Exception] = field(default_factory=list)
-    refusals: list[Exception | None] = field(default_factory=list)
-    sent: list[Sent] = field(default_factory=list)
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes | None = None,
-        partition: int | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]:
-        headers = list(headers or ())
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
-        if self.raises:
-            raise self.raises.pop(0)
-        if size > self.max_request_size:
-            raise MessageSizeTooLargeError(f"{size} bytes > {self.max_request_size}")
-        self.sent.append(Sent(topic, value, key, headers, size))
-        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        refusal = self.refusals.pop(0) if self.refusals else None
-        if refusal is None:
-            ack.set_result(None)
-        else:
-            ack.set_exception(refusal)
-        track_acknowledgement(ack)
-        return ack
-
-
 @pytest.fixture
 def rt(tmp_path: Path) -> Runtime:
     runtime = Runtime(Settings(data_dir=tmp_path), load_config(default_config_path()))
-    runtime.kafka = FakeProducer()  # type: ignore[assignment]
+    runtime.kafka = RecordingProducer(max_request_size=LIMIT)  # type: ignore[assignment]
     return runtime
 
 
-def _producer(rt: Runtime) -> FakeProducer:
+def _producer(rt: Runtime) -> RecordingProducer:
     fake = rt.kafka
-    assert isinstance(fake, FakeProducer)
+    assert isinstance(fake, RecordingProducer)
     return fake
 
 
@@ -266,11 +215,10 @@ async def test_a_transient_acknowledgement_failure_fails_the_batch(rt: Runtime) 
     assert len(_producer(rt).sent) == 1  # not sent again: the worker replays the batch
 
 
-async def test_the_limit_is_read_from_the_worker_producer() -> None:
+async def test_the_worker_producer_states_the_limit_aiokafka_enforces() -> None:
     producer = Producer(Settings(kafka_brokers="127.0.0.1:9"))
     try:
-        assert max_record_bytes(producer) == 8 * 1024 * 1024  # streams.transport's setting
+        assert producer.max_request_size == 8 * 1024 * 1024
+        assert producer._producer._max_request_size == producer.max_request_size
     finally:
         await producer.stop()
-    assert max_record_bytes(FakeProducer(max_request_size=1234)) == 1234
-    assert max_record_bytes(object()) == AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE

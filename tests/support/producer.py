@@ -1,0 +1,60 @@
+"""A producer double for stage tests: takes records like ``streams.transport.Producer``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from streams.transport import MAX_REQUEST_SIZE, track_acknowledgement
+
+
+@dataclass
+class Sent:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    size: int
+
+
+@dataclass
+class RecordingProducer:
+    """Takes records like aiokafka's ``send()``: ``MessageSizeTooLargeError`` above
+    ``max_request_size`` (``DefaultRecordBatchBuilder.estimate_size_in_bytes``), else a
+    delivery future counted in the batch being handled. ``raises``: errors ``send()`` raises
+    in turn before taking a record; ``refusals``: errors the acknowledgements of the records
+    taken fail with in turn (None for an acknowledged record)."""
+
+    max_request_size: int = MAX_REQUEST_SIZE
+    raises: list[Exception] = field(default_factory=list)
+    refusals: list[Exception | None] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        headers = list(headers or ())
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        if self.raises:
+            raise self.raises.pop(0)
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(f"{size} bytes > {self.max_request_size}")
+        self.sent.append(Sent(topic, value, key, headers, size))
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refusal = self.refusals.pop(0) if self.refusals else None
+        if refusal is None:
+            ack.set_result(None)
+        else:
+            ack.set_exception(refusal)
+        track_acknowledgement(ack)
+        return ack
