@@ -615,7 +615,6 @@ class BatchConsumer:
         self._revoking.set()  # a batch stuck retrying or waiting is given up
         try:
             async with self.lock:  # the batch being handled finishes first
-                self._revoking.clear()
                 await self._finish_outstanding()
                 await self._commit()
                 self.assigned -= revoked
