@@ -62,6 +62,15 @@ _MAX_SCHEMA_ID: Final = 2**31 - 1  # registry ids are Java ints: larger ones are
 _REGISTRY_ACCESS_ERRORS: Final = frozenset({401, 403, 407, 408, 429})
 
 
+def _answered_for_good(exc: SchemaRegistryError) -> bool:
+    """Whether asking the registry again for the schema would get the same answer: a 4xx other
+    than an access error (404 unknown id, 400, 422), or a schema that is not usable (not
+    Avro, not a JSON object). Access errors (401, 403, 407), timeouts, 429 and 5xx are not."""
+    if exc.status is None:
+        return not exc.retriable
+    return 400 <= exc.status < 500 and exc.status not in _REGISTRY_ACCESS_ERRORS
+
+
 class Codec:
     """Encodes and decodes the record models with their bundled Avro schemas.
 
@@ -127,24 +136,17 @@ class Codec:
             try:
                 schema = await self._registry.get_schema(schema_id)
             except SchemaRegistryError as exc:
-                if exc.status == 404:
-                    raise UnknownSchemaError(
-                        f"Confluent framing: schema id {schema_id} unknown to the schema registry",
-                        schema_id=schema_id,
-                    ) from exc
-                refused = exc.status is not None and 400 <= exc.status < 500
-                if refused and exc.status not in _REGISTRY_ACCESS_ERRORS:  # e.g. 400, 422
-                    raise UnknownSchemaError(
-                        f"Confluent framing: schema id {schema_id} refused by the schema "
-                        f"registry: {exc.message} (HTTP {exc.status})",
-                        schema_id=schema_id,
-                    ) from exc
-                if exc.status is None and not exc.retriable:  # answered, but not usable
-                    raise UnknownSchemaError(
-                        f"Confluent framing: schema id {schema_id} is unusable: {exc.message}",
-                        schema_id=schema_id,
-                    ) from exc
-                raise
+                if not _answered_for_good(exc):
+                    raise
+                what = (
+                    "unknown to the schema registry"
+                    if exc.status == 404
+                    else f"not usable: {exc.message}"
+                    + (f" (HTTP {exc.status})" if exc.status is not None else "")
+                )
+                raise UnknownSchemaError(
+                    f"Confluent framing: schema id {schema_id} {what}", schema_id=schema_id
+                ) from exc
             try:
                 self._by_id[schema_id] = self.add_writer_schema(schema)
             except SchemaError as exc:

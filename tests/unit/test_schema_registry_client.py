@@ -309,7 +309,8 @@ async def test_an_id_the_registry_refuses_is_unknown_but_an_access_error_is_not(
     fake.statuses.update({600: 422, 601: 401})
     codec = Codec(SchemaRegistryClient(url, timeout_s=5))
     try:
-        with pytest.raises(UnknownSchemaError, match="refused by the schema registry"):
+        refused = r"schema id 600 not usable: GET /schemas/ids/600: refused \(HTTP 422\)"
+        with pytest.raises(UnknownSchemaError, match=refused):
             await codec.resolve(600)
         with pytest.raises(SchemaRegistryError) as info:  # wrong credentials: stop, loudly
             await codec.resolve(601)
