@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -456,9 +457,8 @@ class UnmarkedKeys:
             self._keys.pop(key, None)
             self._keys[key] = None
         excess = len(self._keys) - self.max_keys
-        if excess > 0:
-            for key in list(self._keys)[:excess]:
-                del self._keys[key]
+        for key in list(itertools.islice(self._keys, max(0, excess))):
+            del self._keys[key]
 
     def discard(self, keys: Iterable[str]) -> None:
         """Forget ``keys`` (absent ones are ignored)."""
