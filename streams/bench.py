@@ -81,8 +81,13 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def _workers_cpu_s(stack: EmbeddedStack) -> float | None:
-    used = [process_cpu_s(w.process.pid) for w in stack.worker_procs]
-    return None if not used or None in used else sum(u for u in used if u is not None)
+    total = 0.0
+    for worker in stack.worker_procs:
+        used = process_cpu_s(worker.process.pid)
+        if used is None:
+            return None
+        total += used
+    return total if stack.worker_procs else None
 
 
 def _run(
