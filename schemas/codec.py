@@ -89,8 +89,9 @@ class Codec:
         self._parsed = {n: bundled.parsed_schema(n) for n in names}
         self._by_fingerprint = {bundled.fingerprint(n): self._parsed[n] for n in names}
         self._by_id: dict[int, dict[str, Any]] = {}
-        self._unknown_until: dict[int, float] = {}
-        """Schema id → monotonic time (s) before which ``resolve_unknown`` won't ask again."""
+        self._unknown: dict[int, tuple[float, str]] = {}
+        """Schema id → (monotonic time (s) before which ``resolve_unknown`` won't ask again,
+        the registry's answer), for the decode error of records written with it."""
         self._headers: dict[str, bytes] = {}
         if registry is None:
             self._headers = {n: SINGLE_OBJECT_MAGIC + bundled.fingerprint(n) for n in names}
@@ -187,12 +188,15 @@ class Codec:
         }
         missing: set[int] = set()
         now = time.monotonic()
-        if len(self._unknown_until) > UNKNOWN_IDS_MAX:
-            self._unknown_until = {i: t for i, t in self._unknown_until.items() if t > now}
-            if len(self._unknown_until) > UNKNOWN_IDS_MAX:
-                self._unknown_until.clear()
+        if len(self._unknown) > UNKNOWN_IDS_MAX:
+            self._unknown = {i: u for i, u in self._unknown.items() if u[0] > now}
+            if len(self._unknown) > UNKNOWN_IDS_MAX:
+                self._unknown.clear()
         for schema_id in sorted(wanted - self._by_id.keys()):
-            if schema_id > _MAX_SCHEMA_ID or self._unknown_until.get(schema_id, 0.0) > now:
+            if schema_id > _MAX_SCHEMA_ID:
+                missing.add(schema_id)
+                continue
+            if schema_id in self._unknown and self._unknown[schema_id][0] > now:
                 missing.add(schema_id)
                 continue
             try:
@@ -200,7 +204,7 @@ class Codec:
             except UnknownSchemaError as exc:
                 logger.warning("%s; records written with it are dead-lettered", exc.reason)
                 missing.add(schema_id)
-                self._unknown_until[schema_id] = now + UNKNOWN_ID_RETRY_S
+                self._unknown[schema_id] = (now + UNKNOWN_ID_RETRY_S, exc.reason)
         return missing
 
     def add_writer_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
@@ -342,6 +346,15 @@ class Codec:
             schema_id = int.from_bytes(data[1:5], "big")
             writer = self._by_id.get(schema_id)
             if writer is None:
+                known = self._unknown.get(schema_id)
+                if known is not None:  # the registry was asked: say what it answered
+                    raise UnknownSchemaError(known[1], schema_id=schema_id)
+                if schema_id > _MAX_SCHEMA_ID:
+                    raise UnknownSchemaError(
+                        f"Confluent framing: schema id {schema_id} is beyond the registry's "
+                        f"id range (at most {_MAX_SCHEMA_ID})",
+                        schema_id=schema_id,
+                    )
                 raise UnknownSchemaError(
                     f"Confluent framing: unknown schema id {schema_id}", schema_id=schema_id
                 )

@@ -83,6 +83,8 @@ class EmbeddedStack:
         app_id: app id (consumer groups ``<app_id>.<stage>``, changelog prefix).
         config: YAML config for the workers (None = bundled default).
         extra_env: More environment for the workers.
+        schema_registry_url: A Confluent-compatible Schema Registry for the workers and the
+            stack's clients (None = Avro single-object encoding, no registry).
     """
 
     workers: int = 1
@@ -94,6 +96,7 @@ class EmbeddedStack:
     broker_port: int | None = None
     redis_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    schema_registry_url: str | None = None
     broker: ManagedProcess | None = None
     redis: ManagedProcess | None = None
     worker_procs: list[StackWorker] = field(default_factory=list)
@@ -118,6 +121,7 @@ class EmbeddedStack:
             session_timeout_s=6.0,
             fetch_max_wait_ms=50,
             metrics_port=0,
+            schema_registry_url=self.schema_registry_url,
         )
 
     def worker_env(self, index: int) -> dict[str, str]:

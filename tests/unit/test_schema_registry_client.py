@@ -6,13 +6,13 @@ import io
 import json
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
 from fastavro import parse_schema, schemaless_writer
+from support.schema_registry import LoopbackRegistry
 
 from schemas import registry
 from schemas.codec import Codec
@@ -21,65 +21,9 @@ from schemas.models import InboundMessage
 from schemas.schema_registry_client import CONTENT_TYPE, SchemaRegistryClient
 
 
-@dataclass
-class FakeRegistry:
-    """The two Confluent endpoints, with the registry's error bodies; checks the content type."""
-
-    ids: dict[str, int] = field(default_factory=dict)
-    schemas: dict[int, str] = field(default_factory=dict)
-    subjects: dict[str, list[int]] = field(default_factory=dict)
-    content_types: list[str] = field(default_factory=list)
-    schema_types: dict[int, str] = field(default_factory=dict)
-    """Schema id → ``schemaType`` answered (Avro, the default, is left out as the registry does)."""
-    fetched: list[int] = field(default_factory=list)
-    statuses: dict[int, int] = field(default_factory=dict)
-    """Schema id → error status answered for it (e.g. 422, 401)."""
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/subjects/{subject}/versions", self.register)
-        app.router.add_get("/schemas/ids/{schema_id}", self.get_schema)
-        return app
-
-    @staticmethod
-    def error(status: int, code: int, message: str) -> web.Response:
-        body = {"error_code": code, "message": message}
-        return web.json_response(body, status=status, content_type=CONTENT_TYPE)
-
-    async def register(self, request: web.Request) -> web.Response:
-        self.content_types.append(request.headers.get("Content-Type", ""))
-        if request.content_type != CONTENT_TYPE:
-            return self.error(415, 415, f"unsupported content type {request.content_type}")
-        subject = request.match_info["subject"]
-        if subject == "boom":
-            return self.error(500, 50001, "Error in the backend datastore")
-        schema = (await request.json())["schema"]
-        try:
-            key = json.dumps(json.loads(schema), sort_keys=True)
-        except ValueError:
-            return self.error(422, 42201, "Invalid schema")
-        schema_id = self.ids.setdefault(key, 100 + len(self.ids))
-        self.schemas[schema_id] = schema
-        self.subjects.setdefault(subject, []).append(schema_id)
-        return web.json_response({"id": schema_id}, content_type=CONTENT_TYPE)
-
-    async def get_schema(self, request: web.Request) -> web.Response:
-        schema_id = int(request.match_info["schema_id"])
-        self.fetched.append(schema_id)
-        if schema_id in self.statuses:
-            status = self.statuses[schema_id]
-            return self.error(status, status * 100 + 1, "refused")
-        if schema_id not in self.schemas:
-            return self.error(404, 40403, "Schema not found")
-        body = {"schema": self.schemas[schema_id]}
-        if schema_id in self.schema_types:
-            body["schemaType"] = self.schema_types[schema_id]
-        return web.json_response(body, content_type=CONTENT_TYPE)
-
-
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[FakeRegistry, str]]:
-    fake = FakeRegistry()
+async def server() -> AsyncIterator[tuple[LoopbackRegistry, str]]:
+    fake = LoopbackRegistry()
     runner = web.AppRunner(fake.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -90,7 +34,7 @@ async def server() -> AsyncIterator[tuple[FakeRegistry, str]]:
 
 
 @pytest.fixture
-async def client(server: tuple[FakeRegistry, str]) -> AsyncIterator[SchemaRegistryClient]:
+async def client(server: tuple[LoopbackRegistry, str]) -> AsyncIterator[SchemaRegistryClient]:
     async with SchemaRegistryClient(server[1], timeout_s=5) as c:
         yield c
 
@@ -99,7 +43,7 @@ SCHEMA = {"type": "record", "name": "T", "namespace": "x", "fields": [{"name": "
 
 
 async def test_register_returns_the_id_and_sends_the_registry_content_type(
-    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+    server: tuple[LoopbackRegistry, str], client: SchemaRegistryClient
 ) -> None:
     fake, _ = server
     first = await client.register("x.T", json.dumps(SCHEMA))
@@ -177,7 +121,7 @@ def _message() -> InboundMessage:
 
 
 async def test_codec_registers_every_schema_by_record_name_and_round_trips(
-    server: tuple[FakeRegistry, str],
+    server: tuple[LoopbackRegistry, str],
 ) -> None:
     fake, url = server
     codec = Codec(SchemaRegistryClient(url))
@@ -194,7 +138,7 @@ async def test_codec_registers_every_schema_by_record_name_and_round_trips(
 
 
 async def test_record_from_another_producer_decodes_after_resolve(
-    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+    server: tuple[LoopbackRegistry, str], client: SchemaRegistryClient
 ) -> None:
     _, url = server
     newer: dict[str, Any] = registry.raw_schema("InboundMessage")
@@ -219,7 +163,7 @@ async def test_record_from_another_producer_decodes_after_resolve(
 
 
 async def test_resolve_of_an_id_the_registry_lacks_is_an_unknown_schema_decode_error(
-    server: tuple[FakeRegistry, str],
+    server: tuple[LoopbackRegistry, str],
 ) -> None:
     codec = Codec(SchemaRegistryClient(server[1]))
     try:
@@ -247,7 +191,7 @@ PROTOBUF = 'syntax = "proto3"; message T { int32 a = 1; }'
     ],
 )
 async def test_an_unusable_schema_is_not_retriable_and_its_records_are_undecodable(
-    server: tuple[FakeRegistry, str], schema_type: str, schema: str, reason: str
+    server: tuple[LoopbackRegistry, str], schema_type: str, schema: str, reason: str
 ) -> None:
     fake, url = server
     fake.schemas[555] = schema
@@ -269,7 +213,7 @@ async def test_an_unusable_schema_is_not_retriable_and_its_records_are_undecodab
 
 
 async def test_resolve_unknown_fetches_each_missing_id_once_and_remembers_the_unknown_ones(
-    server: tuple[FakeRegistry, str], client: SchemaRegistryClient
+    server: tuple[LoopbackRegistry, str], client: SchemaRegistryClient
 ) -> None:
     fake, url = server
     newer: dict[str, Any] = registry.raw_schema("InboundMessage")
@@ -288,7 +232,8 @@ async def test_resolve_unknown_fetches_each_missing_id_once_and_remembers_the_un
         assert await codec.resolve_unknown(values) == {4242}
         assert sorted(fake.fetched) == sorted([4242, schema_id])
         assert codec.decode(data, InboundMessage) == _message()
-        with pytest.raises(UnknownSchemaError):
+        # the dead letter's reason says what the registry answered
+        with pytest.raises(UnknownSchemaError, match="schema id 4242 unknown to the schema reg"):
             codec.decode(lost, InboundMessage)
 
         assert await codec.resolve_unknown([data, lost]) == {4242}
@@ -303,7 +248,7 @@ async def test_resolve_unknown_without_a_registry_does_nothing() -> None:
 
 
 async def test_an_id_the_registry_refuses_is_unknown_but_an_access_error_is_not(
-    server: tuple[FakeRegistry, str],
+    server: tuple[LoopbackRegistry, str],
 ) -> None:
     fake, url = server
     fake.statuses.update({600: 422, 601: 401})
@@ -320,12 +265,16 @@ async def test_an_id_the_registry_refuses_is_unknown_but_an_access_error_is_not(
         await codec.aclose()
 
 
-async def test_an_id_beyond_a_java_int_is_never_asked_for(server: tuple[FakeRegistry, str]) -> None:
+async def test_an_id_beyond_a_java_int_is_never_asked_for(
+    server: tuple[LoopbackRegistry, str],
+) -> None:
     fake, url = server
     garbage = b"\x00\xff\xff\xff\xff" + b"\x02"
     codec = Codec(SchemaRegistryClient(url, timeout_s=5))
     try:
         assert await codec.resolve_unknown([garbage]) == {2**32 - 1}
         assert fake.fetched == []
+        with pytest.raises(UnknownSchemaError, match="beyond the registry's id range"):
+            codec.decode(garbage, InboundMessage)
     finally:
         await codec.aclose()
