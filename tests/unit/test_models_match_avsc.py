@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,14 @@ def test_enum_definitions_repeated_across_files_are_identical() -> None:
                 by_name.setdefault(enum_name, set()).add(json.dumps(definition, sort_keys=True))
     drifted = {n: sorted(v) for n, v in by_name.items() if len(v) > 1}
     assert not drifted, f"enum definitions differ between files: {drifted}"
+
+
+def test_utcnow_is_aware_utc_whole_milliseconds_and_now() -> None:
+    before = time.time()
+    stamps = [models.utcnow() for _ in range(2000)]
+    after = time.time()
+    for stamp in stamps:
+        assert stamp.tzinfo is UTC
+        assert stamp.microsecond % 1000 == 0
+        assert before - 0.001 <= stamp.timestamp() <= after
+    assert stamps == sorted(stamps)
