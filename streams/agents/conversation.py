@@ -14,19 +14,16 @@ leaves the table and a tombstone goes to the changelog, counted in
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
-from datetime import datetime, timedelta
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
 
 from aiokafka import TopicPartition
 
-from processors.config import ConversationConfig
 from processors.conversation import (
     check_timeout,
-    next_due_at,
     on_close,
     on_llm_response,
     on_user_turn,
@@ -51,6 +48,7 @@ from schemas.models import (
     utcnow,
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
+from streams.agents.due import TICKS_PER_RUN, DueIndex
 from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, child
 from streams.runtime import Runtime
 from streams.settings import Settings
@@ -207,81 +205,6 @@ def _prune(batch: Batch, partition: int, key: bytes, conversation_id: str) -> No
     log.debug("pruned conversation %s", conversation_id)
 
 
-class StateEntries(Protocol):
-    """Anything listing ``(partition, key, state)`` entries, like ``ChangelogTable``."""
-
-    def items(self) -> Iterable[tuple[int, bytes, ConversationState]]: ...
-
-
-TICKS_PER_RUN = 2_000
-"""Most timer ticks one run of the timer sends, so that a backlog (every ended conversation
-due for pruning after an upgrade or a long stop) is spread over several runs instead of
-holding the event loop."""
-
-
-class DueIndex:
-    """When each conversation next needs a timer tick (LLM deadline, inactivity timeout, or
-    pruning of an ended conversation).
-
-    Kept up to date from every batch the stage commits, so a timer run looks at a dict instead
-    of every stored state. The whole table is rescanned after its partitions changed (states
-    restored from the changelog after a restart or a rebalance, partitions dropped), and at the
-    latest every ``rescan_s`` seconds.
-    """
-
-    def __init__(self, cfg: ConversationConfig, rescan_s: float) -> None:
-        self.cfg = cfg
-        self.rescan_s = rescan_s
-        self._due: dict[bytes, tuple[datetime, str, str]] = {}
-        self._scanned_at: datetime | None = None
-
-    def update(self, key: bytes, state: ConversationState | None) -> None:
-        """Record the next due time of ``key`` (or forget it when nothing is due or the state
-        was deleted, ``state`` None)."""
-        due = None if state is None else next_due_at(state, self.cfg)
-        if state is None or due is None:
-            self._due.pop(key, None)
-        else:
-            self._due[key] = (due, state.tenant, state.conversation_id)
-
-    def invalidate(self) -> None:
-        """Rebuild at the next ``rescan`` (the table's partitions changed)."""
-        self._scanned_at = None
-
-    def rescan(self, table: StateEntries, now: datetime) -> None:
-        """Rebuild from the table when invalidated or when the last scan is ``rescan_s`` old."""
-        if (
-            self._scanned_at is not None
-            and (now - self._scanned_at).total_seconds() < self.rescan_s
-        ):
-            return
-        self._due.clear()
-        for _, key, state in table.items():
-            self.update(key, state)
-        self._scanned_at = now
-
-    def take_due(
-        self, now: datetime, retry_s: float, limit: int | None = None
-    ) -> list[tuple[bytes, str, str]]:
-        """(key, tenant, conversation_id) of at most ``limit`` conversations due at ``now``;
-        each is asked again after ``retry_s`` unless a commit updates it first (the tick's own
-        processing normally does). Over ``limit``, the most recently due go first (a
-        re-issue or an inactivity timeout before a backlog of prunes); the others stay due
-        for the next call."""
-        if limit is not None and len(self._due) > limit:
-            latest = heapq.nlargest(
-                limit,
-                ((at, key) for key, (at, _, _) in self._due.items() if at <= now),
-            )
-            due = [(key, *self._due[key][1:]) for _, key in latest]
-        else:
-            due = [(k, tenant, conv) for k, (at, tenant, conv) in self._due.items() if at <= now]
-        later = now + timedelta(seconds=retry_s)
-        for key, tenant, conv in due:
-            self._due[key] = (later, tenant, conv)
-        return due
-
-
 def changelog_topic(settings: Settings) -> str:
     """The conversation table's changelog topic (compacted, partitioned like the inputs)."""
     return f"{settings.app_id}-conversations-changelog"
@@ -341,8 +264,8 @@ def stage(
     async def ticks() -> None:
         while True:
             await asyncio.sleep(interval)
+            await index.rescan(table, utcnow())  # yields to the loop while it scans
             now = utcnow()
-            index.rescan(table, now)
             due = index.take_due(now, retry_s=interval, limit=TICKS_PER_RUN)
             for number, (key, tenant, conversation_id) in enumerate(due):
                 await cooperate(number)
