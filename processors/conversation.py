@@ -67,6 +67,7 @@ from processors.conversation_state import (
     Transition,
     Turn,
 )
+from processors.ids import scoped_id
 from schemas.models import (
     ChatMessage,
     ConversationEvent,
@@ -315,7 +316,7 @@ def _reply(state: ConversationState, turn: PendingTurn, content: str, now: datet
         subject = f"Re: {subject}"
     return Deliver(
         DeliveryRequest(
-            delivery_id=f"{turn.turn_id}:reply",
+            delivery_id=scoped_id(f"{turn.turn_id}:reply", state.tenant, state.conversation_id),
             message_id=turn.turn_id,
             conversation_id=state.conversation_id,
             tenant=state.tenant,

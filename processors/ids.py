@@ -7,12 +7,14 @@ critical before low.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from datetime import datetime
 
 from schemas.models import Priority
 
-__all__ = ["id_timestamp_ms", "new_message_id"]
+__all__ = ["id_timestamp_ms", "new_message_id", "scoped_id"]
 
 _PRIORITY_DIGIT = {
     Priority.CRITICAL: "0",
@@ -37,3 +39,16 @@ def id_timestamp_ms(message_id: str) -> int:
     if len(message_id) != 26:
         raise ValueError(f"not a switchboard message id: {message_id!r}")
     return int(message_id[:12], 16)
+
+
+def scoped_id(base: str, *scope: str) -> str:
+    """``base`` made unique across scopes: ``<base>@<16 hex digits>``.
+
+    The digits are the first 64 bits of SHA-256 over the JSON array of ``scope`` (e.g. tenant
+    and conversation id), so the same inputs give the same id on every replay (the delivery
+    stage's idempotency key) while two tenants reusing a message id, or two conversations
+    reusing a turn id, get different ids. JSON keeps the parts apart: ``("a/b", "c")`` and
+    ``("a", "b/c")`` differ.
+    """
+    digest = hashlib.sha256(json.dumps(scope).encode()).hexdigest()[:16]
+    return f"{base}@{digest}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+from processors.ids import scoped_id
 from processors.preprocess import Accepted, conversation_key, dedup_key, preprocess
 from processors.router import RouteDecision
 from schemas.errors import DecodeError
@@ -180,7 +181,7 @@ async def _to_flow(
     recipients = msg.recipients or [msg.sender]
     for index, recipient in enumerate(recipients):
         request = DeliveryRequest(
-            delivery_id=f"{msg.message_id}:{decision.target}:{index}",
+            delivery_id=scoped_id(f"{msg.message_id}:{decision.target}:{index}", msg.tenant),
             message_id=msg.message_id,
             conversation_id=msg.conversation_id,
             tenant=msg.tenant,

@@ -32,6 +32,7 @@ from processors.conversation_state import (
     IssueLLM,
     Transition,
 )
+from processors.ids import scoped_id
 from schemas.models import (
     Channel,
     ConversationEvent,
@@ -189,7 +190,9 @@ def test_reply_delivery_carries_the_routing_of_the_user_turn() -> None:
     reply = delivered(respond(t.state, answer(issued(t), "On its way")))
 
     req = reply.request
-    assert (req.delivery_id, req.message_id, req.conversation_id) == ("e1:reply", "e1", "c1")
+    assert (req.message_id, req.conversation_id) == ("e1", "c1")
+    assert req.delivery_id == scoped_id("e1:reply", req.tenant, "c1")
+    assert req.delivery_id.startswith("e1:reply@")
     assert (req.channel, req.recipient, req.subject) == (Channel.SMS, "+15550001", "Re: Order 42")
     assert (req.priority, req.metadata, req.persona) == (
         Priority.HIGH,
@@ -259,7 +262,7 @@ def test_overdue_turn_is_reissued_and_first_response_of_any_attempt_wins() -> No
     assert again.state.reissues == 1
 
     late_first = respond(again.state, answer(issued(t)))
-    assert delivered(late_first).request.delivery_id == "e1:reply"
+    assert delivered(late_first).request.delivery_id.startswith("e1:reply@")
     assert respond(late_first.state, answer(retry)).effects == [Dropped("e1:1", "duplicate")]
 
 
@@ -587,3 +590,25 @@ def test_every_user_turn_gets_exactly_one_reply_in_arrival_order(data: st.DataOb
 
     assert dict(replies) == dict(arrival)
     assert all(s.pending is None and not s.queue for s in states.values())
+
+
+def test_reply_delivery_ids_are_scoped_by_tenant_and_conversation_and_stable() -> None:
+    """The delivery stage dedups on the delivery id for every tenant at once: two tenants
+    reusing a message id (or one conversation id reused across tenants) must not share one,
+    or the second reply is dropped as already delivered. A replay must give the same id."""
+
+    def reply_id(tenant: str, conversation: str, message_id: str) -> str:
+        ev = event(message_id, "hi").model_copy(
+            update={"tenant": tenant, "conversation_id": conversation}
+        )
+        t = user_turn(None, ev)
+        return delivered(respond(t.state, answer(issued(t), "ok"))).request.delivery_id
+
+    ids = {
+        reply_id("acme", "c1", "m-1"),
+        reply_id("globex", "c1", "m-1"),
+        reply_id("acme", "c2", "m-1"),
+        reply_id("acme", "c1", "m-2"),
+    }
+    assert len(ids) == 4
+    assert reply_id("acme", "c1", "m-1") == reply_id("acme", "c1", "m-1")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processors.ids import id_timestamp_ms, new_message_id
+from processors.ids import id_timestamp_ms, new_message_id, scoped_id
 from processors.tracing import child_traceparent, new_traceparent, parse_traceparent
 from schemas.models import Priority
 
@@ -69,3 +69,12 @@ def test_spec_example_traceparent_parses() -> None:
         "b7ad6b7169203331",
         "01",
     )
+
+
+def test_scoped_id_is_stable_and_keeps_scope_parts_apart() -> None:
+    assert scoped_id("m-1:reply", "acme", "c1") == scoped_id("m-1:reply", "acme", "c1")
+    assert scoped_id("m-1:reply", "acme", "c1").startswith("m-1:reply@")
+    assert len(scoped_id("m-1", "acme").rpartition("@")[2]) == 16
+    assert scoped_id("m-1", "acme") != scoped_id("m-1", "globex")
+    assert scoped_id("x", "a/b", "c") != scoped_id("x", "a", "b/c")
+    assert scoped_id("x", "a:b", "c") != scoped_id("x", "a", "b:c")
