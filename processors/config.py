@@ -39,11 +39,59 @@ class _Strict(BaseModel):
 
 
 class PreprocessConfig(_Strict):
-    """Limits applied by the ingest stage before routing."""
+    """Limits applied by the ingest stage before routing.
+
+    Every field a client sets is bounded, not only ``content``: what passes ingest is kept in
+    the conversation's state (the waiting turns keep sender, subject and metadata; ids are
+    remembered for dedup), so an unbounded field would let one message make a state too large
+    to store. A message over any limit is dead-lettered (stage ``ingest.preprocess``).
+    """
 
     max_content_chars: int = Field(4000, ge=1, description="Longer content is dead-lettered.")
     min_content_chars: int = Field(
         1, ge=0, description="Shorter (after trimming) is dead-lettered."
+    )
+    max_tenant_chars: int = Field(
+        64,
+        ge=1,
+        description="Longer tenant names are dead-lettered. A tenant must also be non-empty "
+        "and contain no '/' (it separates tenant and conversation id in the conversation "
+        "key), no ':' (it separates tenant and message id in the dedup key) and no control "
+        "character.",
+    )
+    max_message_id_chars: int = Field(
+        256, ge=1, description="Longer message_id (or in_response_to) is dead-lettered."
+    )
+    max_conversation_id_chars: int = Field(
+        256, ge=1, description="Longer conversation_id is dead-lettered."
+    )
+    max_sender_chars: int = Field(
+        320,
+        ge=1,
+        description="Longer sender is dead-lettered. An e-mail address is at most 254 "
+        "characters (RFC 5321 4.5.3.1.3: a path of at most 256 octets with its angle "
+        "brackets; RFC 3696's 320 was corrected by its erratum 1690); 320 (64-octet local "
+        "part, '@', 255-octet domain) also leaves room for other channels' sender ids.",
+    )
+    max_recipients: int = Field(
+        100,
+        ge=0,
+        description="More recipients are dead-lettered (RFC 5321 4.5.3.1.8: an SMTP server "
+        "must accept at least 100 per message).",
+    )
+    max_recipient_chars: int = Field(
+        320, ge=1, description="A longer recipient is dead-lettered (see max_sender_chars)."
+    )
+    max_subject_chars: int = Field(
+        998,
+        ge=1,
+        description="Longer subject is dead-lettered (998: the RFC 5322 2.1.1 line limit).",
+    )
+    max_metadata_bytes: int = Field(
+        16384,
+        ge=0,
+        description="Metadata whose keys and values together are longer, in UTF-8 bytes, is "
+        "dead-lettered.",
     )
     dedup_window_s: int = Field(
         3600, ge=0, description="A message id seen within this window is dropped (0 = off)."
@@ -76,6 +124,13 @@ class ConversationConfig(_Strict):
         "state recognises redelivered inputs by id and a new user turn continues it as its "
         "next session; after it the conversation id starts afresh. Keep it longer than any "
         "redelivery or replay of an input can be late.",
+    )
+    max_queued_turns: int = Field(
+        64,
+        ge=1,
+        description="User turns that may wait behind the one in flight to the LLM; a turn "
+        "beyond is dead-lettered (error_type QueueFull) instead of growing the state without "
+        "bound.",
     )
 
 

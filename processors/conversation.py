@@ -62,8 +62,10 @@ from processors.conversation_state import (
     Deliver,
     Dropped,
     Effect,
+    HandOff,
     IssueLLM,
     PendingTurn,
+    Refused,
     Transition,
     Turn,
 )
@@ -263,9 +265,11 @@ def on_user_turn(
         now: The current time (UTC).
 
     Returns:
-        ``[Dropped]`` for a duplicate, a non-user turn or a turn during handoff; otherwise
-        ``[IssueLLM]`` or ``[]`` (queued), preceded by ``Closed("timeout")`` when the session
-        had been idle for ``cfg.inactivity_timeout_s``.
+        ``[Dropped]`` for a duplicate, a non-user turn or a turn during handoff;
+        ``[Refused(error_type="QueueFull")]`` (state unchanged) when ``cfg.max_queued_turns``
+        turns already wait behind the one in flight; otherwise ``[IssueLLM]`` or ``[]``
+        (queued), preceded by ``Closed("timeout")`` when the session had been idle for
+        ``cfg.inactivity_timeout_s``.
 
     Raises:
         ValueError: If the chosen persona is not in ``personas``.
@@ -275,6 +279,12 @@ def on_user_turn(
     if event.role is not Role.USER:
         stored = state or _placeholder(event.conversation_id, event.tenant, persona, now)
         return Transition(stored, [Dropped(event.event_id, "not_user_turn")])
+    if state is not None and state.pending is not None and len(state.queue) >= cfg.max_queued_turns:
+        reason = (
+            f"conversation {state.conversation_id!r} already has {len(state.queue)} turns "
+            f"waiting behind the one in flight (conversation.max_queued_turns)"
+        )
+        return Transition(state, [Refused(event.event_id, reason, "QueueFull")])
     effects: list[Effect] = []
     if state is not None and state.status not in ENDED and _idle_too_long(state, now, cfg):
         state = state.model_copy(update={"status": ConversationStatus.TIMED_OUT})
@@ -360,10 +370,17 @@ def on_llm_response(
         cfg: History bound and LLM deadline (s) of the next request.
         now: The current time (UTC); reply latency = ``now - origin_created_at`` in ms.
 
+    An ``escalated`` response (a business-rule trigger, or ``llm.on_failure: handoff``) also
+    emits ``HandOff`` with the turn for the humans' handoff topic and hands the conversation
+    off once idle, unless the user already asked to close it (the close wins). Only the
+    response that wins the turn does this: an escalation of an attempt that lost to a
+    re-issued one is dropped like any stale response.
+
     Returns:
         ``[Dropped]`` for an unknown conversation or a stale/duplicate response; otherwise
-        ``[Deliver]`` (or ``[Dropped("empty_reply")]``), then ``IssueLLM`` for the next queued
-        turn or ``Closed`` when a requested close/handoff can now take effect.
+        ``[Deliver]`` (or ``[Dropped("empty_reply")]``), ``HandOff`` when escalated, then
+        ``IssueLLM`` for the next queued turn or ``Closed`` when a requested close/handoff can
+        now take effect.
     """
     if state is None:
         unknown = _placeholder(response.conversation_id, response.tenant, response.persona, now)
@@ -403,6 +420,11 @@ def on_llm_response(
         effects.append(_reply(state, pending, response.content, now))
     else:
         effects.append(Dropped(pending.turn_id, "empty_reply"))
+    if response.status is LLMStatus.ESCALATED:
+        reason = response.error or "escalated"
+        effects.append(HandOff(_handoff_event(state, pending, reason, now)))
+        if state.closing is not ConversationStatus.CLOSED:  # a close the user asked for wins
+            update |= {"closing": ConversationStatus.HANDOFF, "close_reason": f"handoff: {reason}"}
     state = state.model_copy(update=update)
     if state.queue:
         next_turn, rest = state.queue[0], state.queue[1:]
@@ -410,6 +432,27 @@ def on_llm_response(
         return Transition(state, [*effects, issue])
     state, closed = _finish_close(state)
     return Transition(state, [*effects, *closed])
+
+
+def _handoff_event(
+    state: ConversationState, turn: PendingTurn, reason: str, now: datetime
+) -> ConversationEvent:
+    """The record for the humans' handoff topic: the escalated turn, and why."""
+    return ConversationEvent(
+        event_id=f"{turn.turn_id}:handoff",
+        conversation_id=state.conversation_id,
+        tenant=state.tenant,
+        kind=ConversationEventKind.HANDOFF,
+        content=turn.content,
+        persona=turn.persona,
+        channel=turn.channel,
+        sender=turn.sender,
+        subject=turn.subject,
+        priority=turn.priority,
+        metadata={**turn.metadata, "handoff.reason": reason},
+        origin_created_at=turn.origin_created_at,
+        created_at=_ms(now),
+    )
 
 
 def on_close(

@@ -12,7 +12,14 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.models import Channel, DeliveryRequest, LLMRequest, Priority, Role
+from schemas.models import (
+    Channel,
+    ConversationEvent,
+    DeliveryRequest,
+    LLMRequest,
+    Priority,
+    Role,
+)
 
 __all__ = [
     "ANSWERED_IDS_LIMIT",
@@ -25,8 +32,10 @@ __all__ = [
     "Deliver",
     "Dropped",
     "Effect",
+    "HandOff",
     "IssueLLM",
     "PendingTurn",
+    "Refused",
     "Transition",
     "Turn",
 ]
@@ -159,7 +168,28 @@ class Dropped:
     reason: str
 
 
-Effect = IssueLLM | Deliver | Closed | Dropped
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Send ``event`` (kind ``handoff``) to the humans' handoff topic (``switchboard.handoff``).
+
+    Emitted once per escalated turn, by the transition that accepts the turn's escalated LLM
+    response: a losing attempt's escalation never reaches the humans.
+    """
+
+    event: ConversationEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An input the conversation cannot take: dead-letter it with ``reason`` (it is recorded,
+    not answered). Reason so far: the queue of waiting turns is full."""
+
+    event_id: str
+    reason: str
+    error_type: str
+
+
+Effect = IssueLLM | Deliver | Closed | Dropped | HandOff | Refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Ingest pre-processing: normalise content, check expiry and limits, run content filters."""
+"""Ingest pre-processing: check tenant, field limits and expiry, normalise content, run filters."""
 
 from __future__ import annotations
 
@@ -220,13 +220,122 @@ def _limits(content: str, cfg: PreprocessConfig) -> Rejected | None:
     return None
 
 
+_TENANT_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SHOWN_CHARS = 64
+"""Characters of a rejected field value quoted in a reason (the rest is elided)."""
+
+
+def _shown(value: str) -> str:
+    """``repr(value)`` of at most the first ``_SHOWN_CHARS`` characters (``...`` after it)."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}..."
+
+
+def _tenant(tenant: str, cfg: PreprocessConfig) -> Rejected | None:
+    """The tenant is part of the keys that keep tenants apart: ``conversation_key`` joins it to
+    the conversation id with ``/`` and ``dedup_key`` to the message id with ``:``; a tenant
+    containing either could share a conversation (state, history sent to the LLM) or a
+    message id with another tenant."""
+    if not tenant:
+        rule = "is empty"
+    elif len(tenant) > cfg.max_tenant_chars:
+        rule = (
+            f"is {len(tenant)} characters, limit is {cfg.max_tenant_chars} "
+            "(preprocess.max_tenant_chars)"
+        )
+    elif "/" in tenant:
+        rule = "contains '/', which separates tenant and conversation id in conversation keys"
+    elif ":" in tenant:
+        rule = "contains ':', which separates tenant and message id in dedup keys"
+    elif _TENANT_CONTROL.search(tenant):
+        rule = "contains a control character"
+    else:
+        return None
+    return Rejected(STAGE, f"tenant {_shown(tenant)} {rule}", "InvalidTenant")
+
+
+def _too_long(field: str, size: int, limit: int, setting: str, error_type: str) -> Rejected:
+    reason = f"{field} is {size} characters, limit is {limit} (preprocess.{setting})"
+    return Rejected(STAGE, reason, error_type)
+
+
+def _fields(msg: InboundMessage, cfg: PreprocessConfig) -> Rejected | None:
+    """Size limits of every client-set field other than ``content`` (checked in this order).
+
+    Plain comparisons first: this runs for every message, and a rejection is rare.
+    """
+    ids = cfg.max_message_id_chars
+    if len(msg.message_id) > ids:
+        return _too_long(
+            "message_id", len(msg.message_id), ids, "max_message_id_chars", "MessageIdTooLong"
+        )
+    if msg.in_response_to is not None and len(msg.in_response_to) > ids:
+        size = len(msg.in_response_to)
+        return _too_long("in_response_to", size, ids, "max_message_id_chars", "MessageIdTooLong")
+    limit = cfg.max_conversation_id_chars
+    if msg.conversation_id is not None and len(msg.conversation_id) > limit:
+        size = len(msg.conversation_id)
+        setting = "max_conversation_id_chars"
+        return _too_long("conversation_id", size, limit, setting, "ConversationIdTooLong")
+    if len(msg.sender) > cfg.max_sender_chars:
+        size, limit = len(msg.sender), cfg.max_sender_chars
+        return _too_long("sender", size, limit, "max_sender_chars", "SenderTooLong")
+    if msg.subject is not None and len(msg.subject) > cfg.max_subject_chars:
+        size, limit = len(msg.subject), cfg.max_subject_chars
+        return _too_long("subject", size, limit, "max_subject_chars", "SubjectTooLong")
+    recipients = msg.recipients
+    if recipients:
+        if len(recipients) > cfg.max_recipients:
+            reason = (
+                f"{len(recipients)} recipients, limit is {cfg.max_recipients} "
+                "(preprocess.max_recipients)"
+            )
+            return Rejected(STAGE, reason, "TooManyRecipients")
+        for index, recipient in enumerate(recipients):
+            if len(recipient) > cfg.max_recipient_chars:
+                reason = (
+                    f"recipients[{index}] is {len(recipient)} characters, limit is "
+                    f"{cfg.max_recipient_chars} (preprocess.max_recipient_chars)"
+                )
+                return Rejected(STAGE, reason, "RecipientTooLong")
+    metadata = msg.metadata
+    if metadata:
+        limit = cfg.max_metadata_bytes
+        chars = sum(map(len, metadata)) + sum(map(len, metadata.values()))
+        if 4 * chars > limit:  # else within the limit: UTF-8 takes at most 4 bytes a character
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+            if size > limit:
+                reason = (
+                    f"metadata is {size} bytes (UTF-8 keys and values of {len(metadata)} "
+                    f"entries), limit is {limit} (preprocess.max_metadata_bytes)"
+                )
+                return Rejected(STAGE, reason, "MetadataTooLarge")
+    return None
+
+
 def preprocess(msg: InboundMessage, cfg: PreprocessConfig, now: datetime) -> Accepted | Rejected:
     """Normalise one decoded inbound message and decide whether it goes on to routing.
 
-    Checks, in order: expiry (``ttl_ms`` counted from ``scheduled_for`` when set, else from
-    ``created_at``; expired when ``now >= start + ttl``), content length after
-    :func:`normalize_text` (``max_content_chars``, then empty, then ``min_content_chars``), the
-    built-in blocked-terms filter, then each hook of ``cfg.content_filters`` in order.
+    Checks, in order; the first that fails rejects the message:
+
+    1. The tenant (``InvalidTenant``): not empty, at most ``max_tenant_chars``, and without
+       ``/``, ``:`` or control characters, which would let two tenants share a conversation
+       key (:func:`conversation_key`) or a dedup key (:func:`dedup_key`).
+    2. Field sizes, in characters: ``message_id`` and ``in_response_to``
+       (``max_message_id_chars``, ``MessageIdTooLong``), ``conversation_id``
+       (``max_conversation_id_chars``, ``ConversationIdTooLong``), ``sender``
+       (``max_sender_chars``, ``SenderTooLong``), ``subject`` (``max_subject_chars``,
+       ``SubjectTooLong``); the number of ``recipients`` (``max_recipients``,
+       ``TooManyRecipients``) and each one's length (``max_recipient_chars``,
+       ``RecipientTooLong``); then the UTF-8 bytes of all metadata keys and values together
+       (``max_metadata_bytes``, ``MetadataTooLarge``).
+    3. Expiry (``ttl_ms`` counted from ``scheduled_for`` when set, else from ``created_at``;
+       expired when ``now >= start + ttl``; ``MessageExpired``).
+    4. Content length after :func:`normalize_text` (``max_content_chars``, then empty, then
+       ``min_content_chars``).
+    5. The built-in blocked-terms filter, then each hook of ``cfg.content_filters`` in order.
+
     De-duplication is not done here: it needs Redis; the stage uses :func:`dedup_key`.
 
     Args:
@@ -243,6 +352,11 @@ def preprocess(msg: InboundMessage, cfg: PreprocessConfig, now: datetime) -> Acc
             :func:`check_content_filters` at start-up to fail early instead).
         Exception: whatever a registered hook raises is propagated unchanged.
     """
+    invalid = _tenant(msg.tenant, cfg)
+    if invalid is None:
+        invalid = _fields(msg, cfg)
+    if invalid is not None:
+        return invalid
     expired = _expiry(msg, now)
     if expired is not None:
         return expired

@@ -19,6 +19,12 @@ and changed meanwhile, and those changes must not be lost under the stale copy k
 A deleted key is written to the changelog as a tombstone (the key with a null value); restoring
 or catching up removes the key when it reads one, and compaction eventually drops the key's
 earlier records and, after ``delete.retention.ms``, the tombstone itself.
+
+A changelog record larger than the producer's ``max_request_size`` cannot be written: its send
+fails after the batch's acknowledgements and the worker exits without committing (the table in
+memory would otherwise be ahead of its changelog). A writer checks the encoded size against
+``max_value_bytes`` before it changes anything, and may hand the bytes it measured to
+``put_many`` (``Encoded``) so that nothing is encoded twice.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -36,14 +43,27 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from streams.settings import Settings
 from streams.transport import Producer, after_acknowledged
 
-__all__ = ["MARKER_KEY", "ChangelogTable"]
+__all__ = ["CHANGELOG_HEADROOM_BYTES", "MARKER_KEY", "ChangelogTable", "Encoded"]
 
 log = logging.getLogger(__name__)
 
 MARKER_KEY = b"\x00switchboard.restore-marker"
 """Key of the marker records written before each restore (ignored when reading)."""
 
+CHANGELOG_HEADROOM_BYTES = 1024
+"""Bytes a changelog record keeps free below the producer's ``max_request_size``, besides its
+key: the record and batch overhead aiokafka counts (under 100 bytes without headers)."""
+
 V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded(Generic[V]):
+    """A value for ``ChangelogTable.put_many`` with its changelog bytes already encoded
+    (``data`` must be what the table's ``encode`` returns for ``value``)."""
+
+    value: V
+    data: bytes
 
 
 class ChangelogTable(Generic[V]):
@@ -84,9 +104,21 @@ class ChangelogTable(Generic[V]):
         """The value of ``key`` in ``partition`` (None when absent or not held here)."""
         return self._data.get(partition, {}).get(key)
 
-    def put_many(self, changes: list[tuple[int, bytes, V | None]]) -> None:
+    def max_value_bytes(self, key: bytes) -> int:
+        """The largest encoded value (bytes) a changelog record of ``key`` can carry: the
+        producer's ``max_request_size`` less the key and ``CHANGELOG_HEADROOM_BYTES``.
+
+        ``put_many`` does not check it: a larger value makes the worker exit once the batch's
+        acknowledgements are in (see the module docstring), so a writer whose values can grow
+        checks them first.
+        """
+        return self.producer.max_request_size - len(key) - CHANGELOG_HEADROOM_BYTES
+
+    def put_many(self, changes: Sequence[tuple[int, bytes, V | Encoded[V] | None]]) -> None:
         """Store ``(partition, key, value)`` changes made by the batch being handled; a value
-        of None deletes the key (its changelog record is a tombstone: same key, null value).
+        of None deletes the key (its changelog record is a tombstone: same key, null value),
+        and an ``Encoded`` value is stored with the changelog bytes it carries (not encoded
+        again).
 
         The changes are visible at once (to the next records and batches); their changelog
         records are sent once every record the batch produced was acknowledged, in batch
@@ -97,13 +129,20 @@ class ChangelogTable(Generic[V]):
             KeyError: a partition is not held by this worker.
             RuntimeError: called outside a batch being handled by a ``BatchConsumer``.
         """
-        encoded = [
-            (p, key, None if value is None else self.encode(value)) for p, key, value in changes
-        ]
+        encoded: list[tuple[int, bytes, bytes | None]] = []
+        for p, key, value in changes:
+            if value is None:
+                encoded.append((p, key, None))
+            elif isinstance(value, Encoded):
+                encoded.append((p, key, value.data))
+            else:
+                encoded.append((p, key, self.encode(value)))
         for partition, key, value in changes:
             entries = self._data[partition]
             if value is None:
                 entries.pop(key, None)
+            elif isinstance(value, Encoded):
+                entries[key] = value.value
             else:
                 entries[key] = value
 

@@ -9,6 +9,15 @@ timeouts and pruning survive restarts (the state lives in the changelog-backed t
 ticks are ordinary records). A tick for a conversation due for pruning deletes its state: it
 leaves the table and a tombstone goes to the changelog, counted in
 ``switchboard_dropped_total{stage="conversation",reason="pruned"}``.
+
+A new state must fit in one changelog record: a state that cannot be written would make the
+worker exit after the batch and, replayed, crash every worker that takes the partition. So
+each new state is encoded before the input's effects are sent, and one larger than
+``ChangelogTable.max_value_bytes`` is not applied: the old state stays, none of the effects
+are sent, the input is dead-lettered (stage ``conversation.state``, error_type
+``StateTooLarge``, the sizes in the reason) and counted in
+``switchboard_stage_errors_total{stage="conversation",error_type="StateTooLarge"}``. The
+bytes measured are the ones the table writes (``Encoded``): each state is encoded once.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from processors.conversation_state import (
     ConversationState,
     Deliver,
     Dropped,
+    HandOff,
     IssueLLM,
+    Refused,
     Transition,
 )
 from processors.preprocess import conversation_key
@@ -49,16 +60,18 @@ from schemas.models import (
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.agents.due import TICKS_PER_RUN, DueIndex
-from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, child
+from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, STAGE_ERRORS, child
 from streams.runtime import Runtime
 from streams.settings import Settings
-from streams.table import ChangelogTable
+from streams.table import CHANGELOG_HEADROOM_BYTES, ChangelogTable, Encoded
 from streams.transport import BatchConsumer, cooperate
 
 __all__ = ["Batch", "DueIndex", "apply", "changelog_topic", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
+STATE_STAGE = "conversation.state"
+"""Dead-letter stage of an input whose new state would be too large for the changelog."""
 
 
 def apply(
@@ -111,13 +124,16 @@ class Batch:
     between would otherwise restore a state that says "answered" for a reply that was never
     sent, and drop the replayed response as a duplicate. Replaying the inputs re-creates the
     same records with the same ids, which the next stages drop. A state staged as None (pruned)
-    is deleted the same way: its tombstone follows the batch's acknowledgements.
+    is deleted the same way: its tombstone follows the batch's acknowledgements. A state staged
+    with its changelog bytes is stored with them (``Encoded``), not encoded again.
     """
 
     def __init__(self, table: ChangelogTable[ConversationState], index: DueIndex | None = None):
         self.table = table
         self.index = index
         self.states: dict[bytes, tuple[int, ConversationState | None]] = {}
+        self.encoded: dict[bytes, bytes] = {}
+        """Changelog bytes of staged states, by key (absent: the table encodes the state)."""
         self.changed: set[bytes] = set()
 
     def get(self, partition: int, key: bytes) -> ConversationState | None:
@@ -131,18 +147,34 @@ class Batch:
     def commit(self) -> None:
         """Store the changed states and delete the pruned ones (the changelog records and
         tombstones follow the batch's acknowledgements)."""
-        changes: list[tuple[int, bytes, ConversationState | None]] = []
+        changes: list[tuple[int, bytes, ConversationState | Encoded[ConversationState] | None]]
+        changes = []
         for key in self.changed:
             partition, state = self.states[key]
-            changes.append((partition, key, state))
+            data = self.encoded.get(key)
+            if state is None or data is None:
+                changes.append((partition, key, state))
+            else:
+                changes.append((partition, key, Encoded(state, data)))
             if self.index is not None:
                 self.index.update(key, state)
         self.table.put_many(changes)
 
-    def stage(self, partition: int, key: bytes, state: ConversationState | None) -> None:
-        """Record the new state of ``key``, or None to delete it (applied by ``commit``)."""
+    def stage(
+        self,
+        partition: int,
+        key: bytes,
+        state: ConversationState | None,
+        encoded: bytes | None = None,
+    ) -> None:
+        """Record the new state of ``key``, or None to delete it (applied by ``commit``);
+        ``encoded``: the state's changelog bytes (``_encode_state``), when already made."""
         self.states[key] = (partition, state)
         self.changed.add(key)
+        if encoded is None:
+            self.encoded.pop(key, None)
+        else:
+            self.encoded[key] = encoded
 
 
 async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: RawMessage) -> None:
@@ -171,6 +203,14 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         return
     if is_tick and not transition.effects and transition.state == before:
         return  # a tick that found nothing due: no changelog write
+    if transition.state is before:  # stored or staged already, so known to fit
+        encoded = batch.encoded.get(key)
+    else:  # measured before anything is sent; the table writes these bytes
+        encoded = _encode_state(transition.state)
+        limit = batch.table.max_value_bytes(key)
+        if len(encoded) > limit:
+            await _state_too_large(rt, topics, message, record, len(encoded), limit)
+            return
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
             await send_record(
@@ -188,6 +228,22 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         elif isinstance(effect, Dropped):
             child(DROPPED, STAGE, effect.reason).inc()
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
+        elif isinstance(effect, HandOff):
+            log.info("conversation %s: turn handed to a human", record.conversation_id)
+            await send_record(
+                rt, topics["handoff"], effect.event, key=key, stage=STAGE, parent=message
+            )
+        elif isinstance(effect, Refused):
+            await dead_letter(
+                rt,
+                topics["deadletter"],
+                message,
+                stage="conversation.queue",
+                reason=effect.reason,
+                error_type=effect.error_type,
+                message_id=effect.event_id,
+                tenant=record.tenant,
+            )
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
             summary = summarize(effect.ended or transition.state, effect.reason, utcnow())
@@ -195,7 +251,37 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )
-    batch.stage(message.partition, key, transition.state)
+    batch.stage(message.partition, key, transition.state, encoded)
+
+
+async def _state_too_large(
+    rt: Runtime,
+    topics: dict[str, str],
+    message: RawMessage,
+    record: ConversationEvent | LLMResponse,
+    size: int,
+    limit: int,
+) -> None:
+    """Dead-letter an input whose new state (``size`` bytes encoded) exceeds ``limit``: it is
+    not applied (the caller keeps the old state and sends none of its effects)."""
+    child(STAGE_ERRORS, STAGE, "StateTooLarge").inc()
+    reason = (
+        f"the conversation's new state would be {size} bytes in the changelog, over the limit "
+        f"of {limit} bytes (the producer's max_request_size less the key and "
+        f"{CHANGELOG_HEADROOM_BYTES} bytes of headroom); the input was not applied: the "
+        "conversation keeps its state and none of the input's records were sent"
+    )
+    message_id = record.event_id if isinstance(record, ConversationEvent) else record.turn_id
+    await dead_letter(
+        rt,
+        topics["deadletter"],
+        message,
+        stage=STATE_STAGE,
+        reason=reason,
+        error_type="StateTooLarge",
+        message_id=message_id,
+        tenant=record.tenant,
+    )
 
 
 def _prune(batch: Batch, partition: int, key: bytes, conversation_id: str) -> None:

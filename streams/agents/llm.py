@@ -17,8 +17,6 @@ from processors.prompt import build_messages
 from processors.tokens import trim_to_budget
 from schemas.errors import DecodeError
 from schemas.models import (
-    ConversationEvent,
-    ConversationEventKind,
     LLMRequest,
     LLMResponse,
     LLMStatus,
@@ -69,22 +67,7 @@ def _response(
     )
 
 
-def _handoff_event(request: LLMRequest, user_content: str, reason: str) -> ConversationEvent:
-    now = utcnow()
-    return ConversationEvent(
-        event_id=f"{request.turn_id}:handoff",
-        conversation_id=request.conversation_id,
-        tenant=request.tenant,
-        kind=ConversationEventKind.HANDOFF,
-        content=user_content,
-        persona=request.persona,
-        metadata={**request.metadata, "handoff.reason": reason},
-        origin_created_at=request.created_at,
-        created_at=now,
-    )
-
-
-async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, ConversationEvent | None]:
+async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
     """Answer one request as its persona.
 
     Business rules first (an escalation trigger hands the turn to a human, a forbidden topic
@@ -93,7 +76,9 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
     fails, the apology reply or a handoff, as ``llm.on_failure`` says.
 
     Returns:
-        The response, and the handoff event to publish when the turn was escalated.
+        The response. An escalated one (status ``escalated``, ``error`` saying why) makes the
+        conversation stage hand the turn to the humans' handoff topic, if it wins the turn
+        (``processors.conversation.on_llm_response``).
     """
     persona = _persona(rt, request.persona)
     user_content = _user_content(request)
@@ -102,16 +87,13 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
         child(LLM_OUTCOMES, request.persona, "rules", "escalated").inc()
         reason = f"escalation trigger {verdict.trigger!r}"
         reply = finalize_reply(persona, persona.handoff_reply)
-        return (
-            _response(request, LLMStatus.ESCALATED, reply, "rules", error=reason, attempts=0),
-            _handoff_event(request, user_content, reason),
-        )
+        return _response(request, LLMStatus.ESCALATED, reply, "rules", error=reason, attempts=0)
     if isinstance(verdict, Decline):
         child(LLM_OUTCOMES, request.persona, "rules", "ok").inc()
         reply = finalize_reply(persona, persona.fallback_reply)
         return _response(
             request, LLMStatus.OK, reply, "rules", finish_reason="declined", attempts=0
-        ), None
+        )
     history = request.messages[:-1]
     prompt = build_messages(
         persona, history, user_content, rt.config.conversation.max_history_turns
@@ -178,21 +160,18 @@ async def answer(rt: Runtime, request: LLMRequest) -> tuple[LLMResponse, Convers
             rt.config.llm.prices,
         )
         _record_usage(request, engine_name, completion, elapsed, cost)
-        return (
-            _response(
-                request,
-                LLMStatus.OK,
-                finalize_reply(persona, completion.content),
-                engine_name,
-                model=completion.model,
-                finish_reason=completion.finish_reason,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                latency_ms=elapsed * 1000.0,
-                cost_usd=cost,
-                attempts=attempts,
-            ),
-            None,
+        return _response(
+            request,
+            LLMStatus.OK,
+            finalize_reply(persona, completion.content),
+            engine_name,
+            model=completion.model,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            latency_ms=elapsed * 1000.0,
+            cost_usd=cost,
+            attempts=attempts,
         )
     return _failed(
         rt, request, "; ".join(errors) or "no engine configured", LLMStatus.FALLBACK, attempts
@@ -213,7 +192,7 @@ def _user_content(request: LLMRequest) -> str:
 
 def _failed(
     rt: Runtime, request: LLMRequest, error: str, status: LLMStatus, attempts: int
-) -> tuple[LLMResponse, ConversationEvent | None]:
+) -> LLMResponse:
     """The answer to a turn no engine answered: a handoff when ``llm.on_failure`` is
     ``handoff``, else the persona's apology with ``status`` (``fallback`` after the engines
     failed, ``failed`` after an unexpected error)."""
@@ -221,13 +200,17 @@ def _failed(
     if rt.config.llm.on_failure == "handoff":
         child(LLM_OUTCOMES, request.persona, "none", "escalated").inc()
         reply = finalize_reply(persona, persona.handoff_reply)
-        return (
-            _response(request, LLMStatus.ESCALATED, reply, "none", error=error, attempts=attempts),
-            _handoff_event(request, _user_content(request), f"no answer: {error}"),
+        return _response(
+            request,
+            LLMStatus.ESCALATED,
+            reply,
+            "none",
+            error=f"no answer: {error}",
+            attempts=attempts,
         )
     child(LLM_OUTCOMES, request.persona, "none", status.value).inc()
     reply = finalize_reply(persona, persona.apology_reply)
-    return _response(request, status, reply, "none", error=error, attempts=attempts), None
+    return _response(request, status, reply, "none", error=error, attempts=attempts)
 
 
 def _record_usage(
@@ -255,8 +238,7 @@ async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> N
             error_type=exc.error_type,
         )
         return
-    response, handoff = await answer(rt, request)
-    await _send_answer(rt, topics, message, response, handoff)
+    await _send_answer(rt, topics, message, await answer(rt, request))
 
 
 async def _send_answer(
@@ -264,14 +246,9 @@ async def _send_answer(
     topics: dict[str, str],
     message: RawMessage,
     response: LLMResponse,
-    handoff: ConversationEvent | None,
 ) -> None:
-    """Send a turn's response, after its handoff event (if any) to the humans' queue and to
-    the conversation's lifecycle, all keyed by conversation."""
+    """Send a turn's response, keyed by conversation."""
     key = conversation_key(response.tenant, response.conversation_id)
-    if handoff is not None:
-        for name in ("handoff", "conversations"):
-            await send_record(rt, topics[name], handoff, key=key, stage=STAGE, parent=message)
     await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
 
 
@@ -294,10 +271,8 @@ async def _fail_turn(
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError:
         return  # not a request: nothing to answer
-    response, handoff = _failed(
-        rt, request, f"{type(exc).__name__}: {exc}", LLMStatus.FAILED, attempts=0
-    )
-    await _send_answer(rt, topics, message, response, handoff)
+    response = _failed(rt, request, f"{type(exc).__name__}: {exc}", LLMStatus.FAILED, attempts=0)
+    await _send_answer(rt, topics, message, response)
 
 
 def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:

@@ -29,7 +29,9 @@ from processors.conversation_state import (
     Deliver,
     Dropped,
     Effect,
+    HandOff,
     IssueLLM,
+    Refused,
     Transition,
 )
 from processors.ids import scoped_id
@@ -612,3 +614,75 @@ def test_reply_delivery_ids_are_scoped_by_tenant_and_conversation_and_stable() -
     }
     assert len(ids) == 4
     assert reply_id("acme", "c1", "m-1") == reply_id("acme", "c1", "m-1")
+
+
+def test_a_turn_beyond_max_queued_turns_is_refused_and_the_state_kept() -> None:
+    cfg = CFG.model_copy(update={"max_queued_turns": 2})
+    t = user_turn(None, event("e1"), cfg=cfg)
+    first = issued(t)
+    t = user_turn(t.state, event("e2"), cfg=cfg)
+    t = user_turn(t.state, event("e3"), cfg=cfg)
+    assert [q.turn_id for q in t.state.queue] == ["e2", "e3"]
+
+    full = user_turn(t.state, event("e4"), cfg=cfg)
+    (refused,) = full.effects
+    assert isinstance(refused, Refused)
+    assert (refused.event_id, refused.error_type) == ("e4", "QueueFull")
+    assert "2 turns waiting" in refused.reason
+    assert "max_queued_turns" in refused.reason
+    assert full.state == t.state  # not recorded: a replay decides the same way
+
+    answered = on_llm_response(t.state, answer(first), cfg=cfg, now=T0)
+    later = user_turn(answered.state, event("e5"), cfg=cfg)
+    assert later.effects == []
+    assert [q.turn_id for q in later.state.queue] == ["e3", "e5"]
+
+
+def test_the_winning_escalated_response_hands_the_turn_off_with_its_reason() -> None:
+    t = user_turn(None, event("e1", "I want to speak to a human", metadata={"k": "v"}))
+    escalated = answer(issued(t), "A colleague will take over.", LLMStatus.ESCALATED)
+    escalated = escalated.model_copy(update={"error": "escalation trigger 'human'"})
+
+    r = respond(t.state, escalated, T0 + timedelta(seconds=2))
+    assert [type(e) for e in r.effects] == [Deliver, HandOff, Closed]
+    handoff = r.effects[1]
+    assert isinstance(handoff, HandOff)
+    ev = handoff.event
+    assert (ev.event_id, ev.kind, ev.content) == (
+        "e1:handoff",
+        ConversationEventKind.HANDOFF,
+        "I want to speak to a human",
+    )
+    assert (ev.tenant, ev.conversation_id, ev.sender) == ("acme", "c1", "+15550001")
+    assert ev.metadata == {"k": "v", "handoff.reason": "escalation trigger 'human'"}
+    assert r.effects[2] == Closed("handoff: escalation trigger 'human'")
+    assert r.state.status is ConversationStatus.HANDOFF
+    # the user's words are not the close reason (it goes to logs and analytics)
+    assert "speak to a human" not in (r.state.close_reason or "")
+
+
+def test_an_escalation_of_an_attempt_that_lost_the_turn_hands_nothing_off() -> None:
+    """Attempt 0 is slow, the turn is re-issued, attempt 1 answers; attempt 0 then gives up
+    and escalates. Before, the LLM stage sent a handoff event of its own that was applied to
+    the conversation whatever response won: the answered conversation was handed off."""
+    t = user_turn(None, event("e1"))
+    first = issued(t)
+    again = reissue_due(t.state, T0 + timedelta(seconds=31), CFG)
+    won = respond(again.state, answer(issued(again)), T0 + timedelta(seconds=32))
+    assert [type(e) for e in won.effects] == [Deliver]
+
+    late = respond(won.state, answer(first, "A human will help.", LLMStatus.ESCALATED))
+    assert late.effects == [Dropped("e1:0", "duplicate")]
+    assert late.state.status is ConversationStatus.ACTIVE
+    assert late.state.closing is None
+
+
+def test_a_close_the_user_asked_for_wins_over_a_later_escalation() -> None:
+    t = user_turn(None, event("e1", "I want a human"))
+    closing = on_close(t.state, event("x1", "bye", kind=ConversationEventKind.CLOSE), T0)
+    assert closing.effects == []
+
+    r = respond(closing.state, answer(issued(t), "A human will help.", LLMStatus.ESCALATED))
+    assert [type(e) for e in r.effects] == [Deliver, HandOff, Closed]
+    assert r.effects[2] == Closed("bye")
+    assert r.state.status is ConversationStatus.CLOSED

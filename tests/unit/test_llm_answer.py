@@ -70,12 +70,11 @@ async def test_an_engine_raising_an_unexpected_error_falls_back_to_the_next(
     rt = runtime(tmp_path, change)
     broken = with_broken_engine(rt)
 
-    response, handoff = await answer(rt, request())
+    response = await answer(rt, request())
 
     assert broken.calls == 1
     assert (response.status, response.engine, response.attempts) == (LLMStatus.OK, "local", 2)
     assert response.content == "Try plugging it into another USB port or changing the batteries."
-    assert handoff is None
 
 
 async def test_an_unexpected_error_of_the_only_engine_is_handed_off_when_configured(
@@ -89,13 +88,12 @@ async def test_an_unexpected_error_of_the_only_engine_is_handed_off_when_configu
     rt = runtime(tmp_path, change)
     with_broken_engine(rt)
 
-    response, handoff = await answer(rt, request())
+    response = await answer(rt, request())
 
     assert response.status == LLMStatus.ESCALATED
+    assert (response.error or "").startswith("no answer: ")
     assert "unexpected RuntimeError: TLS stream ended" in (response.error or "")
     assert response.content == rt.config.personas["support"].handoff_reply
-    assert handoff is not None
-    assert (handoff.kind, handoff.content, handoff.event_id) == ("handoff", QUESTION, "t1:handoff")
 
 
 async def test_an_engine_whose_context_leaves_no_room_for_the_user_is_skipped(
@@ -108,7 +106,7 @@ async def test_an_engine_whose_context_leaves_no_room_for_the_user_is_skipped(
 
     rt = runtime(tmp_path, change)
 
-    response, _ = await answer(rt, request())
+    response = await answer(rt, request())
 
     assert (response.status, response.engine, response.attempts) == (LLMStatus.OK, "local", 1)
 
@@ -122,7 +120,7 @@ async def test_when_every_engine_is_skipped_the_turn_gets_the_apology_naming_why
 
     rt = runtime(tmp_path, change)
 
-    response, _ = await answer(rt, request())
+    response = await answer(rt, request())
 
     assert response.status == LLMStatus.FALLBACK
     assert response.content == rt.config.personas["support"].apology_reply

@@ -286,3 +286,168 @@ def test_filters_run_in_configured_order_and_first_rejection_wins() -> None:
 def test_unregistered_filter_in_config_raises_key_error() -> None:
     with pytest.raises(KeyError, match="'ghost'"):
         pp.preprocess(make_msg(), cfg(content_filters=["ghost"]), NOW)
+
+
+# --- field limits and the tenant ------------------------------------------------------------
+
+
+def test_default_field_limits() -> None:
+    defaults = cfg()
+    assert defaults.max_tenant_chars == 64
+    assert defaults.max_message_id_chars == 256
+    assert defaults.max_conversation_id_chars == 256
+    assert defaults.max_sender_chars == 320
+    assert defaults.max_recipients == 100
+    assert defaults.max_recipient_chars == 320
+    assert defaults.max_subject_chars == 998
+    assert defaults.max_metadata_bytes == 16384
+
+
+@pytest.mark.parametrize(
+    ("field", "limit", "setting", "error_type"),
+    [
+        ("message_id", 256, "max_message_id_chars", "MessageIdTooLong"),
+        ("in_response_to", 256, "max_message_id_chars", "MessageIdTooLong"),
+        ("conversation_id", 256, "max_conversation_id_chars", "ConversationIdTooLong"),
+        ("sender", 320, "max_sender_chars", "SenderTooLong"),
+        ("subject", 998, "max_subject_chars", "SubjectTooLong"),
+    ],
+)
+def test_each_field_is_accepted_at_its_default_limit_and_rejected_one_over(
+    field: str, limit: int, setting: str, error_type: str
+) -> None:
+    at_limit = pp.preprocess(make_msg(**{field: "é" * limit}), cfg(), NOW)
+    assert isinstance(at_limit, pp.Accepted), at_limit
+    over = pp.preprocess(make_msg(**{field: "é" * (limit + 1)}), cfg(), NOW)
+    assert over == pp.Rejected(
+        "ingest.preprocess",
+        f"{field} is {limit + 1} characters, limit is {limit} (preprocess.{setting})",
+        error_type,
+    )
+
+
+def test_field_limits_are_configurable() -> None:
+    assert isinstance(
+        pp.preprocess(make_msg(sender="+4412"), cfg(max_sender_chars=5), NOW), pp.Accepted
+    )
+    rejected = pp.preprocess(make_msg(sender="+44123"), cfg(max_sender_chars=5), NOW)
+    assert isinstance(rejected, pp.Rejected)
+    assert rejected.reason == "sender is 6 characters, limit is 5 (preprocess.max_sender_chars)"
+
+
+def test_recipients_are_limited_in_number_and_each_in_length() -> None:
+    hundred = [f"user{n}@example.com" for n in range(100)]
+    assert isinstance(pp.preprocess(make_msg(recipients=hundred), cfg(), NOW), pp.Accepted)
+    too_many = pp.preprocess(make_msg(recipients=[*hundred, "one@more.com"]), cfg(), NOW)
+    assert too_many == pp.Rejected(
+        "ingest.preprocess",
+        "101 recipients, limit is 100 (preprocess.max_recipients)",
+        "TooManyRecipients",
+    )
+    longest = "a" * 308 + "@example.com"  # 320 characters
+    ok = pp.preprocess(make_msg(recipients=["x@example.com", longest]), cfg(), NOW)
+    assert isinstance(ok, pp.Accepted)
+    too_long = pp.preprocess(make_msg(recipients=["x@example.com", "a" + longest]), cfg(), NOW)
+    assert too_long == pp.Rejected(
+        "ingest.preprocess",
+        "recipients[1] is 321 characters, limit is 320 (preprocess.max_recipient_chars)",
+        "RecipientTooLong",
+    )
+
+
+def test_metadata_is_limited_in_utf8_bytes_of_keys_and_values() -> None:
+    # 2 + 6 + 2 + 3 * 5458 = 16384 bytes: "€" is 3 bytes in UTF-8 (5,468 characters)
+    at_limit = {"k1": "value1", "k2": "€" * 5458}
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in at_limit.items()) == 16384
+    assert isinstance(pp.preprocess(make_msg(metadata=at_limit), cfg(), NOW), pp.Accepted)
+    over = {**at_limit, "k2": at_limit["k2"] + "z"}
+    assert pp.preprocess(make_msg(metadata=over), cfg(), NOW) == pp.Rejected(
+        "ingest.preprocess",
+        "metadata is 16385 bytes (UTF-8 keys and values of 2 entries), limit is 16384 "
+        "(preprocess.max_metadata_bytes)",
+        "MetadataTooLarge",
+    )
+    emoji = {"k": "\U0001f600" * 4095 + "xyz"}  # 1 + 4 * 4095 + 3 = 16384 bytes
+    assert isinstance(pp.preprocess(make_msg(metadata=emoji), cfg(), NOW), pp.Accepted)
+    emoji_over = pp.preprocess(make_msg(metadata={"k": emoji["k"] + "!"}), cfg(), NOW)
+    assert isinstance(emoji_over, pp.Rejected)
+    assert emoji_over.reason.startswith("metadata is 16385 bytes")
+    big_key = {"k" * 20: "v"}
+    rejected = pp.preprocess(make_msg(metadata=big_key), cfg(max_metadata_bytes=20), NOW)
+    assert isinstance(rejected, pp.Rejected)
+    assert rejected.reason.startswith("metadata is 21 bytes")
+
+
+def test_the_reviewers_control_character_metadata_is_rejected_at_ingest() -> None:
+    msg = make_msg("hi", metadata={"x": "\x01" * 1_500_000})
+    result = pp.preprocess(msg, cfg(), NOW)
+    assert isinstance(result, pp.Rejected)
+    assert result.error_type == "MetadataTooLarge"
+    assert result.reason.startswith("metadata is 1500001 bytes")
+
+
+@pytest.mark.parametrize("tenant", ["acme", "acme-eu_1.prod", "t", "a" * 64, "Société Générale"])
+def test_ordinary_tenants_are_accepted(tenant: str) -> None:
+    assert isinstance(pp.preprocess(make_msg(tenant=tenant), cfg(), NOW), pp.Accepted)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "reason"),
+    [
+        ("", "tenant '' is empty"),
+        (
+            "a" * 65,
+            f"tenant {'a' * 64!r}... is 65 characters, limit is 64 (preprocess.max_tenant_chars)",
+        ),
+        (
+            "acme/eu",
+            "tenant 'acme/eu' contains '/', which separates tenant and conversation id in "
+            "conversation keys",
+        ),
+        (
+            "acme:eu",
+            "tenant 'acme:eu' contains ':', which separates tenant and message id in dedup keys",
+        ),
+        ("ac\x00me", "tenant 'ac\\x00me' contains a control character"),
+        ("acme\n", "tenant 'acme\\n' contains a control character"),
+    ],
+)
+def test_invalid_tenants_are_rejected_with_the_rule(tenant: str, reason: str) -> None:
+    result = pp.preprocess(make_msg(tenant=tenant), cfg(), NOW)
+    assert result == pp.Rejected("ingest.preprocess", reason, "InvalidTenant")
+
+
+def test_tenant_limit_is_configurable() -> None:
+    assert isinstance(
+        pp.preprocess(make_msg(tenant="abc"), cfg(max_tenant_chars=3), NOW), pp.Accepted
+    )
+    result = pp.preprocess(make_msg(tenant="abcd"), cfg(max_tenant_chars=3), NOW)
+    assert isinstance(result, pp.Rejected)
+    assert result.error_type == "InvalidTenant"
+
+
+def test_two_tenants_can_no_longer_share_a_conversation_key() -> None:
+    # tenant "acme" + conversation "eu/42" and tenant "acme/eu" + conversation "42" would both
+    # be "acme/eu/42": one state, one history sent to the LLM for both tenants.
+    first = pp.preprocess(make_msg(tenant="acme", conversation_id="eu/42"), cfg(), NOW)
+    assert isinstance(first, pp.Accepted)
+    assert pp.conversation_key("acme", first.conversation_id) == "acme/eu/42"
+    second = pp.preprocess(make_msg(tenant="acme/eu", conversation_id="42"), cfg(), NOW)
+    assert isinstance(second, pp.Rejected)
+    assert second.error_type == "InvalidTenant"
+    # nor a dedup key: "dedup:acme:eu:1" for tenant "acme", message "eu:1"
+    third = pp.preprocess(make_msg(tenant="acme:eu", message_id="1"), cfg(), NOW)
+    assert isinstance(third, pp.Rejected)
+    assert third.error_type == "InvalidTenant"
+
+
+def test_tenant_and_field_limits_are_checked_before_expiry_and_content() -> None:
+    expired = {"ttl_ms": 1, "created_at": NOW - timedelta(seconds=5)}
+    result = pp.preprocess(
+        make_msg("x" * 5000, tenant="a/b", sender="s" * 400, **expired), cfg(), NOW
+    )
+    assert isinstance(result, pp.Rejected)
+    assert result.error_type == "InvalidTenant"
+    result = pp.preprocess(make_msg("x" * 5000, sender="s" * 400, **expired), cfg(), NOW)
+    assert isinstance(result, pp.Rejected)
+    assert result.error_type == "SenderTooLong"

@@ -1,0 +1,420 @@
+"""The conversation stage never stores a state too large for its changelog.
+
+Before the guard, one input whose new state encoded (as JSON) to more than the producer's
+``max_request_size`` had its effects sent, and then the changelog write failed after the
+batch's acknowledgements: the worker exited without committing, and the replay did the same on
+every worker that took the partition. Now the input is dead-lettered instead, the conversation
+keeps its state and goes on.
+
+The stage is driven without a broker: ``_handle`` over a ``Batch`` of a real ``ChangelogTable``
+whose producer (``RecordingProducer``) refuses records over its ``max_request_size`` the way
+aiokafka's ``send()`` does; the batch's after-acknowledgement actions (the changelog write) are
+run as ``BatchConsumer._finish`` runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
+from support.producer import RecordingProducer
+
+from processors.conversation import on_user_turn
+from processors.conversation_state import ConversationState
+from processors.preprocess import conversation_key
+from schemas.models import (
+    AvroRecord,
+    ConversationEvent,
+    DeadLetter,
+    DeliveryRequest,
+    LLMRequest,
+    LLMResponse,
+    LLMStatus,
+    utcnow,
+)
+from streams.agents import conversation as agent
+from streams.agents.conversation import Batch, _decode_state, _encode_state, _handle
+from streams.runtime import Runtime
+from streams.settings import Settings, default_config_path, load_config
+from streams.table import CHANGELOG_HEADROOM_BYTES, ChangelogTable, Encoded
+from streams.transport import MAX_REQUEST_SIZE, BatchContext, handling
+
+LIMIT = 64 * 1024
+"""The producer's max_request_size in most tests here: small, so that states are cheap."""
+TOPICS = {
+    name: f"t.{name}"
+    for name in (
+        "conversations",
+        "llm_requests",
+        "llm_responses",
+        "delivery_requests",
+        "analytics",
+        "deadletter",
+        "handoff",
+    )
+}
+CHANGELOG = "t.changelog"
+TENANT = "acme"
+CONVERSATION = "c1"
+KEY = conversation_key(TENANT, CONVERSATION).encode()
+
+
+class Producer(RecordingProducer):
+    """A ``RecordingProducer`` whose acknowledgements carry an offset, as the table expects."""
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        ack = await super().send(topic, value, key=key, partition=partition, headers=headers)
+        metadata: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        metadata.set_result(SimpleNamespace(offset=len(self.sent) - 1))
+        return metadata if ack.exception() is None else ack
+
+
+class Stage:
+    """The conversation stage of one worker holding partition 0, without a broker."""
+
+    def __init__(self, tmp_path: Path, max_request_size: int = LIMIT) -> None:
+        self.rt = Runtime(Settings(data_dir=tmp_path), load_config(default_config_path()))
+        self.producer = Producer(max_request_size=max_request_size)
+        self.rt.kafka = self.producer  # type: ignore[assignment]
+        self.table: ChangelogTable[ConversationState] = ChangelogTable(
+            self.rt.settings,
+            self.producer,  # type: ignore[arg-type]
+            CHANGELOG,
+            encode=_encode_state,
+            decode=_decode_state,
+        )
+        self.table._data[0] = {}  # partition 0 held (what restore() does on assignment)
+        self.offset = 0
+
+    def record(self, value: AvroRecord) -> ConsumerRecord[bytes, bytes]:
+        data = self.rt.codec.encode(value)
+        self.offset += 1
+        return ConsumerRecord(
+            topic=TOPICS["conversations"],
+            partition=0,
+            offset=self.offset,
+            timestamp=0,
+            timestamp_type=0,
+            key=KEY,
+            value=data,
+            checksum=None,
+            serialized_key_size=len(KEY),
+            serialized_value_size=len(data),
+            headers=[],
+        )
+
+    async def batch(self, *records: AvroRecord) -> None:
+        """Handle one batch, then run its after-acknowledgement actions (the changelog
+        writes) as ``BatchConsumer._finish`` does: an exception here is what made the worker
+        exit with status 70."""
+        ctx = BatchContext()
+        with handling(ctx):
+            batch = Batch(self.table)
+            for value in records:
+                await _handle(self.rt, TOPICS, batch, self.record(value))
+            batch.commit()
+        with handling(BatchContext()):
+            for action in ctx.after:
+                await action()
+
+    def sent(self, topic: str) -> list[bytes]:
+        return [s.value for s in self.producer.sent if s.topic == TOPICS.get(topic, topic)]
+
+    def requests(self) -> list[LLMRequest]:
+        return [self.rt.codec.decode(v, LLMRequest) for v in self.sent("llm_requests")]
+
+    def deliveries(self) -> list[DeliveryRequest]:
+        return [self.rt.codec.decode(v, DeliveryRequest) for v in self.sent("delivery_requests")]
+
+    def letters(self) -> list[DeadLetter]:
+        return [self.rt.codec.decode(v, DeadLetter) for v in self.sent("deadletter")]
+
+    def state(self) -> ConversationState:
+        state = self.table.get(0, KEY)
+        assert state is not None
+        return state
+
+
+def turn(event_id: str, content: str = "hello", **fields: object) -> ConversationEvent:
+    now = utcnow()
+    return ConversationEvent.model_validate(
+        {
+            "event_id": event_id,
+            "conversation_id": CONVERSATION,
+            "tenant": TENANT,
+            "content": content,
+            "sender": "user@example.com",
+            "origin_created_at": now,
+            "created_at": now,
+            **fields,
+        }
+    )
+
+
+def answer(request: LLMRequest, content: str = "an answer") -> LLMResponse:
+    return LLMResponse(
+        request_id=request.request_id,
+        conversation_id=request.conversation_id,
+        tenant=request.tenant,
+        turn_id=request.turn_id,
+        persona=request.persona,
+        status=LLMStatus.OK,
+        content=content,
+        engine="local",
+        created_at=utcnow(),
+    )
+
+
+def _count(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _too_large_counts() -> tuple[float, float]:
+    return (
+        _count("switchboard_stage_errors_total", stage="conversation", error_type="StateTooLarge"),
+        _count("switchboard_deadletters_total", stage="conversation.state", reason="StateTooLarge"),
+    )
+
+
+def _size_in(reason: str) -> int:
+    found = re.search(r"new state would be (\d+) bytes", reason)
+    assert found is not None, reason
+    return int(found.group(1))
+
+
+def _would_be(stage: Stage, event: ConversationEvent) -> int:
+    """Size of the state the stage's own transition makes of ``event`` (at another instant,
+    so within a few bytes: timestamps of a whole millisecond are written shorter)."""
+    config = stage.rt.config
+    state = stage.table.get(0, KEY)
+    new = on_user_turn(
+        state,
+        event,
+        persona=config.routing.default_persona,
+        override_continuity=False,
+        continuity=config.routing.continuity,
+        cfg=config.conversation,
+        personas=config.personas,
+        now=utcnow(),
+    ).state
+    return len(_encode_state(new))
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Stage:
+    return Stage(tmp_path)
+
+
+BLOB = "\x01" * 12_000
+"""Metadata of 12,000 bytes in Avro and 72,000 as JSON (``\\u0001`` each): over LIMIT."""
+
+
+async def test_turn_whose_new_state_is_too_large_is_dead_lettered_and_the_state_kept(
+    stage: Stage,
+) -> None:
+    await stage.batch(turn("m1", "first question"))
+    (first,) = stage.requests()
+    await stage.batch(answer(first, "first answer"))
+    before = stage.state()
+    errors, letters = _too_large_counts()
+    big = turn("m2", "second question", metadata={"x": BLOB})
+    expected = _would_be(stage, big)
+    assert expected > LIMIT
+
+    await stage.batch(big)  # before the guard: MessageSizeTooLargeError here (exit 70)
+
+    (letter,) = stage.letters()
+    assert letter.stage == "conversation.state"
+    assert letter.error_type == "StateTooLarge"
+    assert letter.message_id == "m2"
+    assert letter.tenant == TENANT
+    assert letter.original_key == KEY
+    assert letter.original_value == stage.rt.codec.encode(big)
+    limit = stage.table.max_value_bytes(KEY)
+    assert limit == LIMIT - len(KEY) - CHANGELOG_HEADROOM_BYTES
+    assert f"over the limit of {limit} bytes" in letter.reason
+    assert abs(_size_in(letter.reason) - expected) <= 16
+    assert len(stage.requests()) == 1  # no LLM request for m2
+    assert stage.state() == before  # not applied: m2 not queued, not remembered
+    assert "m2" not in stage.state().recent_ids
+    assert _too_large_counts() == (errors + 1, letters + 1)
+
+    await stage.batch(turn("m3", "third question"))  # the conversation goes on
+    third = stage.requests()[-1]
+    assert third.turn_id == "m3"
+    assert [m.content for m in third.messages][-3:] == [
+        "first question",
+        "first answer",
+        "third question",
+    ]
+    await stage.batch(answer(third, "third answer"))
+    assert [d.content for d in stage.deliveries()] == ["first answer", "third answer"]
+    assert len(stage.letters()) == 1
+
+
+async def test_in_one_batch_the_records_after_a_refused_one_are_handled(stage: Stage) -> None:
+    await stage.batch(turn("m1"), turn("m2", metadata={"x": BLOB}), turn("m3"))
+    assert [letter.message_id for letter in stage.letters()] == ["m2"]
+    assert [r.turn_id for r in stage.requests()] == ["m1"]
+    state = stage.state()
+    assert state.pending is not None
+    assert state.pending.turn_id == "m1"
+    assert [t.turn_id for t in state.queue] == ["m3"]
+    (changelog,) = stage.sent(CHANGELOG)  # the batch's one write, the state after m3
+    assert _decode_state(changelog) == state
+
+
+async def test_turn_queued_behind_a_pending_one_is_refused_and_the_queue_still_drains(
+    stage: Stage,
+) -> None:
+    await stage.batch(turn("m1"))
+    await stage.batch(turn("m2", metadata={"x": BLOB}))  # would wait in the queue
+    await stage.batch(turn("m3"))
+    assert [t.turn_id for t in stage.state().queue] == ["m3"]
+    (first,) = stage.requests()
+    await stage.batch(answer(first))
+    assert [r.turn_id for r in stage.requests()] == ["m1", "m3"]
+    assert [letter.message_id for letter in stage.letters()] == ["m2"]
+
+
+async def test_response_whose_new_state_is_too_large_is_refused_and_the_turn_stays_pending(
+    stage: Stage,
+) -> None:
+    await stage.batch(turn("m1"))
+    (request,) = stage.requests()
+    before = stage.state()
+    await stage.batch(answer(request, "y" * LIMIT))  # the reply would join the history
+
+    (letter,) = stage.letters()
+    assert letter.stage == "conversation.state"
+    assert letter.message_id == "m1"  # the turn answered
+    assert _size_in(letter.reason) > stage.table.max_value_bytes(KEY)
+    assert stage.deliveries() == []
+    assert stage.state() == before
+    assert stage.state().pending is not None
+
+    await stage.batch(answer(request, "a short answer"))  # e.g. the re-issued turn's
+    assert [d.content for d in stage.deliveries()] == ["a short answer"]
+
+
+async def test_the_reviewers_record_with_the_real_producer_limit(tmp_path: Path) -> None:
+    """1.5 MB of control characters in metadata: 9 MB as JSON, over the 8 MiB limit."""
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    big = turn("m1", "hi", metadata={"x": "\x01" * 1_500_000})
+    await stage.batch(big, turn("m2", "hello again"))
+    (letter,) = stage.letters()
+    assert letter.error_type == "StateTooLarge"
+    assert _size_in(letter.reason) > MAX_REQUEST_SIZE
+    assert letter.original_value == stage.rt.codec.encode(big)  # the whole record fits
+    assert [r.turn_id for r in stage.requests()] == ["m2"]
+    assert all(len(v) < 10_000 for v in stage.sent(CHANGELOG))
+
+
+async def test_each_new_state_is_encoded_once_and_those_bytes_are_written(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[bytes] = []
+
+    def counting(state: ConversationState) -> bytes:
+        data = _encode_state(state)
+        encoded.append(data)
+        return data
+
+    monkeypatch.setattr(agent, "_encode_state", counting)
+    stage.table.encode = counting
+    await stage.batch(turn("m1"))
+    assert len(encoded) == 1
+    assert stage.sent(CHANGELOG) == encoded
+    (request,) = stage.requests()
+    await stage.batch(answer(request), answer(request))  # the second one: a duplicate
+    assert len(encoded) == 2  # the duplicate left the state as it was: not encoded again
+    assert stage.sent(CHANGELOG)[-1] == encoded[-1]
+    assert _decode_state(encoded[-1]) == stage.state()
+
+
+async def test_put_many_stores_an_encoded_value_and_writes_its_bytes(tmp_path: Path) -> None:
+    stage = Stage(tmp_path)
+    state = _decode_state(_encode_state(on_user_turn_state()))
+
+    def refuse(value: ConversationState) -> bytes:
+        raise AssertionError("an Encoded value is not encoded again")
+
+    stage.table.encode = refuse
+    ctx = BatchContext()
+    with handling(ctx):
+        stage.table.put_many([(0, b"k", Encoded(state, b"given bytes")), (0, b"gone", None)])
+    assert stage.table.get(0, b"k") is state
+    with handling(BatchContext()):
+        for action in ctx.after:
+            await action()
+    assert [(s.key, s.value) for s in stage.producer.sent] == [
+        (b"k", b"given bytes"),
+        (b"gone", None),
+    ]
+
+
+def on_user_turn_state() -> ConversationState:
+    config = load_config(default_config_path())
+    return on_user_turn(
+        None,
+        turn("m1"),
+        persona=config.routing.default_persona,
+        override_continuity=False,
+        continuity=True,
+        cfg=config.conversation,
+        personas=config.personas,
+        now=utcnow(),
+    ).state
+
+
+async def test_a_turn_beyond_max_queued_turns_is_dead_lettered_as_queue_full(
+    stage: Stage,
+) -> None:
+    config = stage.rt.config
+    stage.rt.config = config.model_copy(
+        update={"conversation": config.conversation.model_copy(update={"max_queued_turns": 1})}
+    )
+    await stage.batch(turn("m1"), turn("m2"), turn("m3"))
+    (letter,) = stage.letters()
+    assert (letter.stage, letter.error_type, letter.message_id) == (
+        "conversation.queue",
+        "QueueFull",
+        "m3",
+    )
+    assert "max_queued_turns" in letter.reason
+    assert stage.rt.codec.decode(letter.original_value, ConversationEvent).event_id == "m3"
+    assert [q.turn_id for q in stage.state().queue] == ["m2"]
+    assert [r.turn_id for r in stage.requests()] == ["m1"]
+
+
+async def test_the_winning_escalated_response_goes_to_the_handoff_topic(stage: Stage) -> None:
+    await stage.batch(turn("m1", "I want a human"))
+    (request,) = stage.requests()
+    escalated = answer(request, "A colleague will take over.").model_copy(
+        update={"status": LLMStatus.ESCALATED, "error": "escalation trigger 'human'"}
+    )
+    await stage.batch(escalated)
+    (sent,) = stage.sent("handoff")
+    handoff = stage.rt.codec.decode(sent, ConversationEvent)
+    assert (handoff.event_id, handoff.kind.value, handoff.content) == (
+        "m1:handoff",
+        "handoff",
+        "I want a human",
+    )
+    assert handoff.metadata["handoff.reason"] == "escalation trigger 'human'"
+    assert [d.content for d in stage.deliveries()] == ["A colleague will take over."]
+    assert stage.state().status.value == "handoff"
