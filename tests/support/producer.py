@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from aiokafka.errors import MessageSizeTooLargeError
@@ -25,9 +26,11 @@ class Sent:
 class RecordingProducer:
     """Takes records like aiokafka's ``send()``: ``MessageSizeTooLargeError`` above
     ``max_request_size`` (``DefaultRecordBatchBuilder.estimate_size_in_bytes``), else a
-    delivery future counted in the batch being handled. ``raises``: errors ``send()`` raises
-    in turn before taking a record; ``refusals``: errors the acknowledgements of the records
-    taken fail with in turn (None for an acknowledged record)."""
+    delivery future counted in the batch being handled (its result has ``topic``,
+    ``partition`` and ``offset``, the record's index in ``sent``). ``raises``: errors
+    ``send()`` raises in turn before taking a record; ``refusals``: errors the
+    acknowledgements of the records taken fail with in turn (None for an acknowledged
+    record)."""
 
     max_request_size: int = MAX_REQUEST_SIZE
     raises: list[Exception] = field(default_factory=list)
@@ -52,8 +55,10 @@ class RecordingProducer:
         self.sent.append(Sent(topic, value, key, headers, size))
         ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         refusal = self.refusals.pop(0) if self.refusals else None
-        if refusal is None:
-            ack.set_result(None)
+        if refusal is None:  # like aiokafka's RecordMetadata: where the record went
+            ack.set_result(
+                SimpleNamespace(topic=topic, partition=partition, offset=len(self.sent) - 1)
+            )
         else:
             ack.set_exception(refusal)
         track_acknowledgement(ack)

@@ -14,11 +14,8 @@ run as ``BatchConsumer._finish`` runs them.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord
@@ -65,30 +62,12 @@ CONVERSATION = "c1"
 KEY = conversation_key(TENANT, CONVERSATION).encode()
 
 
-class Producer(RecordingProducer):
-    """A ``RecordingProducer`` whose acknowledgements carry an offset, as the table expects."""
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes | None = None,
-        partition: int | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]:
-        ack = await super().send(topic, value, key=key, partition=partition, headers=headers)
-        metadata: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        metadata.set_result(SimpleNamespace(offset=len(self.sent) - 1))
-        return metadata if ack.exception() is None else ack
-
-
 class Stage:
     """The conversation stage of one worker holding partition 0, without a broker."""
 
     def __init__(self, tmp_path: Path, max_request_size: int = LIMIT) -> None:
         self.rt = Runtime(Settings(data_dir=tmp_path), load_config(default_config_path()))
-        self.producer = Producer(max_request_size=max_request_size)
+        self.producer = RecordingProducer(max_request_size=max_request_size)
         self.rt.kafka = self.producer  # type: ignore[assignment]
         self.table: ChangelogTable[ConversationState] = ChangelogTable(
             self.rt.settings,
