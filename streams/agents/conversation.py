@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 STAGE = "conversation"
 STATE_STAGE = "conversation.state"
 """Dead-letter stage of an input whose new state would be too large for the changelog."""
+QUEUE_STAGE = "conversation.queue"
+"""Dead-letter stage of a user turn refused because the conversation's queue is full."""
 
 
 def apply(
@@ -203,9 +205,8 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         return
     if is_tick and not transition.effects and transition.state == before:
         return  # a tick that found nothing due: no changelog write
-    if transition.state is before:  # stored or staged already, so known to fit
-        encoded = batch.encoded.get(key)
-    else:  # measured before anything is sent; the table writes these bytes
+    changed = transition.state is not before  # else stored or staged already: no write
+    if changed:  # measured before anything is sent; the table writes these bytes
         encoded = _encode_state(transition.state)
         limit = batch.table.max_value_bytes(key)
         if len(encoded) > limit:
@@ -238,7 +239,7 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
                 rt,
                 topics["deadletter"],
                 message,
-                stage="conversation.queue",
+                stage=QUEUE_STAGE,
                 reason=effect.reason,
                 error_type=effect.error_type,
                 message_id=effect.event_id,
@@ -251,7 +252,8 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )
-    batch.stage(message.partition, key, transition.state, encoded)
+    if changed:
+        batch.stage(message.partition, key, transition.state, encoded)
 
 
 async def _state_too_large(

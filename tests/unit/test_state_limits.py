@@ -397,3 +397,12 @@ async def test_the_winning_escalated_response_goes_to_the_handoff_topic(stage: S
     assert handoff.metadata["handoff.reason"] == "escalation trigger 'human'"
     assert [d.content for d in stage.deliveries()] == ["A colleague will take over."]
     assert stage.state().status.value == "handoff"
+
+
+async def test_an_input_that_changes_no_state_writes_no_changelog_record(stage: Stage) -> None:
+    await stage.batch(turn("m1"))
+    written = len(stage.sent(CHANGELOG))
+    assert written == 1
+    await stage.batch(turn("m1"))  # a redelivered duplicate: dropped, the state unchanged
+    assert len(stage.sent(CHANGELOG)) == written
+    assert [r.turn_id for r in stage.requests()] == ["m1"]
