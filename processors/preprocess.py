@@ -265,25 +265,23 @@ def _fields(msg: InboundMessage, cfg: PreprocessConfig) -> Rejected | None:
 
     Plain comparisons first: this runs for every message, and a rejection is rare.
     """
-    ids = cfg.max_message_id_chars
-    if len(msg.message_id) > ids:
-        return _too_long(
-            "message_id", len(msg.message_id), ids, "max_message_id_chars", "MessageIdTooLong"
-        )
-    if msg.in_response_to is not None and len(msg.in_response_to) > ids:
-        size = len(msg.in_response_to)
-        return _too_long("in_response_to", size, ids, "max_message_id_chars", "MessageIdTooLong")
-    limit = cfg.max_conversation_id_chars
-    if msg.conversation_id is not None and len(msg.conversation_id) > limit:
-        size = len(msg.conversation_id)
-        setting = "max_conversation_id_chars"
-        return _too_long("conversation_id", size, limit, setting, "ConversationIdTooLong")
-    if len(msg.sender) > cfg.max_sender_chars:
-        size, limit = len(msg.sender), cfg.max_sender_chars
-        return _too_long("sender", size, limit, "max_sender_chars", "SenderTooLong")
-    if msg.subject is not None and len(msg.subject) > cfg.max_subject_chars:
-        size, limit = len(msg.subject), cfg.max_subject_chars
-        return _too_long("subject", size, limit, "max_subject_chars", "SubjectTooLong")
+    ids, conversations = cfg.max_message_id_chars, cfg.max_conversation_id_chars
+    limited = (
+        ("message_id", msg.message_id, ids, "max_message_id_chars", "MessageIdTooLong"),
+        ("in_response_to", msg.in_response_to, ids, "max_message_id_chars", "MessageIdTooLong"),
+        (
+            "conversation_id",
+            msg.conversation_id,
+            conversations,
+            "max_conversation_id_chars",
+            "ConversationIdTooLong",
+        ),
+        ("sender", msg.sender, cfg.max_sender_chars, "max_sender_chars", "SenderTooLong"),
+        ("subject", msg.subject, cfg.max_subject_chars, "max_subject_chars", "SubjectTooLong"),
+    )
+    for field, value, limit, setting, error_type in limited:
+        if value is not None and len(value) > limit:
+            return _too_long(field, len(value), limit, setting, error_type)
     recipients = msg.recipients
     if recipients:
         if len(recipients) > cfg.max_recipients:
@@ -292,13 +290,11 @@ def _fields(msg: InboundMessage, cfg: PreprocessConfig) -> Rejected | None:
                 "(preprocess.max_recipients)"
             )
             return Rejected(STAGE, reason, "TooManyRecipients")
+        limit = cfg.max_recipient_chars
         for index, recipient in enumerate(recipients):
-            if len(recipient) > cfg.max_recipient_chars:
-                reason = (
-                    f"recipients[{index}] is {len(recipient)} characters, limit is "
-                    f"{cfg.max_recipient_chars} (preprocess.max_recipient_chars)"
-                )
-                return Rejected(STAGE, reason, "RecipientTooLong")
+            if len(recipient) > limit:
+                field, size = f"recipients[{index}]", len(recipient)
+                return _too_long(field, size, limit, "max_recipient_chars", "RecipientTooLong")
     metadata = msg.metadata
     if metadata:
         limit = cfg.max_metadata_bytes
