@@ -129,25 +129,22 @@ class ChangelogTable(Generic[V]):
             KeyError: a partition is not held by this worker.
             RuntimeError: called outside a batch being handled by a ``BatchConsumer``.
         """
-        encoded: list[tuple[int, bytes, bytes | None]] = []
-        for p, key, value in changes:
-            if value is None:
-                encoded.append((p, key, None))
-            elif isinstance(value, Encoded):
-                encoded.append((p, key, value.data))
-            else:
-                encoded.append((p, key, self.encode(value)))
-        for partition, key, value in changes:
+        # Everything is encoded before anything is stored: an encode error changes nothing.
+        encoded: list[tuple[int, bytes, V | None, bytes | None]] = [
+            (p, key, value.value, value.data)
+            if isinstance(value, Encoded)
+            else (p, key, value, None if value is None else self.encode(value))
+            for p, key, value in changes
+        ]
+        for partition, key, stored, _ in encoded:
             entries = self._data[partition]
-            if value is None:
+            if stored is None:
                 entries.pop(key, None)
-            elif isinstance(value, Encoded):
-                entries[key] = value.value
             else:
-                entries[key] = value
+                entries[key] = stored
 
         async def write() -> None:
-            for partition, key, data in encoded:
+            for partition, key, _, data in encoded:
                 ack = await self.producer.send(self.changelog, data, key=key, partition=partition)
                 ack.add_done_callback(functools.partial(self._written, partition))
 
