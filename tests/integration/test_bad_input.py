@@ -146,11 +146,8 @@ def own_stack(
     """A stack of its own: before the fix, the record below made its worker exit."""
     embedded = new_stack(tmp_path_factory.mktemp("big-dead-letter"), "bigdl")
     embedded.config = pipeline_config
-    embedded.start()
-    try:
+    with embedded:  # started here, stopped on exit
         yield embedded
-    finally:
-        embedded.stop()
 
 
 async def test_record_whose_dead_letter_exceeds_the_producer_limit_is_cut_and_the_stage_goes_on(

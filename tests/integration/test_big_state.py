@@ -39,11 +39,8 @@ def big_state_stack(
     """A stack of its own: before the fix, the record below made its worker exit."""
     embedded = new_stack(tmp_path_factory.mktemp("big-state"), "bigstate")
     embedded.config = pipeline_config
-    embedded.start()
-    try:
+    with embedded:  # started here, stopped on exit
         yield embedded
-    finally:
-        embedded.stop()
 
 
 def _turn(conversation: str, content: str, **metadata: str) -> ConversationEvent:

@@ -45,12 +45,9 @@ def registry_stack(
         stack = new_stack(tmp_path_factory.mktemp("registry-mode"), "srmode")
         stack.config = pipeline_config
         stack.schema_registry_url = server.url
-        stack.start()
-        try:
+        with stack:  # started here, stopped on exit
             stack.wait_ready()
             yield stack, server.registry
-        finally:
-            stack.stop()
 
 
 def _schema_id(registry: LoopbackRegistry, short_name: str) -> int:
