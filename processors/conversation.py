@@ -94,6 +94,7 @@ __all__ = [
     "prune_at",
     "prune_due",
     "reissue_due",
+    "shed_history",
     "summarize",
 ]
 
@@ -175,6 +176,41 @@ def _is_duplicate(state: ConversationState, event_id: str) -> bool:
 
 def _with_history(state: ConversationState, turn: Turn, cfg: ConversationConfig) -> list[Turn]:
     return [*state.history, turn][-cfg.max_history_turns :]
+
+
+def shed_history(
+    state: ConversationState, excess_bytes: int, *, keep_newest: int = 0
+) -> tuple[ConversationState, int] | None:
+    """Drop the oldest history turns until the state's JSON is ``excess_bytes`` shorter.
+
+    The conversation stage calls this when a new state would be ``excess_bytes`` (bytes, > 0)
+    over what one changelog record may hold. The history is only context for the LLM, which
+    trims it to a token budget anyway, so the oldest turns go first; the turn in flight, the
+    queue, the dedup ids and the counters stay. Without this a conversation whose state came
+    near the limit would refuse every later input, its LLM responses included, and re-issue
+    its pending turn at every deadline.
+
+    The bytes freed are exact for ``model_dump_json`` output: each turn's JSON, plus the comma
+    that separated it from the next one.
+
+    Args:
+        state: The new state, ``excess_bytes`` too large.
+        excess_bytes: Bytes to free.
+        keep_newest: Turns at the end of the history that must stay (the caller keeps the
+            turns its input added: an input too large on its own is refused, not stored
+            without its own turn).
+
+    Returns:
+        ``(state, turns_dropped)``, or None when dropping every turn it may drop frees fewer
+        than ``excess_bytes`` (the caller must then refuse the input).
+    """
+    freed = 0
+    history = state.history
+    for count, turn in enumerate(history[: max(len(history) - keep_newest, 0)], start=1):
+        freed += len(turn.model_dump_json().encode()) + (count < len(history))
+        if freed >= excess_bytes:
+            return state.model_copy(update={"history": history[count:]}), count
+    return None
 
 
 def _request(state: ConversationState, turn: PendingTurn, cfg: ConversationConfig) -> LLMRequest:

@@ -18,6 +18,7 @@ __all__ = [
     "DELIVERIES",
     "DROPPED",
     "END_TO_END_LATENCY",
+    "HISTORY_SHED",
     "LLM_COST",
     "LLM_IN_FLIGHT",
     "LLM_LATENCY",
@@ -68,6 +69,11 @@ DROPPED = Counter(
     "Records dropped on purpose (duplicates, stale LLM responses) and conversations pruned "
     '(reason "pruned").',
     ["stage", "reason"],
+)
+HISTORY_SHED = Counter(
+    "switchboard_history_turns_shed_total",
+    "Oldest history turns dropped from conversation states so that each state fits in one "
+    "changelog record.",
 )
 END_TO_END_LATENCY = Histogram(
     "switchboard_end_to_end_latency_seconds",

@@ -12,9 +12,12 @@ leaves the table and a tombstone goes to the changelog, counted in
 
 A new state must fit in one changelog record: a state that cannot be written would make the
 worker exit after the batch and, replayed, crash every worker that takes the partition. So
-each new state is encoded before the input's effects are sent, and one larger than
-``ChangelogTable.max_value_bytes`` is not applied: the old state stays, none of the effects
-are sent, the input is dead-lettered (stage ``conversation.state``, error_type
+each new state is encoded before the input's effects are sent. One larger than
+``ChangelogTable.max_value_bytes`` first sheds its oldest history turns (context for the LLM,
+``shed_history``; counted in ``switchboard_history_turns_shed_total``), so that a conversation
+near the limit keeps answering. One still too large without the older history (the turns the
+input added stay) is not applied: the old state stays, none of the effects are sent, the input
+is dead-lettered (stage ``conversation.state``, error_type
 ``StateTooLarge``, the sizes in the reason) and counted in
 ``switchboard_stage_errors_total{stage="conversation",error_type="StateTooLarge"}``. The
 bytes measured are the ones the table writes (``Encoded``): each state is encoded once.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +41,7 @@ from processors.conversation import (
     on_user_turn,
     prune_due,
     reissue_due,
+    shed_history,
     summarize,
 )
 from processors.conversation_state import (
@@ -60,13 +64,20 @@ from schemas.models import (
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.agents.due import TICKS_PER_RUN, DueIndex
-from streams.metrics import CONVERSATIONS_ENDED, DROPPED, RECORDS_IN, STAGE_ERRORS, child
+from streams.metrics import (
+    CONVERSATIONS_ENDED,
+    DROPPED,
+    HISTORY_SHED,
+    RECORDS_IN,
+    STAGE_ERRORS,
+    child,
+)
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.table import CHANGELOG_HEADROOM_BYTES, ChangelogTable, Encoded
 from streams.transport import BatchConsumer, cooperate
 
-__all__ = ["Batch", "DueIndex", "apply", "changelog_topic", "stage"]
+__all__ = ["Batch", "DueIndex", "apply", "changelog_topic", "run_timer", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
@@ -205,13 +216,17 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         return
     if is_tick and not transition.effects and transition.state == before:
         return  # a tick that found nothing due: no changelog write
-    changed = transition.state is not before  # else stored or staged already: no write
+    state = transition.state
+    changed = state is not before  # else stored or staged already: no write
     if changed:  # measured before anything is sent; the table writes these bytes
-        encoded = _encode_state(transition.state)
+        encoded = _encode_state(state)
         limit = batch.table.max_value_bytes(key)
         if len(encoded) > limit:
-            await _state_too_large(rt, topics, message, record, len(encoded), limit)
-            return
+            fitted = _fit(state, encoded, limit, before)
+            if fitted is None:
+                await _state_too_large(rt, topics, message, record, len(encoded), limit)
+                return
+            state, encoded = fitted
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
             await send_record(
@@ -247,13 +262,41 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             )
         elif isinstance(effect, Closed):
             log.info("conversation %s ended: %s", record.conversation_id, effect.reason)
-            summary = summarize(effect.ended or transition.state, effect.reason, utcnow())
+            summary = summarize(effect.ended or state, effect.reason, utcnow())
             child(CONVERSATIONS_ENDED, summary.status).inc()
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )
     if changed:
-        batch.stage(message.partition, key, transition.state, encoded)
+        batch.stage(message.partition, key, state, encoded)
+
+
+def _fit(
+    state: ConversationState, encoded: bytes, limit: int, before: ConversationState | None
+) -> tuple[ConversationState, bytes] | None:
+    """Shed the oldest history turns of a state ``encoded`` over ``limit`` bytes
+    (``processors.conversation.shed_history``), keeping the turns the input added to the
+    history of ``before``; None when that is not enough.
+    """
+    older = {turn.turn_id for turn in before.history} if before is not None else set()
+    added = sum(1 for turn in state.history if turn.turn_id not in older)
+    shed = shed_history(state, len(encoded) - limit, keep_newest=added)
+    if shed is None:
+        return None
+    smaller, dropped = shed
+    data = _encode_state(smaller)
+    if len(data) > limit:  # cannot happen: shed_history counts the bytes exactly
+        return None
+    HISTORY_SHED.inc(dropped)
+    log.info(
+        "conversation %s: %d oldest history turn(s) dropped to fit its state (%d bytes) in "
+        "one changelog record (limit %d bytes)",
+        state.conversation_id,
+        dropped,
+        len(encoded),
+        limit,
+    )
+    return smaller, data
 
 
 async def _state_too_large(
@@ -306,6 +349,38 @@ def _encode_state(state: ConversationState) -> bytes:
     return state.model_dump_json().encode()
 
 
+TIMER_STAGE = "conversation.timer"
+"""Stage label of the timer's ticks and of its failures in ``switchboard_stage_errors_total``."""
+
+
+async def run_timer(tick_round: Callable[[], Awaitable[None]], interval: float) -> None:
+    """Run ``tick_round`` every ``interval`` seconds, forever.
+
+    A round that fails (the producer's buffer full for ``request_timeout_ms`` while the broker
+    is away, a registry outage, a bug) is counted in
+    ``switchboard_stage_errors_total{stage="conversation.timer",error_type}`` and logged, and the
+    next round goes on: the ticks it did not send are due again ``interval`` later
+    (``DueIndex.take_due``'s ``retry_s``). The timer used to end there, and the worker with it.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await tick_round()
+        except Exception as exc:
+            child(STAGE_ERRORS, TIMER_STAGE, type(exc).__name__).inc()
+            log.warning("timer round failed; the ticks are sent again later: %r", exc, exc_info=exc)
+
+
+def _tick_acknowledged(ack: asyncio.Future[Any]) -> None:
+    """Count and log a tick the broker did not acknowledge (it is due again later)."""
+    if ack.cancelled():
+        return
+    exc = ack.exception()
+    if exc is not None:
+        child(STAGE_ERRORS, TIMER_STAGE, type(exc).__name__).inc()
+        log.warning("a timer tick was not acknowledged; it is sent again later: %r", exc)
+
+
 def stage(
     rt: Runtime, topics: dict[str, str]
 ) -> tuple[BatchConsumer, Callable[[], Coroutine[Any, Any, None]]]:
@@ -349,23 +424,26 @@ def stage(
         await table.restore(mine)
         index.invalidate()
 
+    async def tick_round() -> None:
+        await index.rescan(table, utcnow())  # yields to the loop while it scans
+        now = utcnow()
+        due = index.take_due(now, retry_s=interval, limit=TICKS_PER_RUN)
+        for number, (key, tenant, conversation_id) in enumerate(due):
+            await cooperate(number)
+            tick = ConversationEvent(
+                event_id=f"tick:{uuid.uuid4()}",
+                conversation_id=conversation_id,
+                tenant=tenant,
+                kind=ConversationEventKind.TIMEOUT,
+                origin_created_at=now,
+                created_at=now,
+            )
+            ack = await send_record(rt, conversations, tick, key=key, stage=TIMER_STAGE)
+            if isinstance(ack, asyncio.Future):
+                ack.add_done_callback(_tick_acknowledged)
+
     async def ticks() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            await index.rescan(table, utcnow())  # yields to the loop while it scans
-            now = utcnow()
-            due = index.take_due(now, retry_s=interval, limit=TICKS_PER_RUN)
-            for number, (key, tenant, conversation_id) in enumerate(due):
-                await cooperate(number)
-                tick = ConversationEvent(
-                    event_id=f"tick:{uuid.uuid4()}",
-                    conversation_id=conversation_id,
-                    tenant=tenant,
-                    kind=ConversationEventKind.TIMEOUT,
-                    origin_created_at=now,
-                    created_at=now,
-                )
-                await send_record(rt, conversations, tick, key=key, stage=STAGE)
+        await run_timer(tick_round, interval)
 
     consumer = BatchConsumer(
         rt.settings,

@@ -20,6 +20,7 @@ from processors.conversation import (
     prune_at,
     prune_due,
     reissue_due,
+    shed_history,
     summarize,
 )
 from processors.conversation_state import (
@@ -249,6 +250,44 @@ def test_history_is_bounded_and_drops_oldest_turns() -> None:
     assert [turn.content for turn in state.history] == ["q2", "a2", "q3", "a3"]
     request = issued(user_turn(state, event("e9", "q9")))
     assert [m.content for m in request.messages] == ["a2", "q3", "a3", "q9"]
+
+
+def _conversation_with_history(sizes: list[int]) -> ConversationState:
+    state: ConversationState | None = None
+    for i, size in enumerate(sizes):
+        t = user_turn(state, event(f"e{i}", "q" * size))
+        t = respond(t.state, answer(issued(t), "\u00e9" * size))  # 2 bytes a character
+        state = t.state
+    assert state is not None
+    return state
+
+
+@pytest.mark.parametrize("excess", [1, 40, 41, 300, 500, 1_500, 3_000, 3_400])
+def test_shed_history_drops_the_fewest_oldest_turns_and_counts_bytes_exactly(excess: int) -> None:
+    state = _conversation_with_history([10, 200, 1000])  # history: a1 q2 a2 (bounded to 4)
+    state = user_turn(state, event("e9", "still pending")).state  # pending, in the history
+    size = len(state.model_dump_json().encode())
+    shed = shed_history(state, excess)
+    assert shed is not None
+    smaller, dropped = shed
+    assert smaller.history == state.history[dropped:]
+    freed = size - len(smaller.model_dump_json().encode())
+    assert freed >= excess
+    if dropped > 1:  # one turn fewer would not have been enough
+        fewer = state.model_copy(update={"history": state.history[dropped - 1 :]})
+        assert size - len(fewer.model_dump_json().encode()) < excess
+    # nothing but the history changed: the turn in flight, the dedup ids, the counters
+    assert smaller.model_copy(update={"history": state.history}) == state
+
+
+def test_shed_history_can_empty_the_history_and_says_when_that_is_not_enough() -> None:
+    state = _conversation_with_history([100, 100])
+    size = len(state.model_dump_json().encode())
+    empty = state.model_copy(update={"history": []})
+    whole = size - len(empty.model_dump_json().encode())
+    assert shed_history(state, whole) == (empty, len(state.history))
+    assert shed_history(state, whole + 1) is None
+    assert shed_history(empty, 1) is None
 
 
 def test_overdue_turn_is_reissued_and_first_response_of_any_attempt_wins() -> None:

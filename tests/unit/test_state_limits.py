@@ -406,3 +406,71 @@ async def test_an_input_that_changes_no_state_writes_no_changelog_record(stage: 
     await stage.batch(turn("m1"))  # a redelivered duplicate: dropped, the state unchanged
     assert len(stage.sent(CHANGELOG)) == written
     assert [r.turn_id for r in stage.requests()] == ["m1"]
+
+
+def _shed_count() -> float:
+    return _count("switchboard_history_turns_shed_total")
+
+
+async def test_a_turn_that_would_overflow_the_state_sheds_old_history_instead_of_refusal(
+    stage: Stage,
+) -> None:
+    """Two long replies in the history and turns queued with big metadata: the next turn used
+    to be dead-lettered as StateTooLarge. Now the oldest history turns go, and every turn is
+    answered in order."""
+    shed = _shed_count()
+    for i in (1, 2):
+        await stage.batch(turn(f"m{i}", f"q{i}"))
+        await stage.batch(answer(stage.requests()[-1], f"a{i}" + "a" * 18_000))
+    await stage.batch(turn("m3", "q3"))  # pending
+    blob = "\x01" * 1_500  # 9,000 bytes of JSON in each queued turn's metadata
+    await stage.batch(*[turn(f"m{i}", f"q{i}", metadata={"x": blob}) for i in (4, 5)])
+    last = turn("m6", "q6", metadata={"x": blob})
+    assert _would_be(stage, last) > stage.table.max_value_bytes(KEY)
+
+    await stage.batch(last)  # before: dead-lettered
+
+    assert stage.letters() == []
+    assert [t.turn_id for t in stage.state().queue] == ["m4", "m5", "m6"]
+    assert [t.content[:2] for t in stage.state().history] == ["q2", "a2", "q3"]  # q1, a1 went
+    assert _shed_count() == shed + 2
+    for _ in range(4):  # m3 to m6 answered in order
+        await stage.batch(answer(stage.requests()[-1], "short"))
+    assert [r.turn_id for r in stage.requests()] == [f"m{i}" for i in range(1, 7)]
+    assert len(stage.deliveries()) == 6
+    assert stage.state().pending is None
+    limit = stage.table.max_value_bytes(KEY)
+    assert all(len(v) <= limit for v in stage.sent(CHANGELOG))
+    assert "m1" in stage.state().answered_ids  # the dedup ids stay: a replayed m1 is dropped
+    await stage.batch(turn("m1", "q1 again"))
+    assert stage.requests()[-1].turn_id == "m6"
+    assert stage.letters() == []
+
+
+async def test_a_response_near_the_limit_sheds_history_and_issues_the_queued_turn(
+    stage: Stage,
+) -> None:
+    """A full queue left too little room for the pending turn's reply: the response used to be
+    refused, the turn stayed pending and was re-issued at every deadline."""
+    await stage.batch(turn("m1", "q1"))
+    await stage.batch(answer(stage.requests()[-1], "a1" + "a" * 20_000))
+    await stage.batch(turn("m2", "q2"))  # pending
+    blob = "\x01" * 1_500  # 9,000 bytes of JSON in each queued turn's metadata
+    queued = [turn(f"m{i}", f"q{i}", metadata={"x": blob}) for i in range(3, 7)]
+    await stage.batch(*queued)
+    assert [t.turn_id for t in stage.state().queue] == ["m3", "m4", "m5", "m6"]
+    before = len(_encode_state(stage.state()))
+    reply = "b" * (stage.table.max_value_bytes(KEY) - before + 1_000)
+    (request,) = [r for r in stage.requests() if r.turn_id == "m2"]
+
+    await stage.batch(answer(request, reply))  # before: dead-lettered, m2 stayed pending
+
+    assert stage.letters() == []
+    assert [d.content for d in stage.deliveries()][-1] == reply
+    assert stage.requests()[-1].turn_id == "m3"
+    state = stage.state()
+    assert state.pending is not None
+    assert state.pending.turn_id == "m3"
+    assert "a1" not in [t.content[:2] for t in state.history]  # the big old reply went
+    assert state.history[-1].turn_id == "m3"  # the turn in flight stays last
+    assert len(stage.sent(CHANGELOG)[-1]) <= stage.table.max_value_bytes(KEY)
