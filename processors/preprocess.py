@@ -28,6 +28,7 @@ __all__ = [
     "preprocess",
     "register_content_filter",
     "registered_content_filters",
+    "tenant_problem",
 ]
 
 STAGE = "ingest.preprocess"
@@ -232,18 +233,20 @@ def _shown(value: str) -> str:
     return f"{value[:_SHOWN_CHARS]!r}..."
 
 
-def _tenant(tenant: str, cfg: PreprocessConfig) -> Rejected | None:
-    """The tenant is part of the keys that keep tenants apart: ``conversation_key`` joins it to
+def tenant_problem(tenant: str, max_chars: int) -> str | None:
+    """Why ``tenant`` may not be used, or None when it may.
+
+    The tenant is part of the keys that keep tenants apart: ``conversation_key`` joins it to
     the conversation id with ``/`` and ``dedup_key`` to the message id with ``:``; a tenant
     containing either could share a conversation (state, history sent to the LLM) or a
-    message id with another tenant."""
+    message id with another tenant. So it must be non-empty, at most ``max_chars``
+    characters, and without ``/``, ``:`` or control characters. The conversation stage checks
+    records written straight to its topics with the same rule.
+    """
     if not tenant:
         rule = "is empty"
-    elif len(tenant) > cfg.max_tenant_chars:
-        rule = (
-            f"is {len(tenant)} characters, limit is {cfg.max_tenant_chars} "
-            "(preprocess.max_tenant_chars)"
-        )
+    elif len(tenant) > max_chars:
+        rule = f"is {len(tenant)} characters, limit is {max_chars} (preprocess.max_tenant_chars)"
     elif "/" in tenant:
         rule = "contains '/', which separates tenant and conversation id in conversation keys"
     elif ":" in tenant:
@@ -252,7 +255,12 @@ def _tenant(tenant: str, cfg: PreprocessConfig) -> Rejected | None:
         rule = "contains a control character"
     else:
         return None
-    return Rejected(STAGE, f"tenant {_shown(tenant)} {rule}", "InvalidTenant")
+    return f"tenant {_shown(tenant)} {rule}"
+
+
+def _tenant(tenant: str, cfg: PreprocessConfig) -> Rejected | None:
+    problem = tenant_problem(tenant, cfg.max_tenant_chars)
+    return None if problem is None else Rejected(STAGE, problem, "InvalidTenant")
 
 
 def _too_long(field: str, size: int, limit: int, setting: str, error_type: str) -> Rejected:
@@ -265,6 +273,12 @@ def _fields(msg: InboundMessage, cfg: PreprocessConfig) -> Rejected | None:
 
     Plain comparisons first: this runs for every message, and a rejection is rare.
     """
+    if not msg.message_id or msg.message_id.isspace():
+        reason = (
+            f"message_id {msg.message_id!r} is blank: it is the message's idempotency key, so "
+            "every blank id would count as the same message and all but the first be dropped"
+        )
+        return Rejected(STAGE, reason, "MissingMessageId")
     ids, conversations = cfg.max_message_id_chars, cfg.max_conversation_id_chars
     limited = (
         ("message_id", msg.message_id, ids, "max_message_id_chars", "MessageIdTooLong"),
@@ -318,7 +332,8 @@ def preprocess(msg: InboundMessage, cfg: PreprocessConfig, now: datetime) -> Acc
     1. The tenant (``InvalidTenant``): not empty, at most ``max_tenant_chars``, and without
        ``/``, ``:`` or control characters, which would let two tenants share a conversation
        key (:func:`conversation_key`) or a dedup key (:func:`dedup_key`).
-    2. Field sizes, in characters: ``message_id`` and ``in_response_to``
+    2. A blank ``message_id`` (``MissingMessageId``: it is the idempotency key), then field
+       sizes, in characters: ``message_id`` and ``in_response_to``
        (``max_message_id_chars``, ``MessageIdTooLong``), ``conversation_id``
        (``max_conversation_id_chars``, ``ConversationIdTooLong``), ``sender``
        (``max_sender_chars``, ``SenderTooLong``), ``subject`` (``max_subject_chars``,

@@ -54,7 +54,7 @@ from processors.conversation_state import (
     Refused,
     Transition,
 )
-from processors.preprocess import conversation_key
+from processors.preprocess import conversation_key, tenant_problem
 from schemas.errors import DecodeError
 from schemas.models import (
     ConversationEvent,
@@ -83,6 +83,9 @@ log = logging.getLogger(__name__)
 STAGE = "conversation"
 STATE_STAGE = "conversation.state"
 """Dead-letter stage of an input whose new state would be too large for the changelog."""
+VALIDATE_STAGE = "conversation.validate"
+"""Dead-letter stage of a record written to the conversation topics that breaks the rules the
+ingest stage applies (a tenant that could collide with another's keys, a blank event id)."""
 QUEUE_STAGE = "conversation.queue"
 """Dead-letter stage of a user turn refused because the conversation's queue is full."""
 
@@ -126,6 +129,19 @@ def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse
             error_type="ValidationError",
         )
     return record
+
+
+def _invalid(rt: Runtime, record: ConversationEvent | LLMResponse) -> tuple[str, str] | None:
+    """``(reason, error_type)`` for a record the ingest stage would not have let through: the
+    conversation topics are public, and a tenant with ``/`` would share another tenant's
+    conversation key (``processors.preprocess.tenant_problem``); a blank event id would be
+    dropped as a duplicate of every other blank one."""
+    problem = tenant_problem(record.tenant, rt.config.preprocess.max_tenant_chars)
+    if problem is not None:
+        return problem, "InvalidTenant"
+    if isinstance(record, ConversationEvent) and (not record.event_id or record.event_id.isspace()):
+        return f"event_id {record.event_id!r} is blank (the idempotency key)", "MissingEventId"
+    return None
 
 
 class Batch:
@@ -202,6 +218,18 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             stage="conversation.decode",
             reason=exc.reason,
             error_type=exc.error_type,
+        )
+        return
+    problem = _invalid(rt, record)
+    if problem is not None:
+        reason, error_type = problem
+        await dead_letter(
+            rt,
+            topics["deadletter"],
+            message,
+            stage=VALIDATE_STAGE,
+            reason=reason,
+            error_type=error_type,
         )
         return
     key = conversation_key(record.tenant, record.conversation_id).encode()

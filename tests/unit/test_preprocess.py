@@ -451,3 +451,14 @@ def test_tenant_and_field_limits_are_checked_before_expiry_and_content() -> None
     result = pp.preprocess(make_msg("x" * 5000, sender="s" * 400, **expired), cfg(), NOW)
     assert isinstance(result, pp.Rejected)
     assert result.error_type == "SenderTooLong"
+
+
+@pytest.mark.parametrize("message_id", ["", " ", "\t\n"])
+def test_a_blank_message_id_is_rejected(message_id: str) -> None:
+    # It is the idempotency key (dedup_key): every blank id was "dedup:acme:", so every message
+    # after the first with a blank id was dropped as a duplicate.
+    result = pp.preprocess(make_msg(message_id=message_id), cfg(), NOW)
+    assert isinstance(result, pp.Rejected)
+    assert result.error_type == "MissingMessageId"
+    assert f"message_id {message_id!r} is blank" in result.reason
+    assert isinstance(pp.preprocess(make_msg(message_id=" m-1 "), cfg(), NOW), pp.Accepted)

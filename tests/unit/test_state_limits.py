@@ -474,3 +474,27 @@ async def test_a_response_near_the_limit_sheds_history_and_issues_the_queued_tur
     assert "a1" not in [t.content[:2] for t in state.history]  # the big old reply went
     assert state.history[-1].turn_id == "m3"  # the turn in flight stays last
     assert len(stage.sent(CHANGELOG)[-1]) <= stage.table.max_value_bytes(KEY)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error_type", "reason"),
+    [
+        ({"tenant": "acme/eu"}, "InvalidTenant", "tenant 'acme/eu' contains '/'"),
+        ({"tenant": ""}, "InvalidTenant", "tenant '' is empty"),
+        ({"event_id": " "}, "MissingEventId", "event_id ' ' is blank"),
+    ],
+)
+async def test_a_record_written_straight_to_the_conversations_topic_gets_ingest_rules(
+    stage: Stage, fields: dict[str, str], error_type: str, reason: str
+) -> None:
+    # Tenant "acme/eu" with conversation "c1" and tenant "acme" with conversation "eu/c1"
+    # would share the key "acme/eu/c1": one state and one history for two tenants.
+    event = turn("m1", "q1").model_copy(update=fields)
+    await stage.batch(event)
+    (letter,) = stage.letters()
+    assert (letter.stage, letter.error_type) == ("conversation.validate", error_type)
+    assert reason in letter.reason
+    assert stage.requests() == []
+    assert list(stage.table.items()) == []  # no state, under any key
+    assert stage.sent(CHANGELOG) == []
+    assert letter.original_value == stage.rt.codec.encode(event)
