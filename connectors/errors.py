@@ -29,6 +29,8 @@ class EngineError(ConnectorError):
     Attributes:
         rate_limited: The provider refused the call for its rate limit (HTTP 429), with or
             without ``retry_after``; every call to that provider should slow down.
+        deadline_passed: Given up because the turn's deadline passed (or a retry would end
+            past it), not because the engine failed for good: the turn's re-issue owns it.
     """
 
     def __init__(
@@ -38,6 +40,8 @@ class EngineError(ConnectorError):
         retriable: bool,
         retry_after: float | None = None,
         rate_limited: bool = False,
+        deadline_passed: bool = False,
     ) -> None:
         super().__init__(message, retriable=retriable, retry_after=retry_after)
         self.rate_limited = rate_limited
+        self.deadline_passed = deadline_passed

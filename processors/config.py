@@ -201,6 +201,16 @@ class LLMConfig(_Strict):
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Per model name; unknown models cost 0."
     )
+    answer_from_attempt: int = Field(
+        2,
+        ge=0,
+        description=(
+            "Attempts of a turn before this one (LLMRequest.attempt, 0-based) stop at the "
+            "turn's deadline and send nothing: the conversation stage re-issues the turn with "
+            "a doubled deadline. From this attempt on the deadline is ignored, and the "
+            "apology or handoff answers when every engine fails."
+        ),
+    )
 
 
 class PersonaConfig(_Strict):

@@ -82,6 +82,10 @@ class Runtime:
     """The worker's producer (set by ``streams.worker`` before any stage runs)."""
     llm_pool: CallPool[Any] | None = field(init=False, default=None)
     """The LLM stage's calls in flight and waiting (set by the stage; drained on shutdown)."""
+    failed: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    """Set by :meth:`fail`: the worker stops (status 1), as when a stage's batch fails."""
+    failure: BaseException | None = field(init=False, default=None)
+    """The first error passed to :meth:`fail`."""
     _connectors: dict[Channel, DeliveryConnector] = field(init=False, default_factory=dict)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _started: bool = field(init=False, default=False)
@@ -96,6 +100,13 @@ class Runtime:
         self.router = Router(self.config)
         kbs = {name: load_knowledge_base(kb) for name, kb in self.config.knowledge_bases.items()}
         self.engines = build_engines(self.config, kbs, self.settings.engine_env())
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the worker for ``exc``: an error outside any batch (e.g. an LLM response the
+        broker refused for good) that retrying cannot get past."""
+        if self.failure is None:
+            self.failure = exc
+        self.failed.set()
 
     async def start(self) -> None:
         """Open Redis and register schemas (idempotent; safe to call from every agent)."""

@@ -91,6 +91,8 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     }
     timer = asyncio.create_task(ticks(), name="conversation.timer")
     runs[timer] = "conversation.timer"
+    failed = asyncio.create_task(rt.failed.wait(), name="runtime.failed")
+    runs[failed] = "llm"  # the one stage that sends outside its batches (Runtime.fail)
     log.info("worker started: stages %s", ", ".join(c.stage for c in stages))
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stopped, *runs}, return_when=asyncio.FIRST_COMPLETED)
@@ -99,11 +101,14 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         if task is not stopped:
             status = 1
             exc = task.exception() if not task.cancelled() else None
+            if task is failed:
+                exc = rt.failure
             log.critical("stage %s stopped: %r", runs[task], exc, exc_info=exc)
     log.info("worker stopping")
     for consumer in stages:
         consumer.stop_soon()
     timer.cancel()
+    failed.cancel()
     await asyncio.wait(list(runs), timeout=30.0)
     left = await rt.drain(DRAIN_S)
     if left:

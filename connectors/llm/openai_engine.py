@@ -136,6 +136,13 @@ def _to_completion(response: Any, request: CompletionRequest, model: str) -> Com
         )
     if not isinstance(content, str):
         raise EngineError(f"openai {model!r}: empty choices (no content)", retriable=True)
+    if not content.strip():  # a blank reply answers nothing: the next engine should
+        if finish_reason == "length":  # e.g. a reasoning model spent max_tokens thinking
+            raise EngineError(
+                f"openai {model!r}: blank reply, max_tokens reached (finish_reason 'length')",
+                retriable=False,
+            )
+        raise EngineError(f"openai {model!r}: blank reply", retriable=True)
     usage = response.usage
     prompt_tokens = getattr(usage, "prompt_tokens", None)
     completion_tokens = getattr(usage, "completion_tokens", None)

@@ -111,9 +111,10 @@ class ResilientEngine(LLMEngine):
         Args:
             request: The prompt.
             budget_s: Seconds the turn may still take (until its ``deadline_at``), or None for
-                no limit. The first attempt is always made; a retry is not started when its
-                backoff would end past the budget, since the conversation stage re-issues the
-                turn then and a second chain of retries would only double the provider's load.
+                no limit. No attempt starts once the budget is spent (also after waiting for
+                the rate limiter), and a retry is not started when its backoff would end past
+                it: the conversation stage re-issues the turn then, and a second chain of calls
+                would only double the provider's load.
 
         Returns:
             ``(completion, attempts)``, attempts from 1 to ``cfg.max_retries + 1``.
@@ -121,17 +122,27 @@ class ResilientEngine(LLMEngine):
         Raises:
             EngineError: Non-retriable (raised at once), or given up (``retriable=False``,
                 message "gave up after N attempts: ..."): retries exhausted, a
-                ``Retry-After`` longer than ``cfg.max_retry_after_s``, or the budget spent.
-                Either way with an ``attempts`` attribute.
+                ``Retry-After`` longer than ``cfg.max_retry_after_s``, or the budget spent
+                (``deadline_passed`` set). Either way with an ``attempts`` attribute (0 when
+                the budget was spent before the first attempt).
         """
         cfg = self._cfg
         tokens = estimate_call_tokens(request, cfg)
         attempts = cfg.max_retries + 1
         give_up_at = None if budget_s is None else time.monotonic() + budget_s
         why = ""
+        deadline_passed = False
         for attempt in range(attempts):
             if self._limiter is not None:
                 await self._limiter.acquire(tokens)
+            if give_up_at is not None and time.monotonic() >= give_up_at:
+                spent = EngineError(
+                    f"gave up after {attempt} attempts: the turn's deadline passed before "
+                    f"attempt {attempt + 1} could start",
+                    retriable=False,
+                    deadline_passed=True,
+                )
+                raise _with_attempts(spent, attempt)
             try:
                 completion = await self._attempt(request)
             except EngineError as exc:
@@ -166,6 +177,7 @@ class ResilientEngine(LLMEngine):
                 break
             if give_up_at is not None and time.monotonic() + delay >= give_up_at:
                 why = f" (a retry in {delay:.3f} s would pass the turn's deadline)"
+                deadline_passed = True
                 break
             logger.warning(
                 "%s attempt %d/%d failed (%s); retrying in %.3f s",
@@ -180,6 +192,7 @@ class ResilientEngine(LLMEngine):
             f"gave up after {made} attempts: {last}{why}",
             retriable=False,
             retry_after=last.retry_after,
+            deadline_passed=deadline_passed,
         )
         raise _with_attempts(error, made) from last
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from connectors.errors import EngineError
@@ -25,6 +27,7 @@ from schemas.models import (
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.metrics import (
+    DROPPED,
     LLM_COST,
     LLM_IN_FLIGHT,
     LLM_LATENCY,
@@ -36,7 +39,7 @@ from streams.metrics import (
 )
 from streams.pool import CallPool
 from streams.runtime import Runtime
-from streams.transport import BatchConsumer
+from streams.transport import BatchConsumer, is_transient
 
 __all__ = ["answer", "stage"]
 
@@ -67,7 +70,7 @@ def _response(
     )
 
 
-async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
+async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
     """Answer one request as its persona.
 
     Business rules first (an escalation trigger hands the turn to a human, a forbidden topic
@@ -75,11 +78,32 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
     with its own timeouts, retries and rate limits (``ResilientEngine``); when every engine
     fails, the apology reply or a handoff, as ``llm.on_failure`` says.
 
+    Attempts below ``llm.answer_from_attempt`` keep to the turn's ``deadline_at``: a request
+    already past it when it is taken (it waited in the topic, the pool or the rate limiter) is
+    not sent to any engine, and a chain of retries that would run past it stops. Either way
+    nothing is answered: the conversation stage has re-issued, or is about to re-issue, the
+    turn with a doubled deadline, and that attempt owns it. Without this, a backlog longer
+    than the deadline paid the provider for every stale attempt as well as for its re-issue,
+    which fed the backlog; and a stale attempt's first 429 became an apology that won the turn
+    over the re-issue's answer. Later attempts ignore the deadline, so a turn is answered in
+    the end even by a provider that is down for good. Counted in
+    ``switchboard_dropped_total{stage="llm",reason="expired"|"deadline"}``.
+
     Returns:
-        The response. An escalated one (status ``escalated``, ``error`` saying why) makes the
-        conversation stage hand the turn to the humans' handoff topic, if it wins the turn
+        The response, or None when the deadline ended the attempt (see above). An escalated
+        response (status ``escalated``, ``error`` saying why) makes the conversation stage hand
+        the turn to the humans' handoff topic, if it wins the turn
         (``processors.conversation.on_llm_response``).
     """
+    budget_s = None if request.attempt >= rt.config.llm.answer_from_attempt else _budget_s(request)
+    if budget_s is not None and budget_s <= 0:
+        child(DROPPED, STAGE, "expired").inc()
+        log.info(
+            "request %s not sent to an engine: its deadline passed %.1f s ago (re-issued)",
+            request.request_id,
+            -budget_s,
+        )
+        return None
     persona = _persona(rt, request.persona)
     user_content = _user_content(request)
     verdict = check_turn(persona, user_content)
@@ -137,9 +161,13 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse:
                     max_tokens=max_tokens,
                     metadata=request.metadata,
                 ),
-                budget_s=_budget_s(request),
+                budget_s=_remaining_s(request, budget_s),
             )
         except EngineError as exc:
+            if exc.deadline_passed:
+                child(DROPPED, STAGE, "deadline").inc()
+                log.info("request %s stopped at its deadline: %s", request.request_id, exc)
+                return None
             attempts += attempts_of(exc)
             child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
             errors.append(f"{engine_name}: {exc}")
@@ -183,6 +211,11 @@ def _budget_s(request: LLMRequest) -> float | None:
     if request.deadline_at is None:
         return None
     return (request.deadline_at - utcnow()).total_seconds()
+
+
+def _remaining_s(request: LLMRequest, budget_s: float | None) -> float | None:
+    """The budget left for the next engine: None stays None (no deadline kept)."""
+    return None if budget_s is None else _budget_s(request)
 
 
 def _user_content(request: LLMRequest) -> str:
@@ -238,7 +271,9 @@ async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> N
             error_type=exc.error_type,
         )
         return
-    await _send_answer(rt, topics, message, await answer(rt, request))
+    response = await answer(rt, request)
+    if response is not None:
+        await _send_answer(rt, topics, message, response)
 
 
 async def _send_answer(
@@ -247,9 +282,43 @@ async def _send_answer(
     message: RawMessage,
     response: LLMResponse,
 ) -> None:
-    """Send a turn's response, keyed by conversation."""
+    """Send a turn's response, keyed by conversation, and watch its acknowledgement.
+
+    The calls run outside any batch (their batch was committed once they started), so no
+    batch awaits this acknowledgement: :func:`_acknowledged` does.
+    """
     key = conversation_key(response.tenant, response.conversation_id)
-    await send_record(rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message)
+    ack = await send_record(
+        rt, topics["llm_responses"], response, key=key, stage=STAGE, parent=message
+    )
+    if isinstance(ack, asyncio.Future):
+        ack.add_done_callback(partial(_acknowledged, rt, response.request_id))
+
+
+def _acknowledged(rt: Runtime, request_id: str, ack: asyncio.Future[Any]) -> None:
+    """Count and log an LLM response the broker did not acknowledge.
+
+    A transient error (e.g. a leader moving) loses this response only: the turn is re-issued
+    after its deadline. Any other error (the topic not writable, the record refused) would
+    lose every response while the provider is still paid for each call, so it stops the
+    worker (``Runtime.fail``), as a batch that cannot be written stops the other stages.
+    """
+    if ack.cancelled():
+        return
+    exc = ack.exception()
+    if exc is None:
+        return
+    child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
+    if is_transient(exc):
+        log.warning(
+            "the response to %s was not acknowledged (%r); the turn is re-issued after its "
+            "deadline",
+            request_id,
+            exc,
+        )
+        return
+    log.error("the response to %s was refused: %r; stopping the worker", request_id, exc)
+    rt.fail(exc)
 
 
 async def _fail_turn(

@@ -177,7 +177,9 @@ async def test_rate_limit_pauses_other_calls_sharing_the_limiter() -> None:
     assert later[0].received_at - first_429.received_at >= 0.4
 
 
-@pytest.mark.parametrize("fault", ["500", "503", "timeout", "malformed", "html", "empty_choices"])
+@pytest.mark.parametrize(
+    "fault", ["500", "503", "timeout", "malformed", "html", "empty_choices", "blank_reply"]
+)
 async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
     cfg = config(timeout_s=0.3)
     async with (
@@ -203,6 +205,8 @@ async def test_transient_fault_is_retried_then_succeeds(fault: str) -> None:
         ("malformed", True, None, "malformed body"),
         ("html", True, None, "malformed body"),
         ("empty_choices", True, None, "empty choices"),
+        ("blank_reply", True, None, "blank reply"),
+        ("blank_length", False, None, "blank reply, max_tokens reached"),
         ("quota", False, None, "out of quota"),
         ("content_filter", False, None, "content filter"),
     ],
@@ -228,7 +232,7 @@ async def test_retry_after_ms_header_wins_over_retry_after() -> None:
     assert error.retry_after == pytest.approx(0.15)
 
 
-@pytest.mark.parametrize("fault", ["400", "quota", "content_filter"])
+@pytest.mark.parametrize("fault", ["400", "quota", "content_filter", "blank_length"])
 async def test_a_request_that_cannot_succeed_is_not_retried(fault: str) -> None:
     async with (
         FakeOpenAI(faults=[fault]) as server,

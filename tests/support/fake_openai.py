@@ -23,6 +23,9 @@ valid request, oldest first; an empty deque means "answer normally"):
 - ``"content_filter"``: 200 whose choice has ``content: null`` and ``finish_reason:
   "content_filter"`` (the reply was withheld by the provider's filter).
 - ``"negative_usage"``: 200, a normal reply whose ``usage`` counts are negative (a proxy's bug).
+- ``"blank_reply"``: 200 whose choice's ``content`` is ``""`` (``finish_reason: "stop"``).
+- ``"blank_length"``: 200 whose choice's ``content`` is ``""`` with ``finish_reason:
+  "length"`` (a reasoning model that spent ``max_tokens`` before writing anything).
 
 Faults given to the constructor are checked; one appended later and unknown is answered with a
 500 naming it.
@@ -70,6 +73,8 @@ NAMED_FAULTS = frozenset(
         "quota",
         "content_filter",
         "negative_usage",
+        "blank_reply",
+        "blank_length",
     }
 )
 """Faults with a name; any other three-digit 4xx/5xx status and ``"429:<value>"`` work too."""
@@ -350,6 +355,11 @@ class FakeOpenAI:
             filtered["choices"][0]["message"]["content"] = None
             filtered["choices"][0]["finish_reason"] = "content_filter"
             return web.json_response(filtered)
+        if fault in ("blank_reply", "blank_length"):
+            blank = self.completion_body(body)
+            blank["choices"][0]["message"]["content"] = ""
+            blank["choices"][0]["finish_reason"] = "length" if fault == "blank_length" else "stop"
+            return web.json_response(blank)
         if fault == "negative_usage":
             broken = self.completion_body(body)
             broken["usage"] = {"prompt_tokens": -5, "completion_tokens": -3, "total_tokens": -8}
