@@ -237,9 +237,28 @@ class PersonaConfig(_Strict):
         default_factory=list,
         description="Case-insensitive phrases that hand the conversation to a human.",
     )
+
+    @model_validator(mode="after")
+    def _models_name_own_engines(self) -> PersonaConfig:
+        unknown = sorted(set(self.models) - set(self.engines))
+        if unknown:
+            raise ValueError(
+                f"models names engine(s) {', '.join(map(repr, unknown))} that are not among "
+                f"this persona's engines {self.engines}"
+            )
+        return self
+
     handoff_reply: str = "I'm passing you to a human colleague who will get back to you shortly."
     engines: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
-    model: str | None = Field(None, description="Overrides the engines' model for this persona.")
+    model: str | None = Field(
+        None,
+        description="Overrides the model of every engine of this persona (a fallback engine of "
+        "another provider rarely serves the same model: use models for those).",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model per engine name for this persona; wins over model.",
+    )
     temperature: float | None = Field(None, description="Overrides the engines' temperature.")
     max_tokens: int | None = Field(None, ge=1, description="Overrides the engines' max_tokens.")
 

@@ -126,7 +126,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
     attempts = 0
     for engine_name in persona.engines:
         engine, engine_cfg = rt.engines[engine_name], rt.config.engines[engine_name]
-        model = persona.model or engine_cfg.model
+        model = persona.models.get(engine_name) or persona.model or engine_cfg.model
         max_tokens = persona.max_tokens or engine_cfg.max_tokens
         temperature = (
             persona.temperature if persona.temperature is not None else engine_cfg.temperature

@@ -23,7 +23,7 @@ from connectors.llm.resilient import ResilientEngine, attempts_of
 from schemas.models import ChatMessage, LLMRequest, LLMStatus, Role, utcnow
 from streams.agents.llm import _acknowledged, answer
 from streams.runtime import Runtime
-from streams.settings import Settings, load_config
+from streams.settings import ConfigError, Settings, load_config
 from streams.stack import config_variant
 
 QUESTION = "My mouse is not responding."
@@ -281,3 +281,57 @@ async def test_a_response_refused_for_good_stops_the_worker_a_transient_one_does
     assert isinstance(rt.failure, TopicAuthorizationFailedError)
     labels = {"stage": "llm", "error_type": "TopicAuthorizationFailedError"}
     assert (REGISTRY.get_sample_value("switchboard_stage_errors_total", labels) or 0) >= 1
+
+
+class Recording(LLMEngine):
+    """Records the model of each call; fails them all non-retriably when ``fail``."""
+
+    def __init__(self, name: str, fail: bool) -> None:
+        self.name = name
+        self.fail = fail
+        self.models: list[str | None] = []
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.models.append(request.model)
+        if self.fail:
+            raise EngineError("404 model not found", retriable=False)
+        return Completion(content=f"from {self.name}", model=request.model or "")
+
+
+@pytest.mark.parametrize(
+    ("persona_fields", "expected"),
+    [
+        ({"model": "gpt-4o"}, ["gpt-4o", "gpt-4o"]),  # model: every engine (documented)
+        ({"models": {"gpt": "gpt-4o"}}, ["gpt-4o", "llama3"]),  # the fallback keeps its own
+        ({"model": "x", "models": {"ollama": "llama3.1"}}, ["x", "llama3.1"]),
+    ],
+)
+async def test_a_persona_model_per_engine_leaves_the_fallback_engine_its_own(
+    tmp_path: Path, persona_fields: dict[str, Any], expected: list[str]
+) -> None:
+    # Before, a persona's model went to every engine: gpt-4o was sent to Ollama, which answers
+    # 404, so the fallback engine never answered.
+    def change(raw: dict[str, Any]) -> None:
+        raw["engines"]["gpt"] = {"kind": "local", "model": "gpt-4o-mini"}
+        raw["engines"]["ollama"] = {"kind": "local", "model": "llama3"}
+        raw["personas"]["support"]["engines"] = ["gpt", "ollama"]
+        raw["personas"]["support"].update(persona_fields)
+
+    rt = runtime(tmp_path, change)
+    first, second = Recording("gpt", fail=True), Recording("ollama", fail=False)
+    rt.engines["gpt"] = ResilientEngine(first, rt.config.engines["gpt"])
+    rt.engines["ollama"] = ResilientEngine(second, rt.config.engines["ollama"])
+
+    response = await answer(rt, request())
+
+    assert response is not None
+    assert (response.engine, response.content) == ("ollama", "from ollama")
+    assert first.models + second.models == expected
+
+
+def test_models_may_only_name_the_personas_own_engines(tmp_path: Path) -> None:
+    def change(raw: dict[str, Any]) -> None:
+        raw["personas"]["support"]["models"] = {"ollama": "llama3"}
+
+    with pytest.raises(ConfigError, match="'ollama' that are not among this persona's engines"):
+        runtime(tmp_path, change)
