@@ -200,6 +200,10 @@ class ChangelogTable(Generic[V]):
         entries_of: dict[int, dict[bytes, V]] = {
             p: {} if p in new else self._data[p] for p in wanted
         }
+        # the last bytes per key (None: deleted); decoded once at the end, so a key written
+        # many times costs one decode, not one per write: restoring runs inside the group's
+        # assignment callback, where no heartbeat is sent
+        latest_of: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.broker_list(),
             group_id=None,
@@ -226,7 +230,7 @@ class ChangelogTable(Generic[V]):
                         max_records=10_000,
                     )
                     for tp, records in batch.items():
-                        entries = entries_of[tp.partition]
+                        latest = latest_of[tp.partition]
                         for record in records:
                             if record.offset >= stops[tp.partition]:
                                 left.discard(tp.partition)
@@ -234,12 +238,20 @@ class ChangelogTable(Generic[V]):
                             if record.key is None or record.key == MARKER_KEY:
                                 continue
                             read[tp.partition] += 1
-                            if record.value is None:
-                                entries.pop(record.key, None)
-                            else:
-                                entries[record.key] = self.decode(record.value)
+                            latest[record.key] = record.value
         finally:
             await consumer.stop()
+        decoded: list[tuple[int, bytes, V | None]] = []
+        for p in wanted:
+            for number, (key, value) in enumerate(latest_of[p].items()):
+                if number % 1000 == 999:  # let the LLM calls in flight go on meanwhile
+                    await asyncio.sleep(0)
+                decoded.append((p, key, None if value is None else self.decode(value)))
+        for p, key, state in decoded:  # no await from here on: readers see all or nothing
+            if state is None:
+                entries_of[p].pop(key, None)
+            else:
+                entries_of[p][key] = state
         self._data.update(entries_of)
         for p in wanted:
             self._position[p] = stops[p] + 1

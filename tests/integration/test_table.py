@@ -53,7 +53,16 @@ async def _write_and_restore(settings: Settings) -> tuple[dict[bytes, str], int]
                 await action()
         await producer.flush()
         reader = _table(settings, producer)
+        decoded: list[bytes] = []
+
+        def decode(data: bytes) -> str:
+            decoded.append(data)
+            return data.decode()
+
+        reader.decode = decode
         read = await reader.restore({0, 1})
+        # each key decoded once, from its last write (before: 1,200 decodes, one per write)
+        assert sorted(decoded) == sorted(f"v2-{k}".encode() for k in range(400))
         return {key: value for _, key, value in reader.items()}, read
     finally:
         await producer.stop()
