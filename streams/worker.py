@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DRAIN_S = 10.0
 """How long a stopping worker waits for its LLM calls in flight (s)."""
+STOP_S = 30.0
+"""How long a stopping worker waits for its stages to finish their batches (s); a stage still
+running then is cancelled, and the worker exits with status 1."""
 
 
 async def _resolve_writer_schemas(rt: Runtime, records: Sequence[RawMessage]) -> None:
@@ -57,7 +60,7 @@ def topic_names(settings: Settings) -> dict[str, str]:
 
 async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     """Run the stages until SIGTERM/SIGINT; return the process exit status (0 after a clean
-    stop, 1 when a stage failed).
+    stop, 1 when a stage failed, or failed or did not finish within ``STOP_S`` while stopping).
 
     Raises:
         KafkaConnectionError: the brokers could not be reached at start-up.
@@ -109,7 +112,15 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         consumer.stop_soon()
     timer.cancel()
     failed.cancel()
-    await asyncio.wait(list(runs), timeout=30.0)
+    _, stuck = await asyncio.wait(list(runs), timeout=STOP_S)
+    for task in stuck:  # e.g. a batch still retrying a transient error: not committed
+        status = 1
+        log.error("stage %s did not stop within %.0f s; its batch is replayed", runs[task], STOP_S)
+        task.cancel()
+    for task in runs:
+        if task.done() and not task.cancelled() and task not in done and task.exception():
+            status = 1
+            log.error("stage %s failed while stopping: %r", runs[task], task.exception())
     left = await rt.drain(DRAIN_S)
     if left:
         log.warning(
