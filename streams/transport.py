@@ -20,11 +20,15 @@ import functools
 import logging
 import os
 import random
+import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeAlias
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
@@ -44,6 +48,7 @@ __all__ = [
     "BatchContext",
     "Producer",
     "Record",
+    "UnreadableHook",
     "after_acknowledged",
     "cooperate",
     "guard_batch",
@@ -284,13 +289,7 @@ async def guard_batch(
             raise
         except Exception as exc:
             if not is_transient(exc):
-                log.critical(
-                    "%s: unrecoverable error in a batch; exiting without commit",
-                    stage,
-                    exc_info=True,
-                )
-                logging.shutdown()
-                os._exit(70)
+                _exit_without_commit(f"{stage}: unrecoverable error in a batch", exc_info=True)
             delay = backoff_delay(attempt, initial_s=0.5, max_s=TRANSIENT_RETRY_MAX_S)
             child(STAGE_ERRORS, stage, type(exc).__name__).inc()
             log.warning("%s: batch failed (%s); retrying in %.1f s", stage, exc, delay)
@@ -316,10 +315,32 @@ async def _abandoned_within(abandon: asyncio.Event, delay_s: float) -> bool:
     return abandon.is_set()
 
 
+def _exit_without_commit(reason: str, *, exc_info: bool = False) -> NoReturn:
+    """Log ``reason`` as critical and end the process at once with status 70, without
+    committing: its restart replays every batch not committed (at-least-once)."""
+    log.critical("%s; exiting without commit", reason, exc_info=exc_info)
+    logging.shutdown()
+    os._exit(70)
+
+
+CANCELLED_BATCH_WAIT_S = 5.0
+"""Longest wait for a given-up batch to end once it was cancelled (s). A batch still running
+then ignores its cancellation (a bug: something retries or swallows ``CancelledError``). The
+worker exits rather than hold the rebalance past its timeout, or let the batch go on beside
+the next batches of the same partitions."""
+
+
 async def _unless_abandoned(
     body: Callable[[], Awaitable[None]], abandon: asyncio.Event, grace_s: float
 ) -> None:
-    """Await ``body``; once ``abandon`` is set, give it ``grace_s`` s more, then cancel it."""
+    """Await ``body``; once ``abandon`` is set, give it ``grace_s`` s more, then cancel it.
+
+    A cancelled ``body`` still running ``CANCELLED_BATCH_WAIT_S`` s later ends the process
+    (status 70, nothing committed).
+
+    Raises:
+        BatchAbandoned: ``abandon`` was set before ``body`` finished, or before it started.
+    """
     if abandon.is_set():
         raise BatchAbandoned("partitions revoked before the batch was tried")
     task = asyncio.ensure_future(body())
@@ -330,7 +351,12 @@ async def _unless_abandoned(
             await asyncio.wait({task}, timeout=grace_s)
         if not task.done():
             task.cancel()
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=CANCELLED_BATCH_WAIT_S)
+            if not task.done():
+                _exit_without_commit(
+                    f"a given-up batch still runs {CANCELLED_BATCH_WAIT_S:g} s after it was"
+                    " cancelled"
+                )
             if not task.cancelled() and task.exception() is not None:
                 log.debug("a given-up batch ended with %r", task.exception())
             raise BatchAbandoned(f"partitions revoked; the batch ran {grace_s:g} s longer")
@@ -345,6 +371,98 @@ async def _unless_abandoned(
 Handler = Callable[[list[Record]], Awaitable[None]]
 """Processes one batch (records of several partitions, each partition's in offset order)."""
 PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
+UnreadableHook = Callable[[str, int, int, str], Awaitable[None]]
+"""Awaited with ``(topic, partition, offset, reason)`` for each offset a ``BatchConsumer``
+skips because the client cannot read its record, e.g. to dead-letter a placeholder; inside
+the batch that skips it, so what it produces is acknowledged before the offset is committed."""
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """Offsets ``first`` to ``end`` (exclusive) of one partition that the client cannot read,
+    and why (the error's type and message)."""
+
+    first: int
+    end: int
+    reason: str
+
+
+def _unreadable(
+    exc: BaseException,
+) -> tuple[TopicPartition, _Skip, dict[TopicPartition, list[Record]]] | None:
+    """Where ``exc``, raised by ``AIOKafkaConsumer.getmany``, came from if unpacking a fetched
+    record raised it: the partition, the offsets that cannot be read, and the records the call
+    had taken (by partition). None for any other error.
+
+    aiokafka 0.14 parses records (header keys as strict UTF-8) while ``getmany`` hands them
+    out; what that raises (``UnicodeDecodeError``; ``CorruptRecordException`` for a bad CRC,
+    or from the pure-Python reader for any parse error) leaves ``getmany`` with nothing
+    returned. Yet the partitions drained before the failing one already moved past their
+    records, and the failing one fails again at the same offset on every fetch. The
+    traceback's frames of aiokafka's fetcher hold what was read: ``PartitionRecords.
+    _unpack_records`` the partition, the offset it failed at (``next_fetch_offset``) and the
+    record batch being parsed (``next_batch``: the rest of it cannot be parsed either, unless
+    only converting one parsed record failed); ``FetchResult.getall`` the partition's records
+    before that offset (``ret_list``); ``Fetcher.fetched_records`` the records of the
+    partitions before it (``drained``). None as well when a frame or value is missing or not
+    as expected (another aiokafka version): the caller re-raises.
+    """
+    owners = {
+        "fetched_records": Fetcher,
+        "getall": FetchResult,
+        "_unpack_records": PartitionRecords,
+        "_consumer_record": PartitionRecords,
+    }
+    found: dict[str, dict[str, Any]] = {}
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = owners.get(frame.f_code.co_name)
+        if owner is not None and isinstance(frame.f_locals.get("self"), owner):
+            found[frame.f_code.co_name] = frame.f_locals
+    unpack, getall, fetched = (
+        found.get(n) for n in ("_unpack_records", "getall", "fetched_records")
+    )
+    if unpack is None or getall is None or fetched is None:
+        return None
+    tp, first = unpack["self"]._tp, unpack["self"].next_fetch_offset
+    before, drained = getall.get("ret_list"), fetched.get("drained")
+    if not (
+        isinstance(tp, TopicPartition)
+        and isinstance(first, int)
+        and isinstance(before, list)
+        and all(r.offset < first for r in before)
+        and isinstance(drained, dict)
+        and tp not in drained
+    ):
+        return None
+    end = getattr(unpack.get("next_batch"), "next_offset", None)
+    if "_consumer_record" in found or not isinstance(end, int) or end <= first:
+        end = first + 1
+    taken: dict[TopicPartition, list[Record]] = dict(drained)
+    if before:
+        taken[tp] = list(before)
+    return tp, _Skip(first, end, f"{type(exc).__name__}: {exc}"), taken
+
+
+def _close_fetch_context(consumer: AIOKafkaConsumer) -> None:
+    """End the fetch a ``getmany`` that raised left counted as in progress: aiokafka 0.14's
+    ``SubscriptionState.fetch_context`` has no ``finally``, and while a fetch is counted the
+    consumer never looks idle, so ``max_poll_interval_ms`` would no longer apply to it."""
+    subscription = getattr(consumer, "_subscription", None)
+    count = getattr(subscription, "_fetch_count", None)
+    if isinstance(count, int) and count > 0:
+        subscription._fetch_count = count - 1  # type: ignore[union-attr]
+        if count == 1:
+            subscription._last_fetch_ended = time.monotonic()  # type: ignore[union-attr]
+
+
+def _next_offsets(
+    batch: dict[TopicPartition, list[Record]], skips: dict[TopicPartition, list[_Skip]]
+) -> dict[TopicPartition, int]:
+    """The offset after the last record or skipped offset of each partition of a batch."""
+    offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+    for tp, tp_skips in skips.items():
+        offsets[tp] = max(offsets.get(tp, 0), *(skip.end for skip in tp_skips))
+    return offsets
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no stubs
@@ -392,6 +510,10 @@ class BatchConsumer:
         prepare: awaited with each batch before ``handler`` and under the same retry rules
             (e.g. ``Codec.resolve_unknown`` fetching writer schemas). Settable after
             construction.
+        on_unreadable: awaited, inside the batch and under the same retry rules, for each
+            offset skipped because the client cannot read its record (``_fetch``); such
+            offsets are logged and counted (``switchboard_stage_errors_total``, error type
+            ``UnreadableRecord``) either way. Settable after construction.
         max_records: most records per batch.
     """
 
@@ -404,6 +526,7 @@ class BatchConsumer:
         *,
         on_assigned: PartitionsHook | None = None,
         prepare: Handler | None = None,
+        on_unreadable: UnreadableHook | None = None,
         max_records: int = BATCH_MAX,
     ) -> None:
         self.stage = stage
@@ -411,6 +534,7 @@ class BatchConsumer:
         self.handler = handler
         self.on_assigned = on_assigned
         self.prepare = prepare
+        self.on_unreadable = on_unreadable
         self.max_records = max_records
         self.lock = asyncio.Lock()
         """Held while a batch is handled, and while partitions are revoked."""
@@ -438,6 +562,8 @@ class BatchConsumer:
         self._outstanding: list[asyncio.Task[None]] = []
         self._finished: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._skipped: dict[TopicPartition, list[_Skip]] = {}
+        """Offsets skipped as unreadable since the last batch was handled, by partition."""
 
     async def start(self) -> None:
         """Connect and subscribe (the group join happens in the background)."""
@@ -459,15 +585,13 @@ class BatchConsumer:
         committer = asyncio.ensure_future(self._commit_every(COMMIT_INTERVAL_S))
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.ensure_future(
-                    self.consumer.getmany(timeout_ms=1000, max_records=self.max_records)
-                )
+                fetch = asyncio.ensure_future(self._fetch(1000, self.max_records))
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
                     break
-                batch: dict[TopicPartition, list[Record]] = fetch.result()
-                if batch:
+                batch = fetch.result()
+                if batch or self._skipped:
                     await self._fill(batch)
                     await self._handle(batch)
             await self._finish_outstanding()
@@ -488,19 +612,62 @@ class BatchConsumer:
         if count >= self.max_records or BATCH_WITHIN_MS <= 0:
             return
         await asyncio.sleep(BATCH_WITHIN_MS / 1000)
-        more = await self.consumer.getmany(timeout_ms=0, max_records=self.max_records - count)
+        more = await self._fetch(0, self.max_records - count)
         for tp, records in more.items():
             batch.setdefault(tp, []).extend(records)
 
+    async def _fetch(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        """``getmany``: the records that arrive within ``timeout_ms`` ms, at most
+        ``max_records``, by partition; stepping over records the client cannot read.
+
+        Such a record (``_unreadable``: a header key that is not UTF-8, a corrupt batch)
+        would otherwise fail every fetch of its partition, so the worker would exit and
+        fail again at the same offset after each restart. Its partition's position moves past
+        it (and past the rest of its record batch when the batch cannot be parsed beyond it);
+        the skipped offsets are logged, counted, and reported by the next ``_handle``
+        (``on_unreadable``), whose batch covers them: they are committed only once it
+        finished. The records the failed call had taken are returned, so none is lost.
+
+        Raises:
+            KafkaError: the fetch failed otherwise (e.g. a coordinator or authorization error).
+        """
+        try:
+            fetched: dict[TopicPartition, list[Record]] = await self.consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+            return fetched
+        except Exception as exc:
+            unreadable = _unreadable(exc)
+            if unreadable is None:
+                raise
+        tp, skip, taken = unreadable
+        _close_fetch_context(self.consumer)
+        child(STAGE_ERRORS, self.stage, "UnreadableRecord").inc(skip.end - skip.first)
+        log.error(
+            "%s: %s[%d] offsets %d to %d cannot be read (%s); skipped",
+            self.stage,
+            tp.topic,
+            tp.partition,
+            skip.first,
+            skip.end - 1,
+            skip.reason,
+        )
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the next owner's
+            self.consumer.seek(tp, skip.end)
+            self._skipped.setdefault(tp, []).append(skip)
+        return taken
+
     async def _handle(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        skipped, self._skipped = self._skipped, {}
         while len(self._outstanding) >= PIPELINE_DEPTH:
             await asyncio.wait(self._outstanding[:1])
             self._outstanding = [t for t in self._outstanding if not t.done()]
         async with self.lock:
             # Partitions revoked while this batch waited for the lock belong to another
             # member now: their records are its to process.
-            owned = {tp: records for tp, records in batch.items() if tp in self.assigned}
-            if not owned:
+            owned = {tp: rs for tp, rs in batch.items() if tp in self.assigned and rs}
+            skips = {tp: s for tp, s in skipped.items() if tp in self.assigned}
+            if not owned and not skips:
                 return
             records = [record for tp_records in owned.values() for record in tp_records]
             ctx = BatchContext()
@@ -508,33 +675,51 @@ class BatchConsumer:
             async def attempt() -> None:
                 ctx.acks.clear()
                 ctx.after.clear()
-                if self.prepare is not None:
+                if self.prepare is not None and records:
                     await self.prepare(records)
                 with handling(ctx):
-                    await self.handler(records)
+                    await self._report_unreadable(skips)
+                    if records:
+                        await self.handler(records)
 
             try:
                 await guard_batch(
                     self.stage, attempt, abandon=self._revoking, grace_s=self.abandon_after_s
                 )
             except BatchAbandoned as exc:
-                self._rewind(owned)
+                self._rewind(owned, skips)
                 child(STAGE_ERRORS, self.stage, "BatchAbandoned").inc()
                 log.warning("%s: batch given up (%s); it is handled again", self.stage, exc)
                 return
-            offsets = {tp: tp_records[-1].offset + 1 for tp, tp_records in owned.items()}
+            offsets = _next_offsets(owned, skips)
             previous = self._outstanding[-1] if self._outstanding else None
             task = asyncio.ensure_future(self._finish(ctx, offsets, previous))
             self._outstanding.append(task)
 
-    def _rewind(self, batch: dict[TopicPartition, list[Record]]) -> None:
-        """Fetch a given-up batch again from its first offsets, so no later batch of a partition
-        this member still holds commits past it. With aiokafka's eager rebalance every
-        partition is revoked and resumes from its committed offset anyway; the seek drops the
-        records buffered for the old assignment."""
-        for tp, records in batch.items():
+    async def _report_unreadable(self, skips: dict[TopicPartition, list[_Skip]]) -> None:
+        """Await ``on_unreadable`` for every skipped offset, in offset order per partition."""
+        hook = self.on_unreadable
+        if hook is None:
+            return
+        for tp, tp_skips in skips.items():
+            for skip in tp_skips:
+                for offset in range(skip.first, skip.end):
+                    await hook(tp.topic, tp.partition, offset, skip.reason)
+
+    def _rewind(
+        self, batch: dict[TopicPartition, list[Record]], skips: dict[TopicPartition, list[_Skip]]
+    ) -> None:
+        """Fetch a given-up batch again from its first offsets (of records or skipped ones),
+        so no later batch of a partition this member still holds commits past it. With
+        aiokafka's eager rebalance every partition is revoked and resumes from its committed
+        offset anyway; the seek drops the records buffered for the old assignment."""
+        firsts = {tp: records[0].offset for tp, records in batch.items()}
+        for tp, tp_skips in skips.items():
+            first = min(skip.first for skip in tp_skips)
+            firsts[tp] = min(first, firsts.get(tp, first))
+        for tp, offset in firsts.items():
             with contextlib.suppress(IllegalStateError):  # no longer assigned here
-                self.consumer.seek(tp, records[0].offset)
+                self.consumer.seek(tp, offset)
 
     async def _finish(
         self,
@@ -557,13 +742,9 @@ class BatchConsumer:
                         await action()
                 await _all_acknowledged(after.acks)
         except Exception:
-            log.critical(
-                "%s: records of a batch were not acknowledged; exiting without commit",
-                self.stage,
-                exc_info=True,
+            _exit_without_commit(
+                f"{self.stage}: records of a batch were not acknowledged", exc_info=True
             )
-            logging.shutdown()
-            os._exit(70)
         self._finished.update(offsets)
 
     async def _finish_outstanding(self) -> None:

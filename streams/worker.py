@@ -19,7 +19,7 @@ from typing import Any
 
 from processors.config import SwitchboardConfig
 from streams.agents import conversation, delivery, ingest, llm
-from streams.agents.common import RawMessage
+from streams.agents.common import RawMessage, dead_letter_unreadable
 from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.transport import BatchConsumer, Producer
@@ -58,6 +58,12 @@ def topic_names(settings: Settings) -> dict[str, str]:
     }
 
 
+async def _unreadable(
+    rt: Runtime, deadletter: str, stage: str, topic: str, partition: int, offset: int, reason: str
+) -> None:
+    await dead_letter_unreadable(rt, deadletter, stage, (topic, partition, offset), reason)
+
+
 async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     """Run the stages until SIGTERM/SIGINT; return the process exit status (0 after a clean
     stop, 1 when a stage failed, or failed or did not finish within ``STOP_S`` while stopping).
@@ -82,6 +88,8 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     if settings.schema_registry_url is not None:
         for consumer in stages:
             consumer.prepare = partial(_resolve_writer_schemas, rt)
+    for consumer in stages:
+        consumer.on_unreadable = partial(_unreadable, rt, topics["deadletter"], consumer.stage)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

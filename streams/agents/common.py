@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
+from aiokafka import ConsumerRecord
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -498,3 +499,34 @@ def remember_after_ack(
     after_acknowledged(remember)
     if unmarked is not None:
         unmarked.add(keys)
+
+
+async def dead_letter_unreadable(
+    rt: Runtime, topic: str, stage: str, source: tuple[str, int, int], reason: str
+) -> None:
+    """Dead-letter a record the Kafka client could not read (``BatchConsumer.on_unreadable``):
+    a placeholder with its source topic, partition and offset and no key, value or headers,
+    stage ``<stage>.fetch``, error type ``UnreadableRecord``. The original stays in its
+    source topic for whoever can read it."""
+    source_topic, partition, offset = source
+    placeholder: RawMessage = ConsumerRecord(
+        topic=source_topic,
+        partition=partition,
+        offset=offset,
+        timestamp=-1,
+        timestamp_type=0,
+        key=None,
+        value=None,
+        checksum=None,
+        serialized_key_size=-1,
+        serialized_value_size=-1,
+        headers=[],
+    )
+    await dead_letter(
+        rt,
+        topic,
+        placeholder,
+        stage=f"{stage}.fetch",
+        reason=f"the Kafka client cannot read this record: {reason}",
+        error_type="UnreadableRecord",
+    )

@@ -41,6 +41,16 @@ fails to take marks for a while."""
 
 
 def _retriable(exc: BaseException) -> bool:
+    """Whether a send that raised ``exc`` is tried again: an ``Exception`` that is not a
+    ``ConnectorError``, or one marked ``retriable``.
+
+    Never a ``BaseException`` that is not an ``Exception`` (``asyncio.CancelledError``,
+    ``KeyboardInterrupt``): tenacity's attempt block catches those too, and retrying a
+    cancelled send would swallow the cancellation of a batch given up on revoke, which would
+    then go on delivering to the partitions' next owner's recipients.
+    """
+    if not isinstance(exc, Exception):
+        return False
     return not isinstance(exc, ConnectorError) or exc.retriable
 
 
@@ -48,10 +58,16 @@ async def deliver(rt: Runtime, request: DeliveryRequest) -> DeliveryReport:
     """Send ``request`` through its channel's connector with exponential backoff.
 
     Retriable errors (``ConnectorError.retriable`` or any non-connector exception) are retried
-    up to ``delivery.max_attempts`` times with full-jitter backoff, honouring ``retry_after``.
+    up to ``delivery.max_attempts`` times with full-jitter backoff (seconds, from
+    ``delivery.backoff_initial_s`` up to ``delivery.backoff_max_s``), honouring
+    ``retry_after``.
 
     Returns:
         A delivered or failed DeliveryReport (never raises for channel failures).
+
+    Raises:
+        asyncio.CancelledError: the task was cancelled, during a send or a backoff; no
+            further send is started (``_retriable``).
     """
     policy = rt.config.delivery
     attempts = 0

@@ -275,3 +275,47 @@ async def test_a_batch_finishing_within_the_grace_period_is_kept_and_committed()
 
     assert seeks == []
     assert h.events == ["handled 6", "after 6", "commit 7"]
+
+
+class _Exited(BaseException):
+    """What the test's ``os._exit`` raises instead of ending the process."""
+
+
+async def test_a_batch_that_ignores_its_cancellation_ends_the_worker_without_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int] = []
+
+    def exit_(status: int) -> None:
+        exits.append(status)
+        raise _Exited
+
+    monkeypatch.setattr("streams.transport.os._exit", exit_)
+    monkeypatch.setattr("streams.transport.logging.shutdown", lambda: None)
+    monkeypatch.setattr("streams.transport.CANCELLED_BATCH_WAIT_S", 0.2, raising=False)
+    h = Harness()
+    h.consumer.abandon_after_s = 0.05
+    released = asyncio.Event()
+    swallowed: list[int] = []
+
+    async def stubborn(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        while not released.is_set():  # a retry loop that catches CancelledError: the bug
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                swallowed.append(records[0].offset)
+
+    h.consumer.handler = stubborn
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}))
+    await asyncio.sleep(0.02)
+    revoke = asyncio.create_task(h.consumer._revoked({TP}))
+    try:
+        await asyncio.wait({handling}, timeout=2)
+        assert swallowed == [9]  # it was cancelled once, after the grace period
+        assert exits == [70]  # instead of waiting for it forever, holding the rebalance
+        assert isinstance(handling.exception(), _Exited)
+        assert h.events == []  # nothing committed: the restart replays offset 9
+    finally:
+        released.set()
+        await asyncio.wait_for(revoke, timeout=2)
+        await h.consumer.close()

@@ -27,6 +27,7 @@ from schemas.models import DeadLetter
 from streams.agents.common import (
     DEAD_LETTER_HEADROOM_BYTES,
     dead_letter,
+    dead_letter_unreadable,
 )
 from streams.runtime import Runtime
 from streams.settings import Settings, default_config_path, load_config
@@ -222,3 +223,26 @@ async def test_the_worker_producer_states_the_limit_aiokafka_enforces() -> None:
         assert producer._producer._max_request_size == producer.max_request_size
     finally:
         await producer.stop()
+
+
+async def test_an_unreadable_record_is_dead_lettered_as_a_placeholder(rt: Runtime) -> None:
+    # BatchConsumer.on_unreadable, wired by the worker: a record the client cannot parse (a
+    # header key that is not UTF-8) has no key, value or headers to keep, only where it is.
+    with handling(BatchContext()):
+        await dead_letter_unreadable(
+            rt,
+            TOPIC,
+            "ingest",
+            ("t.inbound", 3, 17),
+            "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0",
+        )
+    (sent,) = _producer(rt).sent
+    letter = rt.codec.decode(sent.value, DeadLetter)
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        "t.inbound",
+        3,
+        17,
+    )
+    assert (letter.stage, letter.error_type) == ("ingest.fetch", "UnreadableRecord")
+    assert letter.reason.startswith("the Kafka client cannot read this record: UnicodeDecode")
+    assert (letter.original_key, letter.original_value, letter.original_headers) == (None, None, [])
