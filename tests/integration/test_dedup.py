@@ -16,12 +16,13 @@ import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaTimeoutError
 from support.producer import RecordingProducer
+from support.records import webhook_request
 
 from connectors.delivery.base import DeliveryConnector, SendResult
 from connectors.delivery.registry import register_connector, unregister_connector
 from connectors.redis_store import StoreError
 from processors.ids import new_message_id
-from schemas.models import Channel, DeliveryReport, DeliveryRequest, utcnow
+from schemas.models import DeliveryReport, DeliveryRequest, utcnow
 from streams.agents.common import UnmarkedKeys
 from streams.agents.delivery import UNMARKED_MAX, handle_batch
 from streams.embedded import ManagedProcess
@@ -161,18 +162,7 @@ async def stage(redis_server: ManagedProcess, tmp_path: Path) -> AsyncIterator[S
 
 
 def _request(delivery_id: str) -> DeliveryRequest:
-    now = utcnow()
-    return DeliveryRequest(
-        delivery_id=delivery_id,
-        message_id=f"m-{delivery_id}",
-        conversation_id="c-1",
-        tenant="dedup",
-        channel=Channel.WEBHOOK,
-        recipient="https://example.com/hook",
-        content="hello",
-        origin_created_at=now,
-        created_at=now,
-    )
+    return webhook_request(delivery_id, "dedup")
 
 
 async def test_an_id_delivered_in_one_batch_is_not_sent_again_by_the_next_before_its_mark(

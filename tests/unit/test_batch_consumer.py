@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, RequestTimedOutError
+from support.records import consumed
 
 from connectors.redis_store import StoreError
 from streams.settings import Settings
@@ -30,19 +31,7 @@ TP = TopicPartition("in", 0)
 
 
 def _record(offset: int) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(
-        topic=TP.topic,
-        partition=TP.partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=None,
-        value=b"v",
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=1,
-        headers=[],
-    )
+    return consumed(TP.topic, TP.partition, offset, b"v")
 
 
 class Harness:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord
 from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -22,6 +21,7 @@ from aiokafka.errors import (
 )
 from prometheus_client import REGISTRY
 from support.producer import RecordingProducer
+from support.records import consumed
 
 from schemas.models import DeadLetter
 from streams.agents.common import (
@@ -51,19 +51,7 @@ def _producer(rt: Runtime) -> RecordingProducer:
 
 
 def _record(value: bytes | None, *, key: bytes | None = b"key-1", offset: int = 41) -> Any:
-    return ConsumerRecord(
-        topic="t.inbound",
-        partition=2,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=key,
-        value=value,
-        checksum=None,
-        serialized_key_size=len(key or b""),
-        serialized_value_size=len(value or b""),
-        headers=[("origin", b"test")],
-    )
+    return consumed("t.inbound", 2, offset, value, key=key, headers=[("origin", b"test")])
 
 
 async def _dead_letter_in_batch(rt: Runtime, message: Any) -> BatchContext:

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import TopicPartition
 from support.producer import RecordingProducer
+from support.records import consumed, webhook_request
 
 from connectors.delivery.base import DeliveryConnector, SendResult
 from connectors.delivery.registry import OptionValue, register_connector, unregister_connector
 from connectors.errors import DeliveryError
-from schemas.models import Channel, DeliveryRequest, utcnow
+from schemas.models import DeliveryRequest
 from streams.agents.common import UnmarkedKeys
 from streams.agents.delivery import deliver, handle_batch
 from streams.runtime import Runtime
@@ -106,35 +107,12 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
 
 
 def _request(delivery_id: str) -> DeliveryRequest:
-    now = utcnow()
-    return DeliveryRequest(
-        delivery_id=delivery_id,
-        message_id=f"m-{delivery_id}",
-        conversation_id="c-1",
-        tenant="acme",
-        channel=Channel.WEBHOOK,
-        recipient="https://example.com/hook",  # one recipient: sent one after the other
-        content="hello",
-        origin_created_at=now,
-        created_at=now,
-    )
+    return webhook_request(delivery_id, "acme")
 
 
 def _record(rt: Runtime, offset: int, request: DeliveryRequest) -> Any:
     value = rt.codec.encode(request)
-    return ConsumerRecord(
-        topic=TP.topic,
-        partition=TP.partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=request.recipient.encode(),
-        value=value,
-        checksum=None,
-        serialized_key_size=len(request.recipient),
-        serialized_value_size=len(value),
-        headers=[],
-    )
+    return consumed(TP.topic, TP.partition, offset, value, key=request.recipient.encode())
 
 
 async def test_a_delivery_cancelled_during_a_retried_send_ends_cancelled(setup: Setup) -> None:
