@@ -58,12 +58,6 @@ def topic_names(settings: Settings) -> dict[str, str]:
     }
 
 
-async def _unreadable(
-    rt: Runtime, deadletter: str, stage: str, topic: str, partition: int, offset: int, reason: str
-) -> None:
-    await dead_letter_unreadable(rt, deadletter, stage, (topic, partition, offset), reason)
-
-
 async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
     """Run the stages until SIGTERM/SIGINT; return the process exit status (0 after a clean
     stop, 1 when a stage failed, or failed or did not finish within ``STOP_S`` while stopping).
@@ -89,7 +83,9 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         for consumer in stages:
             consumer.prepare = partial(_resolve_writer_schemas, rt)
     for consumer in stages:
-        consumer.on_unreadable = partial(_unreadable, rt, topics["deadletter"], consumer.stage)
+        consumer.on_unreadable = partial(
+            dead_letter_unreadable, rt, topics["deadletter"], consumer.stage
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

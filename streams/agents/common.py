@@ -502,13 +502,19 @@ def remember_after_ack(
 
 
 async def dead_letter_unreadable(
-    rt: Runtime, topic: str, stage: str, source: tuple[str, int, int], reason: str
+    rt: Runtime,
+    topic: str,
+    stage: str,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
 ) -> None:
-    """Dead-letter a record the Kafka client could not read (``BatchConsumer.on_unreadable``):
-    a placeholder with its source topic, partition and offset and no key, value or headers,
+    """Dead-letter a record the Kafka client could not read on ``topic``; with ``rt``,
+    ``topic`` and ``stage`` bound, a ``BatchConsumer.on_unreadable`` hook. The letter is a
+    placeholder with its source topic, partition and offset and no key, value or headers,
     stage ``<stage>.fetch``, error type ``UnreadableRecord``. The original stays in its
     source topic for whoever can read it."""
-    source_topic, partition, offset = source
     placeholder: RawMessage = ConsumerRecord(
         topic=source_topic,
         partition=partition,

@@ -221,7 +221,9 @@ async def test_an_unreadable_record_is_dead_lettered_as_a_placeholder(rt: Runtim
             rt,
             TOPIC,
             "ingest",
-            ("t.inbound", 3, 17),
+            "t.inbound",
+            3,
+            17,
             "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0",
         )
     (sent,) = _producer(rt).sent
