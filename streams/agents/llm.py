@@ -95,7 +95,8 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
         the turn to the humans' handoff topic, if it wins the turn
         (``processors.conversation.on_llm_response``).
     """
-    budget_s = None if request.attempt >= rt.config.llm.answer_from_attempt else _budget_s(request)
+    keeps_deadline = request.attempt < rt.config.llm.answer_from_attempt
+    budget_s = _budget_s(request) if keeps_deadline else None
     if budget_s is not None and budget_s <= 0:
         child(DROPPED, STAGE, "expired").inc()
         log.info(
@@ -161,7 +162,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
                     max_tokens=max_tokens,
                     metadata=request.metadata,
                 ),
-                budget_s=_remaining_s(request, budget_s),
+                budget_s=_budget_s(request) if keeps_deadline else None,
             )
         except EngineError as exc:
             if exc.deadline_passed:
@@ -211,11 +212,6 @@ def _budget_s(request: LLMRequest) -> float | None:
     if request.deadline_at is None:
         return None
     return (request.deadline_at - utcnow()).total_seconds()
-
-
-def _remaining_s(request: LLMRequest, budget_s: float | None) -> float | None:
-    """The budget left for the next engine: None stays None (no deadline kept)."""
-    return None if budget_s is None else _budget_s(request)
 
 
 def _user_content(request: LLMRequest) -> str:
