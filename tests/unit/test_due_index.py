@@ -12,6 +12,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
+from support.records import consumed
 
 from processors.config import ConversationConfig, PersonaConfig, SwitchboardConfig
 from processors.conversation import (
@@ -190,20 +191,7 @@ def _tick_record(rt: Runtime, key: bytes, conversation: str) -> ConsumerRecord[b
         origin_created_at=now,
         created_at=now,
     )
-    value = rt.codec.encode(tick)
-    return ConsumerRecord(
-        topic="conversations",
-        partition=0,
-        offset=0,
-        timestamp=0,
-        timestamp_type=0,
-        key=key,
-        value=value,
-        checksum=None,
-        serialized_key_size=len(key),
-        serialized_value_size=len(value),
-        headers=[],
-    )
+    return consumed("conversations", 0, 0, rt.codec.encode(tick), key=key)
 
 
 def _tick_closed_conversation(tmp_path: Path, ended_ago: timedelta) -> tuple[_Table, DueIndex]:

@@ -21,6 +21,7 @@ import pytest
 from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
 from support.producer import RecordingProducer
+from support.records import consumed
 
 from processors.conversation import on_user_turn
 from processors.conversation_state import ConversationState
@@ -80,21 +81,9 @@ class Stage:
         self.offset = 0
 
     def record(self, value: AvroRecord) -> ConsumerRecord[bytes, bytes]:
-        data = self.rt.codec.encode(value)
         self.offset += 1
-        return ConsumerRecord(
-            topic=TOPICS["conversations"],
-            partition=0,
-            offset=self.offset,
-            timestamp=0,
-            timestamp_type=0,
-            key=KEY,
-            value=data,
-            checksum=None,
-            serialized_key_size=len(KEY),
-            serialized_value_size=len(data),
-            headers=[],
-        )
+        data = self.rt.codec.encode(value)
+        return consumed(TOPICS["conversations"], 0, self.offset, data, key=KEY)
 
     async def batch(self, *records: AvroRecord) -> None:
         """Handle one batch, then run its after-acknowledgement actions (the changelog
