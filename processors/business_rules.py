@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import TypeAlias
 
 from processors.config import PersonaConfig
+from schemas.models import LLMStatus
 
 __all__ = [
     "Answer",
@@ -17,6 +18,7 @@ __all__ = [
     "TurnVerdict",
     "business_rule_lines",
     "check_turn",
+    "failure_reply",
     "finalize_reply",
     "find_phrase",
 ]
@@ -147,6 +149,28 @@ def finalize_reply(persona: PersonaConfig, content: str) -> str:
     if disclaimer and _fold(disclaimer) not in _fold(reply):
         reply = f"{reply}\n\n{disclaimer}"
     return reply
+
+
+def failure_reply(
+    persona: PersonaConfig, on_failure: str, status: LLMStatus = LLMStatus.FALLBACK
+) -> tuple[LLMStatus, str]:
+    """Return the status and reply of a turn no engine answered.
+
+    Args:
+        persona: The turn's persona.
+        on_failure: ``llm.on_failure``: ``"handoff"`` escalates the turn with the persona's
+            ``handoff_reply``; anything else (``"apology"``) answers with its
+            ``apology_reply``.
+        status: The status of the apology: ``fallback`` when the engines failed, ``failed``
+            when something else did (an unexpected error, a reply that cannot be kept).
+
+    Returns:
+        ``(LLMStatus.ESCALATED, handoff reply)`` or ``(status, apology)``, each passed
+        through :func:`finalize_reply`.
+    """
+    if on_failure == "handoff":
+        return LLMStatus.ESCALATED, finalize_reply(persona, persona.handoff_reply)
+    return status, finalize_reply(persona, persona.apology_reply)
 
 
 def business_rule_lines(persona: PersonaConfig) -> list[str]:

@@ -132,6 +132,17 @@ class ConversationConfig(_Strict):
         "beyond is dead-lettered (error_type QueueFull) instead of growing the state without "
         "bound.",
     )
+    max_llm_attempts: int = Field(
+        3,
+        ge=1,
+        description="LLM requests sent for one user turn (the first and its re-issues). When "
+        "the last one's deadline passes without a response, the conversation stage answers "
+        "the turn itself, as the LLM stage does when every engine failed (the persona's "
+        "apology, or a handoff with llm.on_failure: handoff), so a turn whose responses never "
+        "come (the LLM stage down, its responses lost) is still answered and the turns queued "
+        "behind it go on. Must be above llm.answer_from_attempt, the attempt that answers "
+        "whatever the engines do.",
+    )
 
 
 class KnowledgeBaseConfig(_Strict):
@@ -383,6 +394,12 @@ class SwitchboardConfig(_Strict):
     @model_validator(mode="after")
     def _references_resolve(self) -> SwitchboardConfig:
         personas, flows = set(self.personas), set(self.flows)
+        if self.conversation.max_llm_attempts <= self.llm.answer_from_attempt:
+            raise ValueError(
+                f"conversation.max_llm_attempts ({self.conversation.max_llm_attempts}) must be "
+                f"above llm.answer_from_attempt ({self.llm.answer_from_attempt}): the attempt "
+                "that answers whatever the engines do would never be sent"
+            )
         if self.routing.default_persona not in personas:
             raise ValueError(
                 f"routing.default_persona {self.routing.default_persona!r} is not a persona "

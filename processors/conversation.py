@@ -17,7 +17,9 @@ Guarantees (ARCHITECTURE.md principles 4 and 5):
   turns wait in ``queue`` and are issued one at a time as replies arrive, so replies go out in
   the order the user turns arrived. ``history`` holds the turns in answer order.
 * **Deadlines.** :func:`reissue_due` re-issues a pending turn after ``llm_deadline_s`` with
-  ``attempt + 1`` (a new ``request_id``, the same ``turn_id``).
+  ``attempt + 1`` (a new ``request_id``, the same ``turn_id``), up to ``max_llm_attempts``
+  requests; after the last one's deadline :func:`unanswered_turn` names the turn, and the
+  stage answers it itself (:func:`no_answer`, then :func:`on_llm_response`).
 
 Lifecycle choices:
 
@@ -88,6 +90,7 @@ __all__ = [
     "deadline_s",
     "ended_at",
     "next_due_at",
+    "no_answer",
     "on_close",
     "on_llm_response",
     "on_user_turn",
@@ -96,6 +99,7 @@ __all__ = [
     "reissue_due",
     "shed_history",
     "summarize",
+    "unanswered_turn",
 ]
 
 
@@ -551,6 +555,9 @@ def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig
     ``attempt + 1`` (``request_id`` ``<turn_id>:<attempt>``); a late response to any attempt is
     still accepted by :func:`on_llm_response`, the first one wins.
 
+    The last of ``cfg.max_llm_attempts`` requests is not re-issued: see
+    :func:`unanswered_turn`.
+
     Returns:
         ``[IssueLLM]`` when re-issued, else ``[]`` with ``state`` unchanged.
     """
@@ -559,9 +566,58 @@ def reissue_due(state: ConversationState, now: datetime, cfg: ConversationConfig
         return Transition(state, [])
     if (now - pending.issued_at).total_seconds() <= deadline_s(pending.attempt, cfg):
         return Transition(state, [])
+    if pending.attempt + 1 >= cfg.max_llm_attempts:
+        return Transition(state, [])  # the last attempt: unanswered_turn gives up on it
     reissued = pending.model_copy(update={"attempt": pending.attempt + 1, "issued_at": now})
     state = state.model_copy(update={"pending": reissued, "reissues": state.reissues + 1})
     return Transition(state, [IssueLLM(_request(state, reissued, cfg))])
+
+
+def unanswered_turn(
+    state: ConversationState, now: datetime, cfg: ConversationConfig
+) -> PendingTurn | None:
+    """The pending turn when its last request (attempt ``cfg.max_llm_attempts - 1``) is past
+    its deadline without a response, else None. The stage then answers it with
+    :func:`no_answer`: a turn whose responses never come must not hold the conversation (and
+    the turns queued behind it) for ever."""
+    pending = state.pending
+    if pending is None or pending.issued_at is None:
+        return None
+    if pending.attempt + 1 < cfg.max_llm_attempts:
+        return None
+    if (now - pending.issued_at).total_seconds() <= deadline_s(pending.attempt, cfg):
+        return None
+    return pending
+
+
+def no_answer(
+    state: ConversationState,
+    turn: PendingTurn,
+    status: LLMStatus,
+    content: str,
+    error: str,
+    now: datetime,
+) -> LLMResponse:
+    """The response the conversation stage gives ``turn`` itself when no usable one came.
+
+    Answers the turn's last request (``request_id`` ``<turn_id>:<attempt>``) from engine
+    ``none`` with ``status`` and ``content`` (the persona's apology or handoff reply:
+    ``processors.business_rules.failure_reply``); a later response of the LLM stage is then
+    dropped as a duplicate, as for any answered turn. Apply it with :func:`on_llm_response`.
+    """
+    return LLMResponse(
+        request_id=f"{turn.turn_id}:{turn.attempt}",
+        conversation_id=state.conversation_id,
+        tenant=state.tenant,
+        turn_id=turn.turn_id,
+        persona=turn.persona,
+        status=status,
+        content=content,
+        engine="none",
+        error=error,
+        attempts=0,
+        created_at=_ms(now),
+    )
 
 
 def summarize(state: ConversationState, reason: str, now: datetime) -> ConversationSummary:

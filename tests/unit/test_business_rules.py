@@ -15,11 +15,13 @@ from processors.business_rules import (
     Escalate,
     business_rule_lines,
     check_turn,
+    failure_reply,
     finalize_reply,
     find_phrase,
 )
 from processors.config import PersonaConfig
 from processors.prompt import build_system_prompt
+from schemas.models import LLMStatus
 
 DISCLAIMER = "This is not financial advice."
 
@@ -180,3 +182,19 @@ def test_system_prompt_lists_every_rule_line_as_a_bullet() -> None:
     prompt = build_system_prompt(ADVISOR)
     rules_block = prompt.split("Rules:\n", 1)[1].split("\n")
     assert rules_block == [f"- {line}" for line in business_rule_lines(ADVISOR)]
+
+
+# --- failure_reply ------------------------------------------------------------------------
+
+
+def test_failure_reply_apologises_or_hands_off_with_the_disclaimer() -> None:
+    fin = persona(apology_reply="Sorry, try later.", handoff_reply="A human will call.")
+    assert failure_reply(fin, "apology") == (LLMStatus.FALLBACK, "Sorry, try later.")
+    assert failure_reply(fin, "apology", LLMStatus.FAILED) == (
+        LLMStatus.FAILED,
+        "Sorry, try later.",
+    )
+    assert failure_reply(fin, "handoff") == (LLMStatus.ESCALATED, "A human will call.")
+    status, reply = failure_reply(ADVISOR, "apology")
+    assert status is LLMStatus.FALLBACK
+    assert reply.endswith(DISCLAIMER)

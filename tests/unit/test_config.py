@@ -165,3 +165,14 @@ def test_ended_retention_defaults_to_a_day_and_must_be_positive() -> None:
     loc, msg = only_error(config_with(conversation={"ended_retention_s": 0}))
     assert loc == "conversation.ended_retention_s"
     assert msg == "Input should be greater than 0"
+
+
+def test_max_llm_attempts_must_leave_room_for_the_answering_attempt() -> None:
+    assert SwitchboardConfig.model_validate(BASE).conversation.max_llm_attempts == 3
+    loc, msg = only_error(
+        config_with(conversation={"max_llm_attempts": 2}, llm={"answer_from_attempt": 2})
+    )
+    assert loc == ""
+    assert "conversation.max_llm_attempts (2) must be above llm.answer_from_attempt (2)" in msg
+    ok = config_with(conversation={"max_llm_attempts": 3}, llm={"answer_from_attempt": 2})
+    assert SwitchboardConfig.model_validate(ok).conversation.max_llm_attempts == 3

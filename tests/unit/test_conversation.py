@@ -14,6 +14,7 @@ from processors.config import ConversationConfig, PersonaConfig
 from processors.conversation import (
     check_timeout,
     ended_at,
+    no_answer,
     on_close,
     on_llm_response,
     on_user_turn,
@@ -22,6 +23,7 @@ from processors.conversation import (
     reissue_due,
     shed_history,
     summarize,
+    unanswered_turn,
 )
 from processors.conversation_state import (
     Closed,
@@ -305,6 +307,53 @@ def test_overdue_turn_is_reissued_and_first_response_of_any_attempt_wins() -> No
     late_first = respond(again.state, answer(issued(t)))
     assert delivered(late_first).request.delivery_id.startswith("e1:reply@")
     assert respond(late_first.state, answer(retry)).effects == [Dropped("e1:1", "duplicate")]
+
+
+def test_after_the_last_attempts_deadline_the_turn_is_answered_by_the_stage() -> None:
+    cfg = CFG.model_copy(update={"max_llm_attempts": 2})
+    t = user_turn(None, event("e1"), cfg=cfg)
+    queued = user_turn(t.state, event("e2", "and another thing"), cfg=cfg)
+    assert unanswered_turn(queued.state, T0 + timedelta(seconds=31), cfg) is None
+    again = reissue_due(queued.state, T0 + timedelta(seconds=31), cfg)
+    assert issued(again).attempt == 1
+    reissued_at = T0 + timedelta(seconds=31)
+
+    # attempt 1 is the last: its deadline (60 s) passing re-issues nothing and names the turn
+    late = reissued_at + timedelta(seconds=61)
+    assert unanswered_turn(again.state, reissued_at + timedelta(seconds=60), cfg) is None
+    assert reissue_due(again.state, late, cfg) == Transition(again.state, [])
+    turn = unanswered_turn(again.state, late, cfg)
+    assert turn is not None
+    assert turn.turn_id == "e1"
+
+    apology = no_answer(again.state, turn, LLMStatus.FALLBACK, "Sorry!", "no response", late)
+    assert (apology.request_id, apology.engine, apology.error) == ("e1:1", "none", "no response")
+    done = on_llm_response(again.state, apology, cfg=cfg, now=late)
+    assert delivered(done).request.content == "Sorry!"
+    assert issued(done).turn_id == "e2"  # the queued turn goes on
+    assert done.state.fallback_replies == 1
+    # the LLM stage's own answer, should it come after all, is a duplicate
+    stale = on_llm_response(done.state, answer(issued(again)), cfg=cfg, now=late)
+    assert stale.effects == [Dropped("e1:1", "duplicate")]
+
+
+def test_a_handoff_given_by_the_stage_escalates_the_turn() -> None:
+    cfg = CFG.model_copy(update={"max_llm_attempts": 1})
+    t = user_turn(None, event("e1"), cfg=cfg)
+    late = T0 + timedelta(seconds=31)
+    assert reissue_due(t.state, late, cfg).effects == []
+    turn = unanswered_turn(t.state, late, cfg)
+    assert turn is not None
+    handed = on_llm_response(
+        t.state,
+        no_answer(t.state, turn, LLMStatus.ESCALATED, "A human will help.", "no response", late),
+        cfg=cfg,
+        now=late,
+    )
+    (handoff,) = only(handed.effects, HandOff)
+    assert isinstance(handoff, HandOff)
+    assert handoff.event.metadata["handoff.reason"] == "no response"
+    assert delivered(handed).request.content == "A human will help."
 
 
 def test_reissue_without_pending_turn_does_nothing() -> None:
