@@ -10,16 +10,32 @@ wants exact counts installs it and pre-fills ``TIKTOKEN_CACHE_DIR``; then it is 
 encoding of each model is looked up once per process; a failure is cached too, so a missing
 file costs one attempt, not one per call.
 
-The estimate is ``ceil(len(text) / 4)``: OpenAI's rule of thumb "one token is about 4
-characters of English text" ("What are tokens and how to count them", OpenAI help center).
-It undercounts text that is not English prose (code, CJK scripts); keep a margin in
-``reserve_tokens``.
+The estimate (:func:`estimate_tokens`) weighs each character by the length of its UTF-8
+encoding, as the byte-level BPE tokenizers of OpenAI's models (tiktoken) split UTF-8 bytes,
+not characters:
+
+- ASCII (1 byte): a quarter of a token, OpenAI's rule of thumb "one token is about 4
+  characters of English text" ("What are tokens and how to count them", OpenAI help center).
+  ASCII text alone is therefore ``ceil(len(text) / 4)``.
+- Other characters of 2 bytes (U+0080..U+07FF: accented Latin, Greek, Cyrillic, Hebrew,
+  Arabic...): half a token.
+- Characters of 3 or 4 bytes (U+0800 and above: CJK ideographs, kana, hangul, Thai,
+  Devanagari, emoji...): one token each. A byte-level BPE learnt mostly from English merges
+  few of these bytes, so a CJK character is taken as about one token for OpenAI's models
+  (an assumption, not measured here: tiktoken's encodings cannot be loaded offline);
+  DeepSeek documents 0.6 token per Chinese character for its own tokenizer
+  (api-docs.deepseek.com, "Token & Token Usage"). ``len / 4`` counted a quarter token per
+  character: a Chinese prompt the trimming believed within budget could be up to four times
+  over it.
+
+The weights lean high on purpose: an over-count trims a little more history than needed, an
+under-count gets the call refused (``context_length_exceeded``). It still undercounts code and
+the scripts that take several tokens per character; keep a margin in ``reserve_tokens``.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Protocol, cast
@@ -32,11 +48,17 @@ __all__ = [
     "TOKENS_PER_MESSAGE",
     "count_message_tokens",
     "count_tokens",
+    "estimate_tokens",
+    "shed_history",
     "trim_to_budget",
 ]
 
 CHARS_PER_TOKEN = 4
-"""Characters per token of the estimate (OpenAI help center rule of thumb)."""
+"""ASCII characters per token of the estimate (OpenAI help center rule of thumb)."""
+
+_QUARTERS_PER_TOKEN = 4
+"""The estimate counts quarter tokens: 1 per ASCII character, 2 per other 2-byte character,
+4 per wider one (see the module docstring)."""
 
 TOKENS_PER_MESSAGE = 4
 """Framing tokens per chat message: ``<|start|>{role}\\n{content}<|end|>\\n``.
@@ -66,6 +88,19 @@ def _encoding_for(model: str) -> _Encoding | None:
         return None
 
 
+def estimate_tokens(text: str) -> int:
+    """Estimate the tokens of ``text`` without a tokenizer (weights: see the module docstring).
+
+    Returns:
+        ``ceil((ascii + 2 * two_byte + 4 * wider) / 4)`` over the characters of ``text``:
+        ``ceil(len(text) / 4)`` for ASCII, one per CJK character; 0 for the empty string.
+    """
+    if text.isascii():
+        return -(-len(text) // CHARS_PER_TOKEN)
+    quarters = sum(1 if c < "\x80" else 2 if c < "\u0800" else 4 for c in text)
+    return -(-quarters // _QUARTERS_PER_TOKEN)
+
+
 def count_tokens(text: str, model: str) -> int:
     """Return the number of tokens of ``text`` for ``model`` (exact or estimated).
 
@@ -75,12 +110,12 @@ def count_tokens(text: str, model: str) -> int:
 
     Returns:
         tiktoken's count when its encoding for ``model`` loads (see the module docstring),
-        else ``ceil(len(text) / 4)``.
+        else :func:`estimate_tokens`.
     """
     encoding = _encoding_for(model)
     if encoding is not None:
         return len(encoding.encode_ordinary(text))
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return estimate_tokens(text)
 
 
 def _message_tokens(message: ChatMessage, model: str) -> int:
@@ -157,6 +192,46 @@ def trim_to_budget(
             f"{reserve_tokens}"
         )
     limit = budget_tokens - reserve_tokens
+    kept, total, user_at = _drop_oldest_history(messages, limit, model)
+    if total > limit and user_at is not None:
+        room = limit - (total - _message_tokens(messages[user_at], model)) - TOKENS_PER_MESSAGE
+        content = _keep_suffix_within(messages[user_at].content, room, model)
+        kept[user_at] = ChatMessage(role=Role.USER, content=content)
+    return list(kept.values())
+
+
+def shed_history(
+    messages: list[ChatMessage], *, limit_tokens: int, model: str
+) -> list[ChatMessage]:
+    """Return ``messages`` without their oldest history, to fit ``limit_tokens`` if history can.
+
+    The first system message and the last user message are kept whole; every other message
+    is history, dropped oldest first until :func:`count_message_tokens` is at most
+    ``limit_tokens`` or no history is left. Unlike :func:`trim_to_budget` no content is cut,
+    so the result may still exceed the limit.
+
+    Args:
+        messages: The prompt, oldest first.
+        limit_tokens: Prompt tokens to fit in (may be below what the kept messages need).
+        model: The model name, for :func:`count_tokens`.
+
+    Returns:
+        A new list (``messages`` unchanged): the kept messages in their order.
+    """
+    kept, _, _ = _drop_oldest_history(messages, limit_tokens, model)
+    return list(kept.values())
+
+
+def _drop_oldest_history(
+    messages: list[ChatMessage], limit: int, model: str
+) -> tuple[dict[int, ChatMessage], int, int | None]:
+    """Drop history (all but the first system and the last user message), oldest first,
+    until the prompt counts at most ``limit`` tokens or no history is left.
+
+    Returns:
+        ``(kept messages by index, their prompt token count, index of the last user message
+        or None)``.
+    """
     system_at = next((i for i, m in enumerate(messages) if m.role is Role.SYSTEM), None)
     user_at = next(
         (i for i in reversed(range(len(messages))) if messages[i].role is Role.USER), None
@@ -172,8 +247,4 @@ def trim_to_budget(
             dropped.add(i)
             total -= sizes[i]
     kept = {i: m for i, m in enumerate(messages) if i not in dropped}
-    if total > limit and user_at is not None:
-        room = limit - (total - sizes[user_at]) - TOKENS_PER_MESSAGE
-        content = _keep_suffix_within(messages[user_at].content, room, model)
-        kept[user_at] = ChatMessage(role=Role.USER, content=content)
-    return list(kept.values())
+    return kept, total, user_at

@@ -83,19 +83,26 @@ END_TO_END_LATENCY = Histogram(
 )
 LLM_LATENCY = Histogram(
     "switchboard_llm_latency_seconds",
-    "LLM engine call latency.",
+    "Duration of each LLM engine call (one attempt, answered or failed, timeouts included); "
+    "rate-limiter waits and retry backoff are not part of it.",
     ["engine"],
     buckets=_LATENCY_BUCKETS,
 )
 LLM_TOKENS = Counter(
-    "switchboard_llm_tokens_total", "Tokens used.", ["tenant", "persona", "engine", "kind"]
+    "switchboard_llm_tokens_total",
+    "Tokens of LLM calls (kind prompt or completion), of every call whose response reported "
+    "usage, answers rejected (blank, cut off, filtered) included.",
+    ["tenant", "persona", "engine", "model", "kind"],
 )
 CONVERSATIONS_ENDED = Counter(
     "switchboard_conversations_ended_total", "Conversation sessions ended, by how.", ["status"]
 )
 LLM_IN_FLIGHT = Gauge("switchboard_llm_in_flight", "LLM calls in flight in this worker.")
 LLM_COST = Counter(
-    "switchboard_llm_cost_usd_total", "Cost of LLM calls in USD.", ["tenant", "persona", "model"]
+    "switchboard_llm_cost_usd_total",
+    "Cost of LLM calls in USD from llm.prices, over the same calls as "
+    "switchboard_llm_tokens_total.",
+    ["tenant", "persona", "model"],
 )
 LLM_OUTCOMES = Counter(
     "switchboard_llm_outcomes_total",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Mapping
 
 from connectors.llm.base import Completion, CompletionRequest, LLMEngine
 from processors.knowledge import KnowledgeBase
+from processors.tokens import estimate_tokens
 from schemas.models import Role
 
 __all__ = ["LOCAL_MODEL", "LocalEngine", "estimate_tokens"]
@@ -18,14 +18,8 @@ logger = logging.getLogger(__name__)
 LOCAL_MODEL = "local-kb"
 """The ``model`` of every local completion."""
 
-
-def estimate_tokens(text: str) -> int:
-    """Estimate the token count of ``text`` as ``ceil(len(text) / 4)``.
-
-    OpenAI's rule of thumb ("What are tokens and how to count them", OpenAI help center): one
-    token is about four characters of English text. Empty text is 0 tokens.
-    """
-    return math.ceil(len(text) / 4)
+# estimate_tokens (re-exported) is processors.tokens.estimate_tokens: the rate limiter's
+# estimates and the counts of completions without usage follow the same rule as the trimming.
 
 
 class LocalEngine(LLMEngine):

@@ -15,7 +15,14 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from connectors.errors import EngineError
-from connectors.llm.base import Completion, CompletionRequest, LLMEngine
+from connectors.llm.base import (
+    Completion,
+    CompletionRequest,
+    ContextLengthExceeded,
+    LLMEngine,
+    RejectedCompletion,
+    Usage,
+)
 from connectors.llm.local import estimate_tokens
 from processors.config import EngineConfig
 from schemas.models import ChatMessage, Role
@@ -29,6 +36,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _NO_KEY = "no-key-required"
 _RETRIABLE_4XX = frozenset({408, 409, 429})  # as openai-python's own _should_retry
+_CONTEXT_CODE = "context_length_exceeded"
+_CONTEXT_MESSAGE = "maximum context length"  # OpenAI's message, also sent with other codes
 
 
 def parse_retry_after(
@@ -79,11 +88,23 @@ def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
     return {"role": "user", "content": message.content}
 
 
+def _is_context_overflow(exc: openai.APIStatusError) -> bool:
+    """A 400 saying the prompt exceeds the model's context (see ``ContextLengthExceeded``)."""
+    if exc.status_code != 400:
+        return False
+    return getattr(exc, "code", None) == _CONTEXT_CODE or _CONTEXT_MESSAGE in exc.message.lower()
+
+
 def _map_error(exc: openai.OpenAIError, model: str) -> EngineError:
     """Translate an ``openai`` exception into an EngineError saying whether to retry."""
     where = f"openai {model!r}"
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
+        if _is_context_overflow(exc):
+            return ContextLengthExceeded(
+                f"{where}: prompt longer than the model's context (HTTP 400 "
+                f"{_CONTEXT_CODE}): {exc.message}"
+            )
         retry_after = parse_retry_after(exc.response.headers)
         retriable = status >= 500 or status in _RETRIABLE_4XX
         reason = "rate limited" if status == 429 else "HTTP error"
@@ -115,47 +136,82 @@ def _malformed(model: str, detail: str) -> EngineError:
     )
 
 
+def _reported_counts(response: ChatCompletion) -> tuple[int | None, int | None]:
+    """``(prompt_tokens, completion_tokens)`` of the ``usage`` block, None where not sent.
+
+    A negative count (a proxy's bug) reads as 0 rather than failing the answered turn.
+    """
+    usage = response.usage
+    counts = (getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
+    prompt, completion = (max(0, n) if isinstance(n, int) else None for n in counts)
+    return prompt, completion
+
+
+def _billed(response: ChatCompletion, model: str) -> Usage | None:
+    """The tokens ``response`` reports for ``model`` (a count not sent reads 0), or None when
+    it reports none."""
+    prompt, completion = _reported_counts(response)
+    if prompt is None and completion is None:
+        return None
+    return Usage(model, prompt or 0, completion or 0)
+
+
+def _rejected(message: str, *, retriable: bool, usage: Usage | None) -> EngineError:
+    """The error of an answer not used: a ``RejectedCompletion`` when it reported usage."""
+    if usage is None:
+        return EngineError(message, retriable=retriable)
+    return RejectedCompletion(message, retriable=retriable, usage=usage)
+
+
 def _to_completion(response: Any, request: CompletionRequest, model: str) -> Completion:
-    """Map a ChatCompletion to a Completion, checking only what is read (see OpenAIEngine)."""
+    """Map a ChatCompletion to a Completion, checking only what is read (see OpenAIEngine).
+
+    Raises:
+        EngineError: The body is not a usable completion; a ``RejectedCompletion`` carrying
+            the tokens billed when the body is a chat completion with ``usage``.
+    """
     if not isinstance(response, ChatCompletion):
         raise _malformed(model, f"not a chat.completion: {type(response).__name__}")
+    if isinstance(response.model, str) and response.model:
+        model = response.model
+    usage = _billed(response, model)
     choices: Any = response.choices
     if choices is not None and not isinstance(choices, list):
         raise _malformed(model, "'choices' is not a list")
     if not choices:
-        raise EngineError(f"openai {model!r}: empty choices", retriable=True)
+        raise _rejected(f"openai {model!r}: empty choices", retriable=True, usage=usage)
     message = getattr(choices[0], "message", None)
     content = getattr(message, "content", None)
     refusal = getattr(message, "refusal", None)
     if content is None and isinstance(refusal, str) and refusal:
-        raise EngineError(f"openai {model!r}: model refused: {refusal}", retriable=False)
+        raise _rejected(f"openai {model!r}: model refused: {refusal}", retriable=False, usage=usage)
     finish_reason = getattr(choices[0], "finish_reason", None)
     if not content and finish_reason == "content_filter":
-        raise EngineError(
-            f"openai {model!r}: reply withheld by the content filter", retriable=False
+        raise _rejected(
+            f"openai {model!r}: reply withheld by the content filter", retriable=False, usage=usage
         )
     if not isinstance(content, str):
-        raise EngineError(f"openai {model!r}: empty choices (no content)", retriable=True)
+        raise _rejected(
+            f"openai {model!r}: empty choices (no content)", retriable=True, usage=usage
+        )
     if not content.strip():  # a blank reply answers nothing: the next engine should
         if finish_reason == "length":  # e.g. a reasoning model spent max_tokens thinking
-            raise EngineError(
+            raise _rejected(
                 f"openai {model!r}: blank reply, max_tokens reached (finish_reason 'length')",
                 retriable=False,
+                usage=usage,
             )
-        raise EngineError(f"openai {model!r}: blank reply", retriable=True)
-    usage = response.usage
-    prompt_tokens = getattr(usage, "prompt_tokens", None)
-    completion_tokens = getattr(usage, "completion_tokens", None)
+        raise _rejected(f"openai {model!r}: blank reply", retriable=True, usage=usage)
+    prompt_tokens, completion_tokens = _reported_counts(response)
     return Completion(
         content=content,
-        model=response.model if isinstance(response.model, str) and response.model else model,
+        model=model,
         finish_reason=finish_reason if isinstance(finish_reason, str) else None,
-        # a negative count (a proxy's bug) counts as 0 rather than failing the answered turn
-        prompt_tokens=max(0, prompt_tokens)
-        if isinstance(prompt_tokens, int)
+        prompt_tokens=prompt_tokens
+        if prompt_tokens is not None
         else sum(estimate_tokens(m.content) for m in request.messages),
-        completion_tokens=max(0, completion_tokens)
-        if isinstance(completion_tokens, int)
+        completion_tokens=completion_tokens
+        if completion_tokens is not None
         else estimate_tokens(content),
     )
 
@@ -173,9 +229,12 @@ class OpenAIEngine(LLMEngine):
     JSON or not a chat completion, empty ``choices`` / ``content`` and any other exception of
     the HTTP stack are retriable; other 4xx (400, 401, 403, 404, 422), a 429 whose ``code`` is
     ``insufficient_quota`` (billing, not rate), a refusal, an empty reply stopped by the
-    content filter and a missing model are not. Token counts come from
-    ``usage`` (negative counts read as 0), or are estimated as ``ceil(chars / 4)`` when the
-    server sends none.
+    content filter and a missing model are not. A 400 of code ``context_length_exceeded`` (or
+    whose message says "maximum context length") is a ``ContextLengthExceeded``. A chat
+    completion that is rejected (empty choices or content, blank, refused, filtered) while its
+    body reports ``usage`` raises a ``RejectedCompletion`` carrying those tokens: the provider
+    bills them. Token counts come from ``usage`` (negative counts read as 0), or are estimated
+    (``connectors.llm.local.estimate_tokens``) when the server sends none.
 
     Args:
         cfg: Model, sampling defaults and ``timeout_s`` (per HTTP call, s).

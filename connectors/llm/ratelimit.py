@@ -48,10 +48,10 @@ class ProviderRateLimiter:
 
     A call is counted with its *estimated* tokens when it starts; :meth:`settle` then charges
     what the provider reported beyond the estimate to the next calls (a debt), so a prompt the
-    estimate under-counts (e.g. CJK text, ~1 token per character against the estimate's 4
-    characters per token) cannot push the provider past its budget. Tokens over-estimated are
-    not given back: the ``limits`` moving window has no refund, and counting too much only
-    makes the stage a little slower.
+    estimate (``processors.tokens.estimate_tokens``) under-counts (e.g. code, or a script of
+    several tokens per character) cannot push the provider past its budget. Tokens
+    over-estimated are not given back: the ``limits`` moving window has no refund, and counting
+    too much only makes the stage a little slower.
 
     Args:
         requests_per_minute: Request budget, or None for no request limit.

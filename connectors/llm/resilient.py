@@ -9,22 +9,39 @@ import time
 from collections.abc import Awaitable, Callable
 
 from connectors.errors import EngineError
-from connectors.llm.base import Completion, CompletionRequest, LLMEngine
+from connectors.llm.base import (
+    CallRecord,
+    Completion,
+    CompletionRequest,
+    LLMEngine,
+    RejectedCompletion,
+    Usage,
+)
 from connectors.llm.local import estimate_tokens
 from connectors.llm.ratelimit import ProviderRateLimiter
 from processors.backoff import backoff_delay
 from processors.config import EngineConfig
 
-__all__ = ["DEFAULT_COMPLETION_TOKENS", "ResilientEngine", "attempts_of", "estimate_call_tokens"]
+__all__ = [
+    "DEFAULT_COMPLETION_TOKENS",
+    "OnCall",
+    "ResilientEngine",
+    "attempts_of",
+    "estimate_call_tokens",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 256
 """Completion tokens assumed for the rate limit when neither request nor config caps them."""
 
+OnCall = Callable[[CallRecord], None]
+"""Told of each call of the inner engine as it ends (see :class:`ResilientEngine`)."""
+
 
 def estimate_call_tokens(request: CompletionRequest, cfg: EngineConfig) -> int:
-    """Tokens a call may use: ``ceil(chars / 4)`` per prompt message plus the completion cap.
+    """Tokens a call may use: the estimate of each prompt message
+    (``connectors.llm.local.estimate_tokens``) plus the completion cap.
 
     The cap is ``request.max_tokens``, else ``cfg.max_tokens``, else
     ``DEFAULT_COMPLETION_TOKENS``.
@@ -55,8 +72,9 @@ class ResilientEngine(LLMEngine):
     ``retry_after``); an error with ``retry_after`` (a 429's ``Retry-After``) also pauses the
     shared limiter, so every call to the provider slows down, not only this one; a 429 without
     ``Retry-After`` (``EngineError.rate_limited``) pauses it for the retry's own backoff. After
-    an answer, the tokens the provider reported beyond the estimate are charged to the
-    limiter (``ProviderRateLimiter.settle``). A
+    an answer, or a ``RejectedCompletion`` (tokens billed for an answer not used), the tokens
+    the provider reported beyond the estimate are charged to the limiter
+    (``ProviderRateLimiter.settle``). A
     ``Retry-After`` longer than ``cfg.max_retry_after_s`` ends the retries at once (the pause is
     capped at that too): a provider asking for an hour is down for this turn's purposes.
     Non-retriable errors are raised at once.
@@ -64,6 +82,11 @@ class ResilientEngine(LLMEngine):
     Every ``EngineError`` raised carries ``attempts`` (read it with :func:`attempts_of`); after
     the last retry it is a new ``EngineError("gave up after N attempts: ...",
     retriable=False)`` chained to the last failure (``__cause__``).
+
+    Each call of ``inner.complete`` (one attempt) is timed on its own, from its start to its
+    answer, error or timeout (``time.perf_counter``), and reported to the ``on_call`` of
+    :meth:`complete_with_attempts` as a ``CallRecord`` with the tokens it used when known:
+    the provider's latency, without the waits for the limiter or the backoff sleeps.
 
     Args:
         inner: The engine doing the calls; its ``name`` is this engine's name.
@@ -94,17 +117,53 @@ class ResilientEngine(LLMEngine):
         completion, _ = await self.complete_with_attempts(request)
         return completion
 
-    async def _attempt(self, request: CompletionRequest) -> Completion:
+    async def _attempt(
+        self, request: CompletionRequest, tokens: int, on_call: OnCall | None
+    ) -> Completion:
+        """One call of the inner engine within ``cfg.timeout_s``, timed and reported.
+
+        Raises:
+            EngineError: The inner engine's, or a retriable one for the timeout.
+            Exception: Whatever else the inner engine raised (reported too).
+        """
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._cfg.timeout_s):
-                return await self._inner.complete(request)
+                completion = await self._inner.complete(request)
         except TimeoutError as exc:
-            raise EngineError(
+            expired = EngineError(
                 f"{self.name}: no completion within {self._cfg.timeout_s} s", retriable=True
-            ) from exc
+            )
+            self._ended(started, tokens, None, expired, on_call)
+            raise expired from exc
+        except Exception as exc:
+            usage = exc.usage if isinstance(exc, RejectedCompletion) else None
+            self._ended(started, tokens, usage, exc, on_call)
+            raise
+        self._ended(started, tokens, completion.usage, None, on_call)
+        return completion
+
+    def _ended(
+        self,
+        started: float,
+        tokens: int,
+        usage: Usage | None,
+        error: BaseException | None,
+        on_call: OnCall | None,
+    ) -> None:
+        """Settle a call's reported tokens with the limiter and report the call."""
+        duration_s = time.perf_counter() - started
+        if usage is not None and self._limiter is not None:
+            self._limiter.settle(tokens, usage.prompt_tokens + usage.completion_tokens)
+        if on_call is not None:
+            on_call(CallRecord(duration_s=duration_s, usage=usage, error=error))
 
     async def complete_with_attempts(
-        self, request: CompletionRequest, *, budget_s: float | None = None
+        self,
+        request: CompletionRequest,
+        *,
+        budget_s: float | None = None,
+        on_call: OnCall | None = None,
     ) -> tuple[Completion, int]:
         """Answer ``request`` and say how many attempts it took.
 
@@ -115,6 +174,9 @@ class ResilientEngine(LLMEngine):
                 the rate limiter), and a retry is not started when its backoff would end past
                 it: the conversation stage re-issues the turn then, and a second chain of calls
                 would only double the provider's load.
+            on_call: Called once per attempt as it ends, answered or failed, with its
+                ``CallRecord`` (duration in s, tokens when known, error); not called for an
+                attempt that never started (budget spent) or that was cancelled.
 
         Returns:
             ``(completion, attempts)``, attempts from 1 to ``cfg.max_retries + 1``.
@@ -144,16 +206,13 @@ class ResilientEngine(LLMEngine):
                 )
                 raise _with_attempts(spent, attempt)
             try:
-                completion = await self._attempt(request)
+                completion = await self._attempt(request, tokens, on_call)
             except EngineError as exc:
                 if not exc.retriable:
                     _with_attempts(exc, attempt + 1)
                     raise
                 last = exc
             else:
-                if self._limiter is not None:
-                    used = completion.prompt_tokens + completion.completion_tokens
-                    self._limiter.settle(tokens, used)
                 return completion, attempt + 1
             made = attempt + 1
             asked = last.retry_after

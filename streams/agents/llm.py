@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from functools import partial
 from typing import Any
 
 from connectors.errors import EngineError
-from connectors.llm.base import Completion, CompletionRequest
-from connectors.llm.resilient import DEFAULT_COMPLETION_TOKENS, attempts_of
+from connectors.llm.base import CallRecord, Completion, CompletionRequest, ContextLengthExceeded
+from connectors.llm.resilient import DEFAULT_COMPLETION_TOKENS
 from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
 from processors.config import PersonaConfig
 from processors.preprocess import conversation_key
 from processors.pricing import cost_usd
 from processors.prompt import build_messages
-from processors.tokens import trim_to_budget
+from processors.tokens import count_message_tokens, shed_history, trim_to_budget
 from schemas.errors import DecodeError
 from schemas.models import (
+    ChatMessage,
     LLMRequest,
     LLMResponse,
     LLMStatus,
@@ -70,6 +72,62 @@ def _response(
     )
 
 
+@dataclasses.dataclass
+class _TurnUsage:
+    """What one request's engine calls used: counted in the metrics as each call ends, and
+    summed for its LLMResponse.
+
+    Attributes:
+        rt: The runtime (``llm.prices``).
+        request: The request answered (tenant and persona labels).
+        started: ``time.perf_counter()`` when ``answer`` began (s).
+        calls: Engine calls made (attempts, over all engines and retries).
+        prompt_tokens: Prompt tokens of the calls that reported usage.
+        completion_tokens: Completion tokens of the same calls.
+        cost_usd: Their cost from ``llm.prices`` (USD).
+    """
+
+    rt: Runtime
+    request: LLMRequest
+    started: float
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def record(self, engine: str, call: CallRecord) -> None:
+        """Count one call of ``engine`` (the config's name): its duration in
+        ``switchboard_llm_latency_seconds{engine}``, and when it reported usage its tokens and
+        cost by tenant, persona, engine and model."""
+        self.calls += 1
+        child(LLM_LATENCY, engine).observe(call.duration_s)
+        usage = call.usage
+        if usage is None:
+            return
+        tenant, persona = self.request.tenant, self.request.persona
+        cost = cost_usd(
+            usage.model, usage.prompt_tokens, usage.completion_tokens, self.rt.config.llm.prices
+        )
+        child(LLM_TOKENS, tenant, persona, engine, usage.model, "prompt").inc(usage.prompt_tokens)
+        child(LLM_TOKENS, tenant, persona, engine, usage.model, "completion").inc(
+            usage.completion_tokens
+        )
+        child(LLM_COST, tenant, persona, usage.model).inc(cost)
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += cost
+
+    def fields(self) -> dict[str, Any]:
+        """The LLMResponse fields of the turn so far (``latency_ms`` since ``started``)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 9),
+            "latency_ms": (time.perf_counter() - self.started) * 1000.0,
+            "attempts": self.calls,
+        }
+
+
 async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
     """Answer one request as its persona.
 
@@ -89,12 +147,31 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
     the end even by a provider that is down for good. Counted in
     ``switchboard_dropped_total{stage="llm",reason="expired"|"deadline"}``.
 
+    A provider refusing the prompt as longer than the model's context
+    (``ContextLengthExceeded``, OpenAI's ``context_length_exceeded``) gets it once more from
+    the same engine with the history cut harder (:func:`_shorter_prompt`); if that fails too,
+    the next engine answers.
+
+    Every engine call is counted as it ends (retries, rejected answers and calls of a turn
+    later dropped at its deadline included): its duration in
+    ``switchboard_llm_latency_seconds{engine}`` and, when its response reported usage, its
+    tokens and cost in ``switchboard_llm_tokens_total{tenant,persona,engine,model,kind}`` and
+    ``switchboard_llm_cost_usd_total{tenant,persona,model}``.
+
     Returns:
         The response, or None when the deadline ended the attempt (see above). An escalated
         response (status ``escalated``, ``error`` saying why) makes the conversation stage hand
         the turn to the humans' handoff topic, if it wins the turn
-        (``processors.conversation.on_llm_response``).
+        (``processors.conversation.on_llm_response``). An engine's response (``ok``, or the
+        apology / handoff after every engine failed) covers the whole turn: ``prompt_tokens``,
+        ``completion_tokens`` and ``cost_usd`` sum every call of this request whose response
+        reported usage, over all engines and retries, answers rejected included (what the
+        provider bills for the turn; ``model`` names the answering model only); ``attempts``
+        counts those calls and the ones without usage; ``latency_ms`` is the time ``answer``
+        took (ms), rate-limiter waits, backoff and every engine included. A reply from the
+        business rules made no call: zeros.
     """
+    started = time.perf_counter()
     keeps_deadline = request.attempt < rt.config.llm.answer_from_attempt
     budget_s = _budget_s(request) if keeps_deadline else None
     if budget_s is not None and budget_s <= 0:
@@ -124,9 +201,9 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
         persona, history, user_content, rt.config.conversation.max_history_turns
     )
     errors: list[str] = []
-    attempts = 0
+    turn = _TurnUsage(rt, request, started)
     for engine_name in persona.engines:
-        engine, engine_cfg = rt.engines[engine_name], rt.config.engines[engine_name]
+        engine_cfg = rt.config.engines[engine_name]
         model = persona.models.get(engine_name) or persona.model or engine_cfg.model
         max_tokens = persona.max_tokens or engine_cfg.max_tokens
         temperature = (
@@ -150,45 +227,32 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
                 reserve,
             )
             continue
-        started = time.perf_counter()
+        ask = CompletionRequest(
+            persona_id=request.persona,
+            persona=persona,
+            messages=messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            metadata=request.metadata,
+        )
         try:
-            completion, used = await engine.complete_with_attempts(
-                CompletionRequest(
-                    persona_id=request.persona,
-                    persona=persona,
-                    messages=messages,
-                    model=model,
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    metadata=request.metadata,
-                ),
-                budget_s=_budget_s(request) if keeps_deadline else None,
-            )
+            completion = await _complete(rt, request, engine_name, ask, keeps_deadline, turn)
         except EngineError as exc:
             if exc.deadline_passed:
                 child(DROPPED, STAGE, "deadline").inc()
                 log.info("request %s stopped at its deadline: %s", request.request_id, exc)
                 return None
-            attempts += attempts_of(exc)
             child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
             errors.append(f"{engine_name}: {exc}")
             log.warning("engine %s failed for %s: %s", engine_name, request.request_id, exc)
             continue
         except Exception as exc:  # an engine bug or a client error it did not map
-            attempts += 1
             child(STAGE_ERRORS, STAGE, type(exc).__name__).inc()
             errors.append(f"{engine_name}: unexpected {type(exc).__name__}: {exc}")
             log.exception("engine %s raised for %s", engine_name, request.request_id)
             continue
-        attempts += used
-        elapsed = time.perf_counter() - started
-        cost = cost_usd(
-            completion.model,
-            completion.prompt_tokens,
-            completion.completion_tokens,
-            rt.config.llm.prices,
-        )
-        _record_usage(request, engine_name, completion, elapsed, cost)
+        child(LLM_OUTCOMES, request.persona, engine_name, "ok").inc()
         return _response(
             request,
             LLMStatus.OK,
@@ -196,15 +260,71 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
             engine_name,
             model=completion.model,
             finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            latency_ms=elapsed * 1000.0,
-            cost_usd=cost,
-            attempts=attempts,
+            **turn.fields(),
         )
     return _failed(
-        rt, request, "; ".join(errors) or "no engine configured", LLMStatus.FALLBACK, attempts
+        rt, request, "; ".join(errors) or "no engine configured", LLMStatus.FALLBACK, turn.fields()
     )
+
+
+async def _complete(
+    rt: Runtime,
+    request: LLMRequest,
+    engine_name: str,
+    ask: CompletionRequest,
+    keeps_deadline: bool,
+    turn: _TurnUsage,
+) -> Completion:
+    """Ask one engine, with its retries, and once more with a shorter prompt when the
+    provider says the prompt exceeds the model's context.
+
+    Raises:
+        EngineError: The engine failed (the second ``ContextLengthExceeded`` included, or the
+            first one when no history is left to cut); anything else an engine raised.
+    """
+    engine = rt.engines[engine_name]
+    on_call = partial(turn.record, engine_name)
+    try:
+        completion, _ = await engine.complete_with_attempts(
+            ask, budget_s=_budget_s(request) if keeps_deadline else None, on_call=on_call
+        )
+        return completion
+    except ContextLengthExceeded as exc:
+        shorter = _shorter_prompt(ask)
+        if shorter is None:
+            raise
+        log.warning(
+            "engine %s: the prompt of %s exceeds the model's context (%s); asking once more "
+            "with %d of its %d messages",
+            engine_name,
+            request.request_id,
+            exc,
+            len(shorter),
+            len(ask.messages),
+        )
+    completion, _ = await engine.complete_with_attempts(
+        dataclasses.replace(ask, messages=shorter),
+        budget_s=_budget_s(request) if keeps_deadline else None,
+        on_call=on_call,
+    )
+    return completion
+
+
+def _shorter_prompt(ask: CompletionRequest) -> list[ChatMessage] | None:
+    """The prompt of ``ask`` cut for a retry after the provider refused it as too long, or
+    None when there is nothing to cut.
+
+    The history is dropped, oldest first, until the prompt counts at most half the tokens
+    (``processors.tokens.count_message_tokens``) of the prompt refused — at most half the
+    engine's ``context_tokens`` budget, since that prompt was trimmed to it; half of the
+    refused prompt rather than of the budget, because a refused prompt well within the budget
+    (the estimate under-counted, or ``context_tokens`` is above the model's real context)
+    would not shrink at all. The system prompt and the latest user message are kept whole
+    (``processors.tokens.shed_history``), so without history there is no retry.
+    """
+    refused = count_message_tokens(ask.messages, ask.model)
+    shorter = shed_history(ask.messages, limit_tokens=refused // 2, model=ask.model)
+    return shorter if len(shorter) < len(ask.messages) else None
 
 
 def _budget_s(request: LLMRequest) -> float | None:
@@ -220,11 +340,14 @@ def _user_content(request: LLMRequest) -> str:
 
 
 def _failed(
-    rt: Runtime, request: LLMRequest, error: str, status: LLMStatus, attempts: int
+    rt: Runtime, request: LLMRequest, error: str, status: LLMStatus, usage: dict[str, Any]
 ) -> LLMResponse:
     """The answer to a turn no engine answered: a handoff when ``llm.on_failure`` is
     ``handoff``, else the persona's apology with ``status`` (``fallback`` after the engines
-    failed, ``failed`` after an unexpected error)."""
+    failed, ``failed`` after an unexpected error).
+
+    ``usage`` holds the response's ``attempts``, token, cost and latency fields
+    (``_TurnUsage.fields``)."""
     persona = _persona(rt, request.persona)
     if rt.config.llm.on_failure == "handoff":
         child(LLM_OUTCOMES, request.persona, "none", "escalated").inc()
@@ -235,22 +358,11 @@ def _failed(
             reply,
             "none",
             error=f"no answer: {error}",
-            attempts=attempts,
+            **usage,
         )
     child(LLM_OUTCOMES, request.persona, "none", status.value).inc()
     reply = finalize_reply(persona, persona.apology_reply)
-    return _response(request, status, reply, "none", error=error, attempts=attempts)
-
-
-def _record_usage(
-    request: LLMRequest, engine: str, completion: Completion, elapsed_s: float, cost: float
-) -> None:
-    child(LLM_OUTCOMES, request.persona, engine, "ok").inc()
-    child(LLM_LATENCY, engine).observe(elapsed_s)
-    labels = (request.tenant, request.persona, engine)
-    child(LLM_TOKENS, *labels, "prompt").inc(completion.prompt_tokens)
-    child(LLM_TOKENS, *labels, "completion").inc(completion.completion_tokens)
-    child(LLM_COST, request.tenant, request.persona, completion.model).inc(cost)
+    return _response(request, status, reply, "none", error=error, **usage)
 
 
 async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> None:
@@ -336,7 +448,8 @@ async def _fail_turn(
         request = rt.codec.decode(message.value or b"", LLMRequest)
     except DecodeError:
         return  # not a request: nothing to answer
-    response = _failed(rt, request, f"{type(exc).__name__}: {exc}", LLMStatus.FAILED, attempts=0)
+    error = f"{type(exc).__name__}: {exc}"
+    response = _failed(rt, request, error, LLMStatus.FAILED, {"attempts": 0})
     await _send_answer(rt, topics, message, response)
 
 

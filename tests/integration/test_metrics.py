@@ -17,10 +17,13 @@ pytestmark = pytest.mark.integration
 
 
 def _value(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}\{{[^}}]*{re.escape(wanted)}[^}}]*\}} (\S+)$"
-    values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
-    assert values, f"{name}{{{wanted}}} not exported"
+    """The sum of ``name``'s samples that carry ``labels`` (in any order, among others)."""
+    values = []
+    for sample in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', sample.group(1)))
+        if all(found.get(key) == value for key, value in labels.items()):
+            values.append(float(sample.group(2)))
+    assert values, f"{name}{labels} not exported"
     return sum(values)
 
 
@@ -46,3 +49,7 @@ def test_metrics_endpoint_counts_records_deliveries_dead_letters_and_latency(
     assert _value(text, "switchboard_deadletters_total", stage="ingest.preprocess") == 1
     assert _value(text, "switchboard_end_to_end_latency_seconds_count", channel="chat") >= 6
     assert _value(text, "switchboard_llm_latency_seconds_count", engine="local") >= 6
+    # tokens by tenant, persona, engine and model (the local engine's model is local-kb)
+    local = {"tenant": "m", "engine": "local", "model": "local-kb"}
+    assert _value(text, "switchboard_llm_tokens_total", **local, kind="prompt") > 0
+    assert _value(text, "switchboard_llm_tokens_total", **local, kind="completion") > 0

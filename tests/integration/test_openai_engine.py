@@ -11,10 +11,18 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from support.fake_openai import FakeOpenAI
 
 from connectors.errors import EngineError
-from connectors.llm.base import CompletionRequest, LLMEngine
+from connectors.llm.base import (
+    CallRecord,
+    CompletionRequest,
+    ContextLengthExceeded,
+    LLMEngine,
+    RejectedCompletion,
+    Usage,
+)
 from connectors.llm.openai_engine import OpenAIEngine, build_openai_engine, parse_retry_after
 from connectors.llm.ratelimit import ProviderRateLimiter
 from connectors.llm.resilient import ResilientEngine, attempts_of
@@ -232,7 +240,9 @@ async def test_retry_after_ms_header_wins_over_retry_after() -> None:
     assert error.retry_after == pytest.approx(0.15)
 
 
-@pytest.mark.parametrize("fault", ["400", "quota", "content_filter", "blank_length"])
+@pytest.mark.parametrize(
+    "fault", ["400", "quota", "content_filter", "blank_length", "context_length_exceeded"]
+)
 async def test_a_request_that_cannot_succeed_is_not_retried(fault: str) -> None:
     async with (
         FakeOpenAI(faults=[fault]) as server,
@@ -356,3 +366,144 @@ async def test_fake_server_rejects_a_request_breaking_the_contract() -> None:
     assert no_messages.status_code == 400
     assert no_messages.json()["error"]["param"] == "messages"
     assert len(server.requests) == 2
+
+
+# --- context_length_exceeded and billed rejections ---------------------------------------------
+
+
+async def test_context_length_exceeded_is_its_own_non_retriable_error() -> None:
+    async with FakeOpenAI(faults=["context_length_exceeded"]) as server:
+        engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
+        error = await failure_of(engine)
+
+    assert isinstance(error, ContextLengthExceeded)
+    assert error.retriable is False
+    assert "maximum context length is 8192 tokens" in str(error)
+
+
+async def test_the_fake_refuses_a_prompt_over_its_context_with_openais_error_body() -> None:
+    long_prompt = ask((Role.SYSTEM, "You are Ada."), (Role.USER, "x" * 400))  # 3 + 100 tokens
+    async with (
+        FakeOpenAI(context_tokens=100) as server,
+        resilient(server, config()) as engine,
+        httpx.AsyncClient() as client,
+    ):
+        with pytest.raises(ContextLengthExceeded) as caught:
+            await engine.complete(long_prompt)
+        answered = await engine.complete(HELLO)  # 6 tokens: within the context
+        raw = await client.post(
+            f"{server.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "y" * 404}]},
+            headers={"Authorization": f"Bearer {server.api_key}"},
+        )
+
+    assert attempts_of(caught.value) == 1  # not retried: the same prompt fails again
+    assert answered.content == "echo: hello there"
+    assert raw.status_code == 400
+    assert raw.json() == {
+        "error": {
+            "message": "This model's maximum context length is 100 tokens. However, your "
+            "messages resulted in 101 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+
+
+@asynccontextmanager
+async def answering_400(body: dict[str, Any]) -> AsyncIterator[str]:
+    """A loopback endpoint answering every chat completion with HTTP 400 and ``body``; yields
+    its base URL."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response(body, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("error", "overflow"),
+    [
+        # DeepSeek's OpenAI-compatible API: OpenAI's message, another code
+        (
+            {
+                "message": "This model's maximum context length is 131072 tokens. However, you "
+                "requested 131134 tokens (122942 in the messages, 8192 in the completion). "
+                "Please reduce the length of the messages or completion.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_request_error",
+            },
+            True,
+        ),
+        (
+            {"message": "Invalid 'temperature'.", "type": "invalid_request_error", "code": None},
+            False,
+        ),
+    ],
+)
+async def test_a_400_is_a_context_overflow_by_its_code_or_openais_message(
+    error: dict[str, Any], overflow: bool
+) -> None:
+    async with answering_400({"error": error}) as base_url:
+        engine = OpenAIEngine(config(), api_key="k", base_url=base_url)
+        mapped = await failure_of(engine)
+
+    assert isinstance(mapped, ContextLengthExceeded) is overflow
+    assert mapped.retriable is False
+
+
+@pytest.mark.parametrize(
+    ("fault", "retriable"),
+    [
+        ("blank_reply", True),
+        ("blank_length", False),
+        ("content_filter", False),
+        ("empty_choices", True),
+    ],
+)
+async def test_a_rejected_answer_carries_the_usage_it_reported(fault: str, retriable: bool) -> None:
+    async with FakeOpenAI(faults=[fault]) as server:
+        engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
+        error = await failure_of(engine)
+
+    assert isinstance(error, RejectedCompletion)
+    assert error.retriable is retriable
+    # The fake counts ceil(chars / 4): prompt 3 + 3, the reply it generated "echo: hello there" 5
+    assert error.usage == Usage("gpt-test", 6, 5)
+
+
+async def test_a_rejected_answer_without_usage_is_a_plain_engine_error() -> None:
+    async with FakeOpenAI(faults=["blank_length"], include_usage=False) as server:
+        engine = OpenAIEngine(config(), api_key=server.api_key, base_url=server.base_url)
+        error = await failure_of(engine)
+
+    assert not isinstance(error, RejectedCompletion)
+    assert "blank reply" in str(error)
+
+
+async def test_every_call_with_usage_is_reported_through_the_real_client() -> None:
+    calls: list[CallRecord] = []
+    async with (
+        FakeOpenAI(faults=["blank_reply", "500"]) as server,
+        resilient(server, config()) as engine,
+    ):
+        completion, attempts = await engine.complete_with_attempts(HELLO, on_call=calls.append)
+
+    assert (completion.content, attempts) == ("echo: hello there", 3)
+    assert [c.usage for c in calls] == [Usage("gpt-test", 6, 5), None, Usage("gpt-test", 6, 5)]
+    assert [type(c.error).__name__ for c in calls] == [
+        "RejectedCompletion",
+        "EngineError",
+        "NoneType",
+    ]

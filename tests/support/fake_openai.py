@@ -26,6 +26,15 @@ valid request, oldest first; an empty deque means "answer normally"):
 - ``"blank_reply"``: 200 whose choice's ``content`` is ``""`` (``finish_reason: "stop"``).
 - ``"blank_length"``: 200 whose choice's ``content`` is ``""`` with ``finish_reason:
   "length"`` (a reasoning model that spent ``max_tokens`` before writing anything).
+- ``"context_length_exceeded"``: 400 with the body api.openai.com sends for a prompt longer
+  than the model's context: ``{"error": {"message": "This model's maximum context length is
+  N tokens. However, your messages resulted in M tokens. Please reduce the length of the
+  messages.", "type": "invalid_request_error", "param": "messages", "code":
+  "context_length_exceeded"}}``.
+
+Independently of the script, ``context_tokens`` gives the server a context window: a request
+whose prompt tokens plus ``max_tokens`` exceed it gets that same 400, as the real API refuses
+it.
 
 Faults given to the constructor are checked; one appended later and unknown is answered with a
 500 naming it.
@@ -75,6 +84,7 @@ NAMED_FAULTS = frozenset(
         "negative_usage",
         "blank_reply",
         "blank_length",
+        "context_length_exceeded",
     }
 )
 """Faults with a name; any other three-digit 4xx/5xx status and ``"429:<value>"`` work too."""
@@ -102,6 +112,21 @@ class RecordedRequest:
 
 def _tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(_tokens(m["content"]) for m in messages if isinstance(m["content"], str))
+
+
+def _context_length_exceeded(context_tokens: int, requested: int) -> web.Response:
+    """The 400 OpenAI answers for a prompt longer than the model's context."""
+    return _error(
+        400,
+        f"This model's maximum context length is {context_tokens} tokens. However, your "
+        f"messages resulted in {requested} tokens. Please reduce the length of the messages.",
+        code="context_length_exceeded",
+        param="messages",
+    )
 
 
 def _error(
@@ -181,6 +206,9 @@ class FakeOpenAI:
         reply: Computes the reply text from the request's ``messages``; default
             ``"echo: <last user content>"``.
         include_usage: Whether completions carry ``usage``.
+        context_tokens: The model's context window (prompt tokens, counted as ``ceil(chars /
+            4)`` per message, plus ``max_tokens``); a request over it gets the 400
+            ``context_length_exceeded``. None: no limit.
 
     Raises:
         ValueError: An unknown fault, or a negative ``latency_s`` / ``hang_s``.
@@ -197,6 +225,7 @@ class FakeOpenAI:
         hang_s: float = 30.0,
         reply: Callable[[list[dict[str, Any]]], str] | None = None,
         include_usage: bool = True,
+        context_tokens: int | None = None,
     ) -> None:
         if hang_s < 0:
             raise ValueError(f"hang_s must be >= 0, got {hang_s}")
@@ -210,6 +239,7 @@ class FakeOpenAI:
         self.retry_after_ms = retry_after_ms
         self.hang_s = hang_s
         self.include_usage = include_usage
+        self.context_tokens = context_tokens
         self._reply = reply or _default_reply
         self._latency_s = 0.0
         self.set_latency(latency_s)
@@ -278,9 +308,7 @@ class FakeOpenAI:
         max_tokens = body.get("max_tokens")
         if isinstance(max_tokens, int) and completion_tokens > max_tokens:
             reply, completion_tokens, finish_reason = reply[: 4 * max_tokens], max_tokens, "length"
-        prompt_tokens = sum(
-            _tokens(m["content"]) for m in body["messages"] if isinstance(m["content"], str)
-        )
+        prompt_tokens = _prompt_tokens(body["messages"])
         self._served += 1
         result: dict[str, Any] = {
             "id": f"chatcmpl-fake-{self._served}",
@@ -326,8 +354,19 @@ class FakeOpenAI:
         if self._latency_s > 0:
             await asyncio.sleep(self._latency_s)
         if fault is None:
-            return web.json_response(self.completion_body(body))
+            too_long = self._over_context(body)
+            return too_long or web.json_response(self.completion_body(body))
         return await self._apply(fault, body)
+
+    def _over_context(self, body: Mapping[str, Any]) -> web.Response | None:
+        """The 400 for a request over ``context_tokens``, or None."""
+        if self.context_tokens is None:
+            return None
+        max_tokens = body.get("max_tokens")
+        requested = _prompt_tokens(body["messages"]) + (max_tokens or 0)
+        if requested <= self.context_tokens:
+            return None
+        return _context_length_exceeded(self.context_tokens, requested)
 
     async def _apply(self, fault: str, body: Mapping[str, Any]) -> web.Response:
         if fault == "429" or fault.startswith("429:"):
@@ -360,6 +399,9 @@ class FakeOpenAI:
             blank["choices"][0]["message"]["content"] = ""
             blank["choices"][0]["finish_reason"] = "length" if fault == "blank_length" else "stop"
             return web.json_response(blank)
+        if fault == "context_length_exceeded":
+            limit = self.context_tokens or 8192  # whatever was asked, it was "too long"
+            return _context_length_exceeded(limit, max(limit + 1, _prompt_tokens(body["messages"])))
         if fault == "negative_usage":
             broken = self.completion_body(body)
             broken["usage"] = {"prompt_tokens": -5, "completion_tokens": -3, "total_tokens": -8}

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from connectors.errors import EngineError
-from connectors.llm.base import Completion, CompletionRequest, LLMEngine
+from connectors.llm.base import (
+    CallRecord,
+    Completion,
+    CompletionRequest,
+    LLMEngine,
+    RejectedCompletion,
+    Usage,
+)
 from connectors.llm.ratelimit import ProviderRateLimiter
 from connectors.llm.resilient import (
     DEFAULT_COMPLETION_TOKENS,
@@ -349,3 +356,111 @@ async def test_the_tokens_the_provider_reported_are_settled_with_the_limiter() -
 
     assert limiter.acquired == [102]
     assert limiter.settled == [(102, 520)]
+
+
+# --- each call reported to on_call ------------------------------------------------------------
+
+
+class SlowEngine(ScriptedEngine):
+    """Takes ``delay_s`` per call before playing its script."""
+
+    def __init__(self, scripts: dict[str, list[Outcome]], delay_s: float) -> None:
+        super().__init__(scripts)
+        self.delay_s = delay_s
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        await asyncio.sleep(self.delay_s)
+        return await super().complete(request)
+
+
+async def test_each_call_is_timed_without_the_backoff_between_calls() -> None:
+    calls: list[CallRecord] = []
+    inner = SlowEngine({"hi": [rate_limited(retry_after=0.3)]}, delay_s=0.05)
+    engine = ResilientEngine(inner, config())
+
+    await engine.complete_with_attempts(ask("hi"), on_call=calls.append)
+
+    assert [type(c.error) for c in calls] == [EngineError, type(None)]
+    assert all(0.05 <= c.duration_s < 0.3 for c in calls), calls
+
+
+async def test_the_wait_for_the_rate_limiter_is_not_part_of_a_calls_duration() -> None:
+    calls: list[CallRecord] = []
+    limiter = ProviderRateLimiter(1, None, per="second")
+    engine = ResilientEngine(ScriptedEngine({}), config(), limiter=limiter)
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    for n in range(2):
+        await engine.complete_with_attempts(ask(f"q{n}"), on_call=calls.append)
+
+    assert loop.time() - started >= 0.8  # the second call waited for the limiter
+    assert len(calls) == 2
+    assert all(c.duration_s < 0.2 for c in calls), calls
+
+
+async def test_a_timed_out_call_is_reported_with_its_duration() -> None:
+    calls: list[CallRecord] = []
+    inner = ScriptedEngine({"hi": [HANG]})
+    engine = ResilientEngine(inner, config(timeout_s=0.1), sleep=RecordingSleep())
+
+    await engine.complete_with_attempts(ask("hi"), on_call=calls.append)
+
+    timed_out, answered = calls
+    assert isinstance(timed_out.error, EngineError)
+    assert "within 0.1 s" in str(timed_out.error)
+    assert 0.1 <= timed_out.duration_s < 1.0
+    assert timed_out.usage is None
+    assert answered.error is None
+
+
+class BilledBlank(ScriptedEngine):
+    """Rejects its first answer as blank, billed 40 + 7 tokens, then answers (30 + 5)."""
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls.append(request.messages[-1].content)
+        if len(self.calls) == 1:
+            raise RejectedCompletion("blank reply", retriable=True, usage=Usage("m-blank", 40, 7))
+        return Completion(content="ok", model="m", prompt_tokens=30, completion_tokens=5)
+
+
+async def test_a_rejected_completion_reports_and_settles_the_tokens_it_was_billed() -> None:
+    calls: list[CallRecord] = []
+    limiter = RecordingLimiter()
+    engine = ResilientEngine(BilledBlank({}), config(), limiter=limiter, sleep=RecordingSleep())
+
+    completion, attempts = await engine.complete_with_attempts(
+        ask("abcdefgh", max_tokens=10), on_call=calls.append
+    )
+
+    assert (completion.content, attempts) == ("ok", 2)
+    assert [c.usage for c in calls] == [Usage("m-blank", 40, 7), Usage("m", 30, 5)]
+    assert isinstance(calls[0].error, RejectedCompletion)
+    assert limiter.settled == [(12, 47), (12, 35)]
+
+
+async def test_an_unexpected_exception_is_reported_as_a_call_and_raised() -> None:
+    calls: list[CallRecord] = []
+
+    class Broken(ScriptedEngine):
+        async def complete(self, request: CompletionRequest) -> Completion:
+            raise RuntimeError("TLS stream ended")
+
+    engine = ResilientEngine(Broken({}), config())
+
+    with pytest.raises(RuntimeError):
+        await engine.complete_with_attempts(ask("hi"), on_call=calls.append)
+
+    (call,) = calls
+    assert isinstance(call.error, RuntimeError)
+    assert call.usage is None
+
+
+async def test_no_call_is_reported_when_the_budget_is_spent_before_the_first() -> None:
+    calls: list[CallRecord] = []
+    engine = ResilientEngine(ScriptedEngine({}), config())
+
+    with pytest.raises(EngineError):
+        await engine.complete_with_attempts(ask("hi"), budget_s=0.0, on_call=calls.append)
+
+    assert calls == []

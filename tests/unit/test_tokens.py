@@ -16,6 +16,8 @@ from processors.tokens import (
     TOKENS_PER_MESSAGE,
     count_message_tokens,
     count_tokens,
+    estimate_tokens,
+    shed_history,
     trim_to_budget,
 )
 from schemas.models import ChatMessage, Role
@@ -48,6 +50,39 @@ def bot(content: str) -> ChatMessage:
 @pytest.mark.parametrize(("text", "expected"), [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2)])
 def test_estimate_is_ceil_of_chars_over_four(text: str, expected: int) -> None:
     assert count_tokens(text, MODEL) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("你好世界", 4),  # CJK ideographs (3 UTF-8 bytes): one token each
+        ("こんにちは", 5),  # kana
+        ("안녕하세요", 5),  # hangul
+        ("привет", 3),  # Cyrillic (2 bytes): half a token each
+        ("café", 2),  # 3 ASCII quarters + 2 for "é" = 5 quarters
+        ("hi 你好", 3),  # 3 quarters + 8
+        ("😀", 1),
+    ],
+)
+def test_the_estimate_counts_wider_characters_as_more_of_a_token(text: str, expected: int) -> None:
+    # Before, ceil(len / 4): "你好世界" was 1 token, a quarter of the ~1 per ideograph.
+    assert count_tokens(text, MODEL) == expected == estimate_tokens(text)
+
+
+@given(st.text(max_size=50), st.text(max_size=50))
+def test_the_estimate_never_shrinks_when_text_is_added(left: str, right: str) -> None:
+    assert estimate_tokens(left + right) >= max(estimate_tokens(left), estimate_tokens(right))
+    assert estimate_tokens(left + right) <= estimate_tokens(left) + estimate_tokens(right)
+
+
+def test_a_chinese_history_is_trimmed_by_about_a_token_per_character() -> None:
+    # 3 history turns of 40 ideographs (~40 tokens each, 10 by len / 4). With 110 tokens of
+    # prompt the old estimate (56 in all) kept all three: about 150 tokens in reality.
+    history = [bot("问" * 40), user("答" * 40), bot("说" * 40)]
+    messages = [sys_msg("s" * 8), *history, user("为什么")]
+    trimmed = trim_to_budget(messages, budget_tokens=110, reserve_tokens=0, model=MODEL)
+    assert trimmed == [messages[0], history[1], history[2], messages[-1]]
+    assert count_message_tokens(trimmed, MODEL) == (2 + 4) + 2 * (40 + 4) + (3 + 4) + 3
 
 
 def test_prompt_count_adds_four_per_message_and_three_for_reply_priming() -> None:
@@ -198,3 +233,35 @@ def test_messages_after_the_last_user_turn_are_history_too(
 
 def test_constants_follow_the_openai_cookbook() -> None:
     assert (TOKENS_PER_MESSAGE, REPLY_PRIMING_TOKENS) == (4, 3)
+
+
+# --- shedding history (the retry after context_length_exceeded) ----------------------------------
+
+
+def test_shed_history_drops_the_oldest_until_the_limit_is_met() -> None:
+    messages = [sys_msg("s" * 8), user("a" * 40), bot("b" * 40), user("c" * 40), user("now")]
+    # system 6 + three of 14 + user 5 + priming 3 = 56; 30 leaves room for one of them
+    assert shed_history(messages, limit_tokens=30, model=MODEL) == [
+        messages[0],
+        messages[3],
+        messages[4],
+    ]
+    assert shed_history(messages, limit_tokens=56, model=MODEL) == messages
+
+
+def test_shed_history_keeps_system_and_question_whole_even_over_the_limit() -> None:
+    messages = [sys_msg("s" * 400), bot("b" * 40), user("q" * 400)]
+    shed = shed_history(messages, limit_tokens=10, model=MODEL)
+    assert shed == [messages[0], messages[2]]  # no content cut, unlike trim_to_budget
+
+
+@given(history=_history, limit=st.integers(min_value=0, max_value=200))
+def test_shed_history_keeps_a_suffix_of_the_history(history: list[ChatMessage], limit: int) -> None:
+    messages = [sys_msg("sys"), *history, user("q")]
+    shed = shed_history(messages, limit_tokens=limit, model=MODEL)
+    assert shed[0] == messages[0]
+    assert shed[-1] == messages[-1]
+    kept = shed[1:-1]
+    assert kept == history[len(history) - len(kept) :]
+    if kept != history:
+        assert count_message_tokens(shed, MODEL) <= limit or kept == []
