@@ -12,7 +12,13 @@ from typing import Any
 from connectors.errors import EngineError
 from connectors.llm.base import CallRecord, Completion, CompletionRequest, ContextLengthExceeded
 from connectors.llm.resilient import DEFAULT_COMPLETION_TOKENS
-from processors.business_rules import Decline, Escalate, check_turn, finalize_reply
+from processors.business_rules import (
+    Decline,
+    Escalate,
+    check_turn,
+    failure_reply,
+    finalize_reply,
+)
 from processors.config import PersonaConfig
 from processors.preprocess import conversation_key
 from processors.pricing import cost_usd
@@ -349,19 +355,10 @@ def _failed(
     ``usage`` holds the response's ``attempts``, token, cost and latency fields
     (``_TurnUsage.fields``)."""
     persona = _persona(rt, request.persona)
-    if rt.config.llm.on_failure == "handoff":
-        child(LLM_OUTCOMES, request.persona, "none", "escalated").inc()
-        reply = finalize_reply(persona, persona.handoff_reply)
-        return _response(
-            request,
-            LLMStatus.ESCALATED,
-            reply,
-            "none",
-            error=f"no answer: {error}",
-            **usage,
-        )
+    status, reply = failure_reply(persona, rt.config.llm.on_failure, status)
     child(LLM_OUTCOMES, request.persona, "none", status.value).inc()
-    reply = finalize_reply(persona, persona.apology_reply)
+    if status is LLMStatus.ESCALATED:
+        error = f"no answer: {error}"
     return _response(request, status, reply, "none", error=error, **usage)
 
 
