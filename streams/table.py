@@ -10,6 +10,14 @@ partition it restores and reads from the beginning up to that marker's offset. T
 any broker, including one whose ListOffsets answers the base offset of the newest batch
 (Tansu, see ENVIRONMENT.md), where reading "up to the end offset" would stop early.
 
+The stage's ``BatchConsumer`` runs the restore in a task of its own, not in aiokafka's
+assignment callback (where the group's heartbeat is stopped, so a restore longer than the
+session timeout would get the member evicted): the partitions' input stays paused until the
+restore returned, so no batch is handled against a partition not restored yet. A revoke
+cancels a restore still running; ``restore`` applies what it read only at its very end, with no
+await in between, so a cancelled restore leaves the table as it was (no partition half
+restored, no position moved), and the next assignment restores or catches up from there.
+
 A partition that stays with this worker across a rebalance is not restored from scratch but
 caught up: read from just after the last changelog record this table wrote or read, up to a
 new marker. Usually that is the marker alone; but a worker that missed a round of the group
@@ -183,6 +191,10 @@ class ChangelogTable(Generic[V]):
         written before the call is applied, whatever the broker says its end offsets are.
         A tombstone (null value) removes its key.
 
+        Cancelled before it returns (the partitions revoked meanwhile), it changes nothing:
+        what was read is applied at the end, without awaiting in between. Only the marker
+        records it already wrote stay in the changelog (they are skipped when reading).
+
         Raises:
             TimeoutError: the markers were not reached within ``timeout_s`` seconds.
         """
@@ -201,8 +213,8 @@ class ChangelogTable(Generic[V]):
             p: {} if p in new else self._data[p] for p in wanted
         }
         # the last bytes per key (None: deleted); decoded once at the end, so a key written
-        # many times costs one decode, not one per write: restoring runs inside the group's
-        # assignment callback, where no heartbeat is sent
+        # many times costs one decode, not one per write: the partitions' batches wait (paused)
+        # until the restore is done, and the LLM calls in flight share the event loop with it
         latest_of: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.broker_list(),
@@ -240,7 +252,8 @@ class ChangelogTable(Generic[V]):
                             read[tp.partition] += 1
                             latest[record.key] = record.value
         finally:
-            await consumer.stop()
+            # shielded: a restore cancelled while it stops its consumer still stops it
+            await asyncio.shield(consumer.stop())
         decoded: list[tuple[int, bytes, V | None]] = []
         for p in wanted:
             for number, (key, value) in enumerate(latest_of[p].items()):

@@ -503,10 +503,19 @@ class BatchConsumer:
             raises retries the batch, anything else stops the worker (``guard_batch``). It
             must leave no state changed when it raises or is cancelled (a batch given up
             when its partitions are revoked).
-        on_assigned: awaited when partitions are assigned (a table restores them), before any
-            batch of theirs is handled. Revoked partitions are given up only after the batch
-            in progress finished (or was given up: ``guard_batch``'s ``abandon``) and the
-            finished ones were committed.
+        on_assigned: awaited with the whole new assignment when partitions are assigned (a
+            table restores them), before any batch of theirs is handled; under ``guard_batch``'s
+            rules (a transient error retried, anything else exits the worker). It runs in a
+            task of its own, not in aiokafka's assignment callback, which must return quickly:
+            the group's heartbeat stays stopped until it does, and a hook longer than the
+            session timeout would get this member evicted. The newly assigned partitions are
+            paused meanwhile; once the hook returned they are marked usable (``assigned``) and
+            resumed, and fetched from their committed offsets. A revoke cancels a hook still
+            running and waits for it to end, so the hook must leave no state half changed
+            when cancelled (``ChangelogTable.restore`` applies what it read only at its end).
+            Revoked partitions are given up only after the batch in progress finished (or was
+            given up: ``guard_batch``'s ``abandon``) and the finished ones were committed,
+            within a time limit (``_revoked``).
         prepare: awaited with each batch before ``handler`` and under the same retry rules
             (e.g. ``Codec.resolve_unknown`` fetching writer schemas). Settable after
             construction.
@@ -558,7 +567,23 @@ class BatchConsumer:
         """Set while partitions wait to be revoked: the batch in progress is given up after
         ``abandon_after_s`` rather than holding the rebalance past its timeout."""
         self.abandon_after_s = rebalance_ms / 2000
+        """Half the rebalance timeout (s): a revoke gives up the batch in progress, and requires
+        the batches handled before it to be finished, this long after it began (``_revoked``)."""
+        self.revoke_commit_s = self.abandon_after_s / 2
+        """Longest a revoke waits for its commit after that (s), so the whole revoke ends
+        within three quarters of the rebalance timeout (``_revoked``)."""
         self.assigned: set[TopicPartition] = set()
+        """Partitions whose batches are handled: assigned, and their ``on_assigned`` hook done."""
+        self._restoring: set[TopicPartition] = set()
+        """Assigned partitions paused until the ``on_assigned`` hook running for them is done."""
+        self._hook_task: asyncio.Task[None] | None = None
+        self._generation = 0
+        """Revokes so far: the records of a fetch belong to the assignment of its generation."""
+        self._revoked_in: dict[TopicPartition, int] = {}
+        """Per partition, the generation its last revoke began (records fetched before are
+        the old assignment's: its next owner, maybe this member again, fetches them anew)."""
+        self._fetched_in = 0
+        """The generation the last ``_fetch`` took its records in."""
         self._outstanding: list[asyncio.Task[None]] = []
         self._finished: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -575,7 +600,9 @@ class BatchConsumer:
         self._stopping.set()
 
     async def close(self) -> None:
-        """Leave the group (after ``run`` returned)."""
+        """Stop an ``on_assigned`` hook still running, then leave the group (after ``run``
+        returned)."""
+        await self._stop_hook()
         await self.consumer.stop()
 
     async def run(self) -> None:
@@ -592,29 +619,46 @@ class BatchConsumer:
                     break
                 batch = fetch.result()
                 if batch or self._skipped:
-                    await self._fill(batch)
-                    await self._handle(batch)
+                    generation = await self._fill(batch, self._fetched_in)
+                    await self._handle(batch, generation)
+            await self._stop_hook()
             await self._finish_outstanding()
             await self._commit()
         finally:
             stopping.cancel()
             committer.cancel()
 
-    async def _fill(self, batch: dict[TopicPartition, list[Record]]) -> None:
-        """Top up a small batch with what arrives within ``BATCH_WITHIN_MS``.
+    async def _fill(self, batch: dict[TopicPartition, list[Record]], generation: int) -> int:
+        """Top up a small batch, fetched in ``generation``, with what arrives within
+        ``BATCH_WITHIN_MS``; return the generation of the records now in it.
 
         Fewer, larger batches mean fewer fetch and produce requests per record: the client
         does not fetch a partition again while its records wait in the buffer. That matters
         on any broker and decides throughput on one whose cost per request grows with the
-        number of batches in a partition (Tansu's memory storage, BENCHMARKS.md).
+        number of batches in a partition (Tansu's memory storage, BENCHMARKS.md). Records of
+        partitions revoked meanwhile are taken out first (``_drop_revoked``).
         """
         count = sum(len(records) for records in batch.values())
         if count >= self.max_records or BATCH_WITHIN_MS <= 0:
-            return
+            return generation
         await asyncio.sleep(BATCH_WITHIN_MS / 1000)
         more = await self._fetch(0, self.max_records - count)
+        if self._fetched_in != generation:
+            self._drop_revoked(batch, generation)
         for tp, records in more.items():
             batch.setdefault(tp, []).extend(records)
+        return self._fetched_in
+
+    def _fresh(self, tp: TopicPartition, generation: int) -> bool:
+        """Whether records of ``tp`` fetched in ``generation`` belong to its current
+        assignment (it was not revoked since)."""
+        return self._revoked_in.get(tp, 0) <= generation
+
+    def _drop_revoked(self, batch: dict[TopicPartition, list[Record]], generation: int) -> None:
+        """Take out of ``batch`` (fetched in ``generation``) the records of partitions revoked
+        since. They are not lost: a new assignment starts from the committed offset."""
+        for tp in [tp for tp in batch if not self._fresh(tp, generation)]:
+            del batch[tp]
 
     async def _fetch(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         """``getmany``: the records that arrive within ``timeout_ms`` ms, at most
@@ -628,6 +672,10 @@ class BatchConsumer:
         (``on_unreadable``), whose batch covers them: they are committed only once it
         finished. The records the failed call had taken are returned, so none is lost.
 
+        The generation the records were taken in is left in ``_fetched_in``. Records of a
+        partition whose ``on_assigned`` hook is still running are not returned: its position is
+        moved back to the first of them (``_hold_back``).
+
         Raises:
             KafkaError: the fetch failed otherwise (e.g. a coordinator or authorization error).
         """
@@ -635,7 +683,7 @@ class BatchConsumer:
             fetched: dict[TopicPartition, list[Record]] = await self.consumer.getmany(
                 timeout_ms=timeout_ms, max_records=max_records
             )
-            return fetched
+            return self._hold_back(fetched)
         except Exception as exc:
             unreadable = _unreadable(exc)
             if unreadable is None:
@@ -655,18 +703,60 @@ class BatchConsumer:
         with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the next owner's
             self.consumer.seek(tp, skip.end)
             self._skipped.setdefault(tp, []).append(skip)
-        return taken
+        return self._hold_back(taken)
 
-    async def _handle(self, batch: dict[TopicPartition, list[Record]]) -> None:
+    def _hold_back(
+        self, fetched: dict[TopicPartition, list[Record]]
+    ) -> dict[TopicPartition, list[Record]]:
+        """Note the generation ``fetched`` was taken in (``_fetched_in``), and give back the
+        records of partitions still paused for their ``on_assigned`` hook: seek each to its
+        first such offset, so that it is fetched again once resumed rather than lost.
+
+        aiokafka hands out nothing of a paused partition (its fetcher drops what it buffered
+        for one without moving the position), and the partitions are paused in the
+        assignment callback before any fetch of theirs can complete; this only keeps the
+        rule "nothing handled before the hook, nothing lost" from depending on that.
+        Synchronous: no fetch can run between the one that took the records and the seek.
+        """
+        self._fetched_in = self._generation
+        for tp in [tp for tp, records in fetched.items() if tp in self._restoring and records]:
+            records = fetched.pop(tp)
+            with contextlib.suppress(IllegalStateError):
+                self.consumer.seek(tp, records[0].offset)
+            log.warning(
+                "%s: %s[%d] offsets %d to %d were fetched before its assignment hook finished;"
+                " they are fetched again after it",
+                self.stage,
+                tp.topic,
+                tp.partition,
+                records[0].offset,
+                records[-1].offset,
+            )
+        return fetched
+
+    async def _handle(
+        self, batch: dict[TopicPartition, list[Record]], generation: int | None = None
+    ) -> None:
+        """Handle ``batch``, fetched in ``generation`` (default: the current one), with the
+        offsets skipped since the last batch; start finishing it (``_finish``).
+
+        Only records of partitions in ``assigned`` that were not revoked since the fetch are
+        handled. The others belong to another member now, or to a later assignment of this
+        one that fetches them again from the committed offset — handled now, they would be
+        handled twice, out of order with their own replay.
+        """
         skipped, self._skipped = self._skipped, {}
         while len(self._outstanding) >= PIPELINE_DEPTH:
             await asyncio.wait(self._outstanding[:1])
             self._outstanding = [t for t in self._outstanding if not t.done()]
         async with self.lock:
-            # Partitions revoked while this batch waited for the lock belong to another
-            # member now: their records are its to process.
-            owned = {tp: rs for tp, rs in batch.items() if tp in self.assigned and rs}
-            skips = {tp: s for tp, s in skipped.items() if tp in self.assigned}
+            fetched_in = self._generation if generation is None else generation
+
+            def mine(tp: TopicPartition) -> bool:
+                return tp in self.assigned and self._fresh(tp, fetched_in)
+
+            owned = {tp: rs for tp, rs in batch.items() if rs and mine(tp)}
+            skips = {tp: s for tp, s in skipped.items() if mine(tp)}
             if not owned and not skips:
                 return
             records = [record for tp_records in owned.values() for record in tp_records]
@@ -752,6 +842,45 @@ class BatchConsumer:
             await asyncio.wait(self._outstanding)
         self._outstanding = []
 
+    async def _finish_outstanding_by(self, deadline: float) -> None:
+        """Wait until the outstanding batches finished (acknowledged, after-actions run), at
+        most until ``deadline`` (``time.monotonic()``, s); past it, end the worker at once
+        without committing (status 70), as when a batch's produce fails.
+
+        Going on instead would hold the rebalance past its timeout, and the after-actions
+        still to run (changelog writes) would then be sent for partitions the coordinator
+        has given to another member, which restores them meanwhile.
+        """
+        pending = [task for task in self._outstanding if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if any(not task.done() for task in pending):
+            _exit_without_commit(
+                f"{self.stage}: batches handled before a revoke were still not finished "
+                f"(records unacknowledged or changelog writes pending) {self.abandon_after_s:g}"
+                " s after it began; going on would hold the rebalance past its timeout and"
+                " write changelog records for partitions another member restores by then"
+            )
+        self._outstanding = []
+
+    async def _commit_by(self, deadline: float) -> None:
+        """``_commit``, given up at ``deadline`` (``time.monotonic()``, s): the partitions'
+        next owner then replays the finished batches from the last commit, and the next
+        stages drop the repeated outputs by id (aiokafka retries a commit as long as the
+        broker answers with retriable errors)."""
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(left):
+                await self._commit()
+        except TimeoutError:
+            log.warning(
+                "%s: no time left to commit before the partitions are revoked; their next"
+                " owner replays the batches finished since the last commit",
+                self.stage,
+            )
+
     async def _commit_every(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
@@ -778,26 +907,108 @@ class BatchConsumer:
         self._committed.update(due)
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        # Under the lock, and ``assigned`` updated only once the hook (a table restore) is
-        # done: a batch fetched meanwhile must not be handled against state not restored yet.
-        async with self.lock:
-            log.info("%s: assigned %s", self.stage, _describe(assigned))
-            hook = self.on_assigned
-            if hook is not None:
-                # aiokafka logs and swallows what a rebalance listener raises, which would
-                # leave the stage owning partitions it never handles: a transient failure of
-                # the hook (a restore's marker not acknowledged) is retried, anything else
-                # (a restore timing out, a changelog record that does not decode) exits the
-                # worker, as a batch's would.
-                await guard_batch(f"{self.stage}.assign", lambda: hook(set(assigned)))
-            self.assigned = set(assigned)
+        """aiokafka's assignment callback; returns at once, because aiokafka restarts the
+        group's heartbeat only once it returned (``GroupCoordinator.ensure_active_group``):
+        a long restore in here would get the member evicted for missing its session.
+
+        Without an ``on_assigned`` hook the new partitions are usable at once. With one, they
+        are paused — before anything awaits, so no fetch of theirs completes first — and the
+        hook runs in a task of its own (``_run_hook``), which marks them usable and resumes
+        them once it returned: no batch of a partition is handled against state not restored
+        yet, and aiokafka fetches them from their committed offsets then.
+        """
+        log.info("%s: assigned %s", self.stage, _describe(assigned))
+        new = assigned - self.assigned
+        self.assigned &= assigned
+        hook = self.on_assigned
+        if hook is None:
+            self.assigned |= new
+            return
+        self.consumer.pause(*new)
+        await self._stop_hook()  # none runs: aiokafka revokes everything before assigning
+        self._restoring = set(new)
+        self._hook_task = asyncio.ensure_future(self._run_hook(hook, set(assigned), new))
+
+    async def _run_hook(
+        self, hook: PartitionsHook, assigned: set[TopicPartition], new: set[TopicPartition]
+    ) -> None:
+        """Await ``hook(assigned)``, then mark ``new`` usable and resume it.
+
+        Under ``guard_batch``'s rules, as a batch's: a transient failure of the hook (a
+        restore's marker not acknowledged) is retried, anything else (a restore timing out, a
+        changelog record that does not decode) exits the worker — else the stage would own
+        partitions it never handles. Marking and resuming do not await: a revoke that cancels
+        this task finds either both done or neither.
+        """
+        started = time.monotonic()
+        await guard_batch(f"{self.stage}.assign", lambda: hook(set(assigned)))
+        self.assigned |= new
+        self._restoring -= new
+        for tp in new:
+            with contextlib.suppress(IllegalStateError):  # (not revoked: this task would
+                self.consumer.resume(tp)  # have been cancelled)
+        log.info(
+            "%s: %s resumed after the assignment hook (%.2f s)",
+            self.stage,
+            _describe(new),
+            time.monotonic() - started,
+        )
+
+    async def _stop_hook(self) -> None:
+        """Cancel the ``on_assigned`` hook if it still runs, and wait until it ended; its
+        partitions stay unused until the next assignment. A hook still running
+        ``CANCELLED_BATCH_WAIT_S`` s after it was cancelled ends the worker (status 70)."""
+        task, self._hook_task = self._hook_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCELLED_BATCH_WAIT_S)
+            if not task.done():
+                _exit_without_commit(
+                    f"{self.stage}: the assignment hook still runs {CANCELLED_BATCH_WAIT_S:g} s"
+                    " after it was cancelled"
+                )
+            log.info(
+                "%s: assignment hook cancelled before it finished; %s left unused",
+                self.stage,
+                _describe(self._restoring),
+            )
+        self._restoring = set()
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        """aiokafka's revocation callback (its rebalances are eager: every partition is
+        revoked before every assignment). It must end well within the rebalance timeout, or
+        the coordinator gives the partitions to other members while this one still writes:
+
+        1. an ``on_assigned`` hook still running is cancelled and waited for (a table keeps
+           nothing of a restore it did not finish);
+        2. the batch in progress is given up ``abandon_after_s`` after the revoke began
+           (``guard_batch``: nothing of it committed, the next owner replays it);
+        3. the batches handled before it — and it, when it finished in time — must be
+           finished by the same deadline: they had that time, side by side with it. If not,
+           the worker exits without committing (``_finish_outstanding_by``);
+        4. the finished batches are committed within ``revoke_commit_s`` more, or not at all
+           (``_commit_by``).
+
+        So a revoke ends within ``abandon_after_s + revoke_commit_s``: three quarters of the
+        rebalance timeout, the rest left for the rejoin request. The deadlines are counted
+        from the start of the revoke, so nothing later waits longer because something earlier
+        was slow. The one stretch: a hook or batch slow to end once cancelled may hold the
+        lock up to ``CANCELLED_BATCH_WAIT_S`` past ``abandon_after_s`` (longer ends the
+        worker); the outstanding batches must then be finished already, and the commit is
+        skipped.
+        """
+        started = time.monotonic()
+        self._generation += 1
+        for tp in revoked:
+            self._revoked_in[tp] = self._generation
+            self._skipped.pop(tp, None)
         self._revoking.set()  # a batch stuck retrying or waiting is given up
         try:
-            async with self.lock:  # the batch being handled finishes first
-                await self._finish_outstanding()
-                await self._commit()
+            await self._stop_hook()
+            async with self.lock:  # the batch being handled finishes (or is given up) first
+                finish_by = started + self.abandon_after_s
+                await self._finish_outstanding_by(finish_by)
+                await self._commit_by(finish_by + self.revoke_commit_s)
                 self.assigned -= revoked
                 for tp in revoked:
                     self._finished.pop(tp, None)

@@ -445,12 +445,20 @@ def stage(
         batch.commit()
 
     async def assigned(tps: set[TopicPartition]) -> None:
+        """The consumer's ``on_assigned`` hook: restore the table's partitions of ``tps``.
+
+        Runs beside the stage (its partitions paused meanwhile) and is cancelled when they
+        are revoked before it finished; the table then keeps what it held before the restore
+        (less what was dropped here), which the next assignment catches up or drops.
+        """
         mine = {tp.partition for tp in tps if tp.topic == conversations}
         # Eager rebalances revoke everything first; what comes back to this worker is kept and
         # only caught up (another worker may have owned it in between), the rest restored.
         table.drop(table.partitions() - mine)
-        await table.restore(mine)
-        index.invalidate()
+        try:
+            await table.restore(mine)
+        finally:  # also when cancelled: the dropped partitions must leave the timer's index
+            index.invalidate()
 
     async def tick_round() -> None:
         await index.rescan(table, utcnow())  # yields to the loop while it scans

@@ -4,12 +4,15 @@ revoked in between (a rebalance on Tansu takes seconds, so the integration tests
 a revoke that commits too early).
 
 The aiokafka consumer is never started; its ``commit`` is replaced by a recorder, and the
-handler's delivery reports are futures the test resolves.
+handler's delivery reports are futures the test resolves. Where the test needs fetching,
+pausing and resuming, ``Partitions`` stands in for them (as aiokafka does, it hands out
+nothing of a paused partition and keeps its position).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -114,6 +117,52 @@ def test_a_produce_timeout_is_transient_and_a_bug_is_not() -> None:
     assert is_transient(StoreError("READONLY replica", retriable=True)) is True
 
 
+class Partitions:
+    """Stands in for the aiokafka consumer's fetching: ``getmany`` hands out the records of
+    ``log`` from each partition's position, except for paused partitions (aiokafka's fetcher
+    drops what it buffered for a paused partition and leaves its position); ``pause``,
+    ``resume``, ``seek`` and ``commit`` are recorded in ``calls``."""
+
+    def __init__(self, consumer: BatchConsumer, log: dict[TopicPartition, list[int]]) -> None:
+        self.log = log
+        self.position = dict.fromkeys(log, 0)
+        self.paused: set[TopicPartition] = set()
+        self.calls: list[str] = []
+        client: Any = consumer.consumer
+        client.pause, client.resume, client.seek = self.pause, self.resume, self.seek
+        client.getmany, client.commit = self.getmany, self.commit
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused |= set(tps)
+        self.calls.append(f"pause {sorted(tp.partition for tp in tps)}")
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused -= set(tps)
+        self.calls.append(f"resume {sorted(tp.partition for tp in tps)}")
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.position[tp] = offset
+        self.calls.append(f"seek {tp.partition} {offset}")
+
+    async def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.calls.append(f"commit {[(tp.partition, m.offset) for tp, m in offsets.items()]}")
+
+    async def getmany(
+        self, *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for tp, offsets in self.log.items():
+            if tp in self.paused:
+                continue
+            ready = [o for o in offsets if o >= self.position[tp]][:max_records]
+            if ready:
+                fetched[tp] = [consumed(tp.topic, tp.partition, o, b"v") for o in ready]
+                self.position[tp] = ready[-1] + 1
+        if not fetched:
+            await asyncio.sleep(min(timeout_ms, 20) / 1000)
+        return fetched
+
+
 async def test_an_assign_hook_failing_transiently_is_retried_before_the_partitions_are_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -129,11 +178,15 @@ async def test_an_assign_hook_failing_transiently_is_retried_before_the_partitio
 
     monkeypatch.setattr("streams.transport.asyncio.sleep", no_wait)
     consumer = BatchConsumer(Settings(), "test", [TP.topic], Harness().handle, on_assigned=restore)
+    kafka = Partitions(consumer, {TP: []})
 
     await consumer._assigned({TP})
+    assert consumer._hook_task is not None
+    await asyncio.wait_for(consumer._hook_task, 1)
 
     assert calls == [{TP}, {TP}]
     assert consumer.assigned == {TP}
+    assert kafka.calls == ["pause [0]", "resume [0]"]
 
 
 async def test_periodic_commits_go_on_after_a_commit_error(
@@ -308,3 +361,243 @@ async def test_a_batch_that_ignores_its_cancellation_ends_the_worker_without_com
         released.set()
         await asyncio.wait_for(revoke, timeout=2)
         await h.consumer.close()
+
+
+def _blocked_hook(
+    started: list[set[TopicPartition]], release: asyncio.Event, cancelled: asyncio.Event
+) -> Any:
+    """An ``on_assigned`` hook (a slow restore) that runs until ``release`` is set."""
+
+    async def restore(tps: set[TopicPartition]) -> None:
+        started.append(tps)
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    return restore
+
+
+async def test_the_assignment_callback_returns_while_a_slow_hook_runs() -> None:
+    """aiokafka restarts the group's heartbeat only once the callback returned: a restore
+    inside it longer than the session timeout got the member evicted."""
+    h = Harness()
+    h.consumer.assigned = set()  # as after the revoke that precedes every assignment
+    started: list[set[TopicPartition]] = []
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    h.consumer.on_assigned = _blocked_hook(started, release, cancelled)
+    kafka = Partitions(h.consumer, {TP: [0, 1]})
+
+    await asyncio.wait_for(h.consumer._assigned({TP}), timeout=0.5)
+
+    await asyncio.sleep(0.05)
+    assert started == [{TP}]  # the hook runs...
+    assert kafka.paused == {TP}  # ...with its partition paused, and not usable yet
+    assert h.consumer.assigned == set()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert h.consumer.assigned == {TP}
+    assert kafka.calls == ["pause [0]", "resume [0]"]
+    assert not cancelled.is_set()
+
+
+async def _until(done: Any, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_records_are_handled_only_once_the_hook_is_done_and_none_is_lost() -> None:
+    h = Harness()
+    h.consumer.assigned = set()
+    handled: list[int] = []
+    inner = h.handle
+
+    async def handle(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        handled.extend(r.offset for r in records)
+        await inner(records)
+
+    h.consumer.handler = handle
+    release = asyncio.Event()
+
+    async def restore(tps: set[TopicPartition]) -> None:
+        await release.wait()
+        h.events.append("restored")
+
+    h.consumer.on_assigned = restore
+    kafka = Partitions(h.consumer, {TP: [0, 1, 2]})
+    run = asyncio.ensure_future(h.consumer.run())
+    assign = asyncio.ensure_future(h.consumer._assigned({TP}))
+    await asyncio.sleep(0.2)  # the stage fetches several times meanwhile
+
+    assert assign.done()  # the callback returned long ago
+    assert h.events == []
+    assert kafka.position[TP] == 0  # nothing taken from the paused partition
+    release.set()
+    await _until(lambda: len(handled) == 3)
+    for ack in h.acks:
+        ack.set_result(None)
+    h.consumer.stop_soon()
+    await asyncio.wait_for(run, 2)
+
+    assert handled == [0, 1, 2]  # each once, from the committed position, after the restore
+    assert h.events == ["restored", "handled 2", "after 2"]
+    assert kafka.calls == ["pause [0]", "resume [0]", "commit [(0, 3)]"]
+    await h.consumer.close()
+
+
+async def test_records_fetched_while_the_hook_runs_are_given_back() -> None:
+    """aiokafka hands out nothing of a paused partition; were it to, the records must be
+    fetched again after the hook, not handled before it, nor dropped with the position past
+    them."""
+    h = Harness()
+    h.consumer.assigned = set()
+    started: list[set[TopicPartition]] = []
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    h.consumer.on_assigned = _blocked_hook(started, release, cancelled)
+    kafka = Partitions(h.consumer, {TP: [4, 5]})
+    kafka.position[TP] = 4
+    assign = asyncio.ensure_future(h.consumer._assigned({TP}))
+    await asyncio.sleep(0.02)
+    kafka.paused.clear()  # a fetch completing despite the pause
+
+    fetched = await h.consumer._fetch(0, 10)
+
+    assert fetched == {}
+    assert kafka.position[TP] == 4
+    assert kafka.calls == ["pause [0]", "seek 0 4"]
+    release.set()
+    await asyncio.wait_for(assign, 1)
+    await _until(lambda: h.consumer.assigned == {TP})
+    assert await h.consumer._fetch(0, 10) == {TP: [_record(4), _record(5)]}
+
+
+async def test_a_revoke_cancels_a_hook_still_running_and_waits_for_it_to_end() -> None:
+    h = Harness()
+    h.consumer.assigned = set()
+    started: list[set[TopicPartition]] = []
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    h.consumer.on_assigned = _blocked_hook(started, release, cancelled)
+    kafka = Partitions(h.consumer, {TP: [0]})
+    assign = asyncio.ensure_future(h.consumer._assigned({TP}))
+    await asyncio.sleep(0.02)
+    assert started == [{TP}]
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=1)
+
+    assert cancelled.is_set()  # the hook ended before the revoke returned
+    assert h.consumer._hook_task is None
+    assert assign.done()
+    release.set()
+    await asyncio.sleep(0.02)
+    assert h.consumer.assigned == set()  # never usable
+    assert kafka.calls == ["pause [0]"]  # not resumed, nothing committed
+    assert h.events == []
+
+
+def _exits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record ``os._exit`` calls (raising ``_Exited``) instead of ending the process."""
+    exits: list[int] = []
+
+    def exit_(status: int) -> None:
+        exits.append(status)
+        raise _Exited
+
+    monkeypatch.setattr("streams.transport.os._exit", exit_)
+    monkeypatch.setattr("streams.transport.logging.shutdown", lambda: None)
+    return exits
+
+
+async def test_a_revoke_whose_earlier_batch_never_finishes_exits_without_commit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    exits = _exits(monkeypatch)
+    h = Harness()
+    h.consumer.abandon_after_s = 0.1
+    await h.consumer._handle({TP: [_record(4)]})  # its acknowledgement never comes
+    started = time.monotonic()
+
+    with pytest.raises(_Exited):
+        await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert 0.09 <= time.monotonic() - started < 1.0
+    assert exits == [70]
+    assert h.events == ["handled 4"]  # no after-action (changelog write), no commit
+    assert "still not finished" in caplog.text
+    h.acks[0].set_result(None)
+    await h.consumer.close()
+
+
+async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both limits run from the start of the revoke, so together they take abandon_after_s,
+    not twice that: the earlier batch had the time the batch in progress took."""
+    exits = _exits(monkeypatch)
+    h = Harness()
+    h.consumer.abandon_after_s = 0.2
+    await h.consumer._handle({TP: [_record(1)]})  # never acknowledged
+    inner = h.handle
+
+    async def slow(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        await asyncio.sleep(0.15)  # finishes within its grace
+        await inner(records)
+
+    h.consumer.handler = slow
+    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(2)]}))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+
+    with pytest.raises(_Exited):
+        await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert 0.18 <= time.monotonic() - started < 0.35
+    assert exits == [70]
+    assert handling.done()
+    assert h.events == ["handled 1", "handled 2"]
+    for ack in h.acks:
+        ack.set_result(None)
+    await h.consumer.close()
+
+
+async def test_a_commit_hanging_at_a_revoke_is_given_up_within_the_limit() -> None:
+    h = Harness()
+    h.consumer.abandon_after_s = 0.1
+    h.consumer.revoke_commit_s = 0.1
+    never = asyncio.Event()
+
+    async def hanging_commit(offsets: dict[TopicPartition, Any]) -> None:
+        h.events.append("commit sent")
+        await never.wait()  # a broker answering with retriable errors, forever
+
+    h.consumer.consumer.commit = hanging_commit  # type: ignore[method-assign]
+    await h.consumer._handle({TP: [_record(3)]})
+    h.acks[0].set_result(None)
+    started = time.monotonic()
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert time.monotonic() - started < 0.5
+    assert h.events == ["handled 3", "after 3", "commit sent"]
+    assert h.consumer.assigned == set()  # given up: the next owner replays offset 3
+    await h.consumer.close()
+
+
+async def test_a_batch_fetched_before_a_revoke_is_not_handled_when_its_partition_returns() -> None:
+    """Its partition comes back at the committed offset, from where the records are fetched
+    and handled again; handled now as well, they would be handled twice."""
+    h = Harness()
+    Partitions(h.consumer, {TP: [7]})
+    fetched = await h.consumer._fetch(0, 10)
+    fetched_in = h.consumer._fetched_in
+    await h.consumer._revoked({TP})
+    await h.consumer._assigned({TP})  # no hook: usable at once
+
+    await h.consumer._handle(fetched, fetched_in)
+
+    assert h.events == []
+    await h.consumer._handle({TP: [_record(7)]}, h.consumer._generation)  # fetched now
+    assert h.events == ["handled 7"]
+    await h.consumer.close()

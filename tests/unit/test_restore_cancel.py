@@ -1,0 +1,299 @@
+"""A table restore cut short by a revoke leaves the table as it was.
+
+The restore runs beside the stage (``BatchConsumer._run_hook``), not in aiokafka's assignment
+callback; a revoke cancels it. Here the real ``ChangelogTable`` and the conversation stage's
+real ``on_assigned`` hook restore from an in-memory changelog: ``streams.table``'s
+``AIOKafkaConsumer`` and the worker's producer are replaced, and the restore consumer stops
+in the middle of its read until the test lets it go on. aiokafka's ``pause``/``resume`` on the
+stage's consumer are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from support.records import consumed
+
+from processors.config import ConversationConfig, PersonaConfig, SwitchboardConfig
+from processors.conversation import on_user_turn
+from processors.conversation_state import ConversationState
+from processors.preprocess import conversation_key
+from schemas.models import ConversationEvent, utcnow
+from streams.agents import conversation
+from streams.agents.due import DueIndex
+from streams.runtime import Runtime
+from streams.settings import Settings
+from streams.table import ChangelogTable
+from streams.transport import BatchConsumer
+
+CHANGELOG = "cl"
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+
+
+class Changelog:
+    """In-memory changelog partitions: what the producer stand-in writes and the restore
+    consumer stand-in reads. ``hold()`` makes the next reads stop after one record until
+    ``release()``; ``blocked`` is set while a read waits there."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, list[tuple[bytes | None, bytes | None]]] = defaultdict(list)
+        self.released = asyncio.Event()
+        self.released.set()
+        self.blocked = asyncio.Event()
+        self.consumers: list[RestoreConsumer] = []
+
+    def append(self, partition: int, key: bytes | None, value: bytes | None) -> int:
+        self.partitions[partition].append((key, value))
+        return len(self.partitions[partition]) - 1
+
+    def hold(self) -> None:
+        self.released.clear()
+        self.blocked.clear()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def consumer(self, **_: Any) -> RestoreConsumer:
+        made = RestoreConsumer(self)
+        self.consumers.append(made)
+        return made
+
+
+class RestoreConsumer:
+    """Stands in for the restore's ``AIOKafkaConsumer``: reads ``Changelog`` partitions."""
+
+    def __init__(self, log: Changelog) -> None:
+        self.log = log
+        self.position: dict[TopicPartition, int] = {}
+        self.stopped = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.position = dict.fromkeys(tps, 0)
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.position[tp] = 0
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.position[tp] = offset
+
+    async def getmany(self, *tps: TopicPartition, **_: Any) -> dict[TopicPartition, list[Any]]:
+        limit = None if self.log.released.is_set() else 1
+        fetched: dict[TopicPartition, list[Any]] = {}
+        for tp in tps:
+            records = self.log.partitions[tp.partition][self.position[tp] :][:limit]
+            if records:
+                first = self.position[tp]
+                fetched[tp] = [
+                    consumed(tp.topic, tp.partition, first + n, value, key=key)
+                    for n, (key, value) in enumerate(records)
+                ]
+                self.position[tp] = first + len(records)
+        if not self.log.released.is_set():
+            self.log.blocked.set()
+            await self.log.released.wait()  # the restore is in the middle of its read
+        return fetched
+
+
+class Producer:
+    """The worker's producer, writing to a ``Changelog`` (acknowledged at once)."""
+
+    max_request_size = 1 << 20
+
+    def __init__(self, log: Changelog) -> None:
+        self.log = log
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Any = None,
+    ) -> asyncio.Future[Any]:
+        assert topic == CHANGELOG
+        assert partition is not None
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ack.set_result(SimpleNamespace(offset=self.log.append(partition, key, value)))
+        return ack
+
+
+@pytest.fixture
+def log(monkeypatch: pytest.MonkeyPatch) -> Iterator[Changelog]:
+    changelog = Changelog()
+    monkeypatch.setattr("streams.table.AIOKafkaConsumer", changelog.consumer)
+    yield changelog
+    changelog.release()
+
+
+def _recording(consumer: BatchConsumer) -> list[str]:
+    """Record ``pause``/``resume`` of the stage's aiokafka consumer (never started here)."""
+    calls: list[str] = []
+
+    def pause(*tps: TopicPartition) -> None:
+        calls.append(f"pause {sorted((tp.topic, tp.partition) for tp in tps)}")
+
+    def resume(tp: TopicPartition) -> None:
+        calls.append(f"resume {tp.topic}[{tp.partition}]")
+
+    client: Any = consumer.consumer
+    client.pause, client.resume = pause, resume
+    return calls
+
+
+async def _hook_done(consumer: BatchConsumer) -> None:
+    assert consumer._hook_task is not None
+    await asyncio.wait_for(consumer._hook_task, 2)
+
+
+async def test_a_revoke_during_a_restore_cancels_it_and_the_table_keeps_nothing_of_it(
+    log: Changelog,
+) -> None:
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(), Producer(log), CHANGELOG, encode=str.encode, decode=bytes.decode
+    )
+
+    async def restore(tps: set[TopicPartition]) -> None:
+        await table.restore({tp.partition for tp in tps})
+
+    stage = BatchConsumer(Settings(), "test", ["in"], _no_batches, on_assigned=restore)
+    calls = _recording(stage)
+    tps = {TopicPartition("in", p) for p in (0, 1)}
+    log.append(0, b"a", b"a-old")
+    await stage._assigned({TopicPartition("in", 0)})
+    await _hook_done(stage)
+    assert table.get(0, b"a") == "a-old"
+    position = dict(table._position)
+    await stage._revoked({TopicPartition("in", 0)})
+    # Meanwhile another worker changed partition 0, and partition 1 has state of its own.
+    log.append(0, b"a", b"a-new")
+    log.append(1, b"b", b"b-1")
+    log.append(1, b"c", b"c-1")
+
+    log.hold()
+    await stage._assigned(tps)
+    await asyncio.wait_for(log.blocked.wait(), 2)  # the restore read one record, then waits
+    await asyncio.wait_for(stage._revoked(tps), timeout=1)
+
+    assert stage._hook_task is None
+    assert table.partitions() == {0}  # partition 1 not half restored
+    assert table.get(0, b"a") == "a-old"  # partition 0 not half caught up
+    assert table.get(1, b"b") is None
+    assert table._position == position  # the next catch-up reads from the same place
+    assert all(c.stopped for c in log.consumers)  # the cancelled restore closed its consumer
+    assert stage.assigned == set()
+    assert calls == ["pause [('in', 0)]", "resume in[0]", "pause [('in', 0), ('in', 1)]"]
+
+    log.release()
+    await stage._assigned(tps)  # the next assignment restores what the cancelled one missed
+    await _hook_done(stage)
+    assert (table.get(0, b"a"), table.get(1, b"b"), table.get(1, b"c")) == ("a-new", "b-1", "c-1")
+    assert stage.assigned == tps
+
+
+async def _no_batches(records: list[Any]) -> None:
+    raise AssertionError("no batch is handled in these tests")
+
+
+def _state(conversation_id: str, content: str) -> ConversationState:
+    event = ConversationEvent(
+        event_id=f"{conversation_id}-{content}",
+        conversation_id=conversation_id,
+        tenant="t",
+        content=content,
+        origin_created_at=T0,
+        created_at=T0,
+    )
+    return on_user_turn(
+        None,
+        event,
+        persona="p",
+        override_continuity=False,
+        continuity=True,
+        cfg=ConversationConfig(),
+        personas={"p": PersonaConfig(name="P")},
+        now=T0,
+    ).state
+
+
+async def test_the_conversation_hook_drops_and_restores_right_around_a_cancelled_restore(
+    log: Changelog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assigned {0, 1}, then {1, 2} (restore cancelled by a revoke), then {0, 1} again: the
+    cancelled round drops partition 0 and restores nothing; the last one rebuilds 0 and
+    catches 1 up; the timer's index is rebuilt after each round, the cancelled one too."""
+    tables: list[ChangelogTable[ConversationState]] = []
+    indexes: list[DueIndex] = []
+
+    class RecordingTable(ChangelogTable[ConversationState]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            tables.append(self)
+
+    class RecordingIndex(DueIndex):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            indexes.append(self)
+
+    monkeypatch.setattr(conversation, "ChangelogTable", RecordingTable)
+    monkeypatch.setattr(conversation, "DueIndex", RecordingIndex)
+    monkeypatch.setattr(conversation, "changelog_topic", lambda settings: CHANGELOG)
+    config = SwitchboardConfig.model_validate(
+        {"personas": {"p": {"name": "P"}}, "routing": {"default_persona": "p"}}
+    )
+    rt = Runtime(Settings(data_dir=tmp_path), config)
+    rt.kafka = Producer(log)  # type: ignore[assignment]
+    stage, _ = conversation.stage(rt, {"conversations": "conv", "llm_responses": "resp"})
+    _recording(stage)
+    (table,), (index,) = tables, indexes
+    key = {p: conversation_key("t", f"c{p}").encode() for p in range(3)}
+    for p in range(3):
+        log.append(p, key[p], _state(f"c{p}", "first").model_dump_json().encode())
+
+    def assignment(*partitions: int) -> set[TopicPartition]:
+        return {TopicPartition(t, p) for t in ("conv", "resp") for p in partitions}
+
+    def contents(p: int) -> str | None:
+        state = table.get(p, key[p])
+        return None if state is None else state.history[-1].content
+
+    await stage._assigned(assignment(0, 1))
+    await _hook_done(stage)
+    assert table.partitions() == {0, 1}
+    await index.rescan(table, utcnow())
+    assert len(index) == 2
+    await stage._revoked(assignment(0, 1))
+    log.append(1, key[1], _state("c1", "second").model_dump_json().encode())
+
+    log.hold()
+    await stage._assigned(assignment(1, 2))
+    await asyncio.wait_for(log.blocked.wait(), 2)
+    await asyncio.wait_for(stage._revoked(assignment(1, 2)), timeout=1)
+
+    assert table.partitions() == {1}  # 0 dropped; 2 not restored; 1 kept as it was
+    assert contents(1) == "first"
+    assert index._scanned_at is None  # the next timer round forgets partition 0's key
+    await index.rescan(table, utcnow())
+    assert len(index) == 1
+
+    log.release()
+    await stage._assigned(assignment(0, 1))
+    await _hook_done(stage)
+    assert table.partitions() == {0, 1}
+    assert (contents(0), contents(1)) == ("first", "second")
+    assert stage.assigned == assignment(0, 1)
