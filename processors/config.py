@@ -391,6 +391,12 @@ class SwitchboardConfig(_Strict):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
 
+    def persona(self, name: str) -> PersonaConfig:
+        """The persona ``name``, or ``routing.default_persona`` when the config no longer has
+        it (a record written under an older config)."""
+        found = self.personas.get(name)
+        return found if found is not None else self.personas[self.routing.default_persona]
+
     @model_validator(mode="after")
     def _references_resolve(self) -> SwitchboardConfig:
         personas, flows = set(self.personas), set(self.flows)

@@ -34,8 +34,10 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from processors.business_rules import failure_reply
 from processors.conversation import (
     check_timeout,
+    no_answer,
     on_close,
     on_llm_response,
     on_user_turn,
@@ -43,6 +45,7 @@ from processors.conversation import (
     reissue_due,
     shed_history,
     summarize,
+    unanswered_turn,
 )
 from processors.conversation_state import (
     Closed,
@@ -51,6 +54,7 @@ from processors.conversation_state import (
     Dropped,
     HandOff,
     IssueLLM,
+    PendingTurn,
     Refused,
     Transition,
 )
@@ -60,6 +64,7 @@ from schemas.models import (
     ConversationEvent,
     ConversationEventKind,
     LLMResponse,
+    LLMStatus,
     utcnow,
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
@@ -68,6 +73,7 @@ from streams.metrics import (
     CONVERSATIONS_ENDED,
     DROPPED,
     HISTORY_SHED,
+    LLM_OUTCOMES,
     RECORDS_IN,
     STAGE_ERRORS,
     child,
@@ -115,9 +121,60 @@ def apply(
         return on_close(state, record, now)
     if state is None:
         return None
+    unanswered = unanswered_turn(state, now, cfg)
+    if unanswered is not None:
+        return _give_up(rt, state, unanswered, now)
     reissued = reissue_due(state, now, cfg)
     timed = check_timeout(reissued.state, now, cfg)
     return Transition(timed.state, [*reissued.effects, *timed.effects])
+
+
+def _give_up(rt: Runtime, state: ConversationState, turn: PendingTurn, now: datetime) -> Transition:
+    """Answer ``turn`` as the LLM stage does when every engine failed (the persona's apology,
+    or a handoff with ``llm.on_failure: handoff``): its last request
+    (``conversation.max_llm_attempts``) got no response within its deadline. Counted in
+    ``switchboard_llm_outcomes_total{engine="none",status="no_response"}``."""
+    cfg = rt.config.conversation
+    status, reply = failure_reply(rt.config.persona(turn.persona), rt.config.llm.on_failure)
+    error = (
+        f"no LLM response to the turn's {cfg.max_llm_attempts} request(s) within their deadlines"
+    )
+    child(LLM_OUTCOMES, turn.persona, "none", "no_response").inc()
+    log.warning(
+        "conversation %s: turn %s answered without the LLM: %s",
+        state.conversation_id,
+        turn.turn_id,
+        error,
+    )
+    response = no_answer(state, turn, status, reply, error, now)
+    return on_llm_response(state, response, cfg=cfg, now=now)
+
+
+def _reply_too_large(
+    rt: Runtime,
+    before: ConversationState | None,
+    record: ConversationEvent | LLMResponse,
+    size: int,
+    now: datetime,
+) -> Transition | None:
+    """For an LLM response that answers the pending turn but makes the state ``size`` bytes,
+    too large for the changelog: the transition with the response's content replaced by the
+    persona's failure reply (``processors.business_rules.failure_reply``, status ``failed``),
+    its usage kept. None for any other input (it is only dead-lettered): without this the
+    turn would stay pending and be asked of the LLM again at every deadline."""
+    if not isinstance(record, LLMResponse) or before is None or before.pending is None:
+        return None
+    if before.pending.turn_id != record.turn_id:
+        return None
+    status, reply = failure_reply(
+        rt.config.persona(record.persona), rt.config.llm.on_failure, LLMStatus.FAILED
+    )
+    error = (
+        f"the reply ({len(record.content)} characters) made the conversation's state {size} "
+        "bytes, too large for the changelog; the persona's failure reply was sent instead"
+    )
+    substitute = record.model_copy(update={"status": status, "content": reply, "error": error})
+    return on_llm_response(before, substitute, cfg=rt.config.conversation, now=now)
 
 
 def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse:
@@ -247,14 +304,20 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
     state = transition.state
     changed = state is not before  # else stored or staged already: no write
     if changed:  # measured before anything is sent; the table writes these bytes
-        encoded = _encode_state(state)
         limit = batch.table.max_value_bytes(key)
-        if len(encoded) > limit:
-            fitted = _fit(state, encoded, limit, before)
-            if fitted is None:
-                await _state_too_large(rt, topics, message, record, len(encoded), limit)
+        fitting = _fitting(state, limit, before)
+        if isinstance(fitting, int):
+            instead = _reply_too_large(rt, before, record, fitting, now)
+            await _state_too_large(
+                rt, topics, message, record, fitting, limit, replaced=instead is not None
+            )
+            if instead is None:
                 return
-            state, encoded = fitted
+            transition = instead
+            fitting = _fitting(transition.state, limit, before)
+            if isinstance(fitting, int):  # a failure reply too large: the state was already
+                return  # within a reply of the limit, which shedding history would have fixed
+        state, encoded = fitting
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
             await send_record(
@@ -299,6 +362,18 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         batch.stage(message.partition, key, state, encoded)
 
 
+def _fitting(
+    state: ConversationState, limit: int, before: ConversationState | None
+) -> tuple[ConversationState, bytes] | int:
+    """``state`` and its changelog bytes, with old history shed when over ``limit`` bytes
+    (``_fit``); the encoded size (bytes) when it cannot be made to fit."""
+    encoded = _encode_state(state)
+    if len(encoded) <= limit:
+        return state, encoded
+    fitted = _fit(state, encoded, limit, before)
+    return len(encoded) if fitted is None else fitted
+
+
 def _fit(
     state: ConversationState, encoded: bytes, limit: int, before: ConversationState | None
 ) -> tuple[ConversationState, bytes] | None:
@@ -334,15 +409,23 @@ async def _state_too_large(
     record: ConversationEvent | LLMResponse,
     size: int,
     limit: int,
+    *,
+    replaced: bool = False,
 ) -> None:
     """Dead-letter an input whose new state (``size`` bytes encoded) exceeds ``limit``: it is
-    not applied (the caller keeps the old state and sends none of its effects)."""
+    not applied (the caller keeps the old state and sends none of its effects), or with
+    ``replaced`` an LLM response whose reply the caller replaces by the failure reply."""
     child(STAGE_ERRORS, STAGE, "StateTooLarge").inc()
+    outcome = (
+        "the turn was answered with the persona's failure reply instead"
+        if replaced
+        else "the input was not applied: the conversation keeps its state and none of the "
+        "input's records were sent"
+    )
     reason = (
         f"the conversation's new state would be {size} bytes in the changelog, over the limit "
         f"of {limit} bytes (the producer's max_request_size less the key and "
-        f"{CHANGELOG_HEADROOM_BYTES} bytes of headroom); the input was not applied: the "
-        "conversation keeps its state and none of the input's records were sent"
+        f"{CHANGELOG_HEADROOM_BYTES} bytes of headroom); {outcome}"
     )
     message_id = record.event_id if isinstance(record, ConversationEvent) else record.turn_id
     await dead_letter(

@@ -19,7 +19,6 @@ from processors.business_rules import (
     failure_reply,
     finalize_reply,
 )
-from processors.config import PersonaConfig
 from processors.preprocess import conversation_key
 from processors.pricing import cost_usd
 from processors.prompt import build_messages
@@ -53,12 +52,6 @@ __all__ = ["answer", "stage"]
 
 log = logging.getLogger(__name__)
 STAGE = "llm"
-
-
-def _persona(rt: Runtime, name: str) -> PersonaConfig:
-    """The named persona, or the default one when the config no longer has it."""
-    found = rt.config.personas.get(name)
-    return found if found is not None else rt.config.personas[rt.config.routing.default_persona]
 
 
 def _response(
@@ -188,7 +181,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
             -budget_s,
         )
         return None
-    persona = _persona(rt, request.persona)
+    persona = rt.config.persona(request.persona)
     user_content = _user_content(request)
     verdict = check_turn(persona, user_content)
     if isinstance(verdict, Escalate):
@@ -354,7 +347,7 @@ def _failed(
 
     ``usage`` holds the response's ``attempts``, token, cost and latency fields
     (``_TurnUsage.fields``)."""
-    persona = _persona(rt, request.persona)
+    persona = rt.config.persona(request.persona)
     status, reply = failure_reply(persona, rt.config.llm.on_failure, status)
     child(LLM_OUTCOMES, request.persona, "none", status.value).inc()
     if status is LLMStatus.ESCALATED:

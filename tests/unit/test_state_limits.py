@@ -15,6 +15,7 @@ run as ``BatchConsumer._finish`` runs them.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -259,24 +260,84 @@ async def test_turn_queued_behind_a_pending_one_is_refused_and_the_queue_still_d
     assert [letter.message_id for letter in stage.letters()] == ["m2"]
 
 
-async def test_response_whose_new_state_is_too_large_is_refused_and_the_turn_stays_pending(
+async def test_a_reply_too_large_for_the_state_is_dead_lettered_and_the_apology_answers(
     stage: Stage,
 ) -> None:
-    await stage.batch(turn("m1"))
+    await stage.batch(turn("m1"), turn("m2", "and then?"))
     (request,) = stage.requests()
-    before = stage.state()
-    await stage.batch(answer(request, "y" * LIMIT))  # the reply would join the history
+    too_large = answer(request, "y" * (LIMIT - 2_000)).model_copy(
+        update={"prompt_tokens": 7, "completion_tokens": 16_000}
+    )
+    await stage.batch(too_large)  # the reply would join the history
 
     (letter,) = stage.letters()
     assert letter.stage == "conversation.state"
     assert letter.message_id == "m1"  # the turn answered
     assert _size_in(letter.reason) > stage.table.max_value_bytes(KEY)
-    assert stage.deliveries() == []
-    assert stage.state() == before
-    assert stage.state().pending is not None
+    assert "answered with the persona's failure reply instead" in letter.reason
+    assert stage.rt.codec.decode(letter.original_value, LLMResponse) == too_large  # kept
+    apology = stage.rt.config.persona(request.persona).apology_reply
+    assert [d.content for d in stage.deliveries()] == [apology]  # not left pending
+    state = stage.state()
+    assert state.pending is not None
+    assert state.pending.turn_id == "m2"  # the queued turn goes on
+    assert [r.turn_id for r in stage.requests()] == ["m1", "m2"]
+    assert (state.completion_tokens, state.fallback_replies) == (16_000, 1)  # usage kept
 
     await stage.batch(answer(request, "a short answer"))  # e.g. the re-issued turn's
-    assert [d.content for d in stage.deliveries()] == ["a short answer"]
+    assert len(stage.deliveries()) == 1  # the turn was answered: a duplicate
+
+
+async def test_a_turn_whose_last_request_got_no_response_is_answered_by_the_stage(
+    stage: Stage,
+) -> None:
+    cfg = stage.rt.config.conversation
+    await stage.batch(turn("m1"))
+    tick = turn("tick-1", kind="timeout")
+    outcomes = _count(
+        "switchboard_llm_outcomes_total", persona="concierge", engine="none", status="no_response"
+    )
+    issued = stage.state().pending
+    assert issued is not None
+    assert issued.issued_at is not None
+    # each deadline passing re-issues the turn, up to max_llm_attempts requests
+    for attempt in range(1, cfg.max_llm_attempts):
+        pending = stage.state().pending
+        assert pending is not None
+        assert pending.issued_at is not None
+        stage.table._data[0][KEY] = stage.state().model_copy(
+            update={
+                "pending": pending.model_copy(
+                    update={"issued_at": pending.issued_at - timedelta(hours=1)}
+                )
+            }
+        )
+        await stage.batch(tick.model_copy(update={"event_id": f"tick-{attempt}"}))
+        assert [r.attempt for r in stage.requests()] == list(range(attempt + 1))
+    assert stage.deliveries() == []
+
+    last = stage.state().pending
+    assert last is not None
+    assert last.issued_at is not None
+    stage.table._data[0][KEY] = stage.state().model_copy(
+        update={
+            "pending": last.model_copy(update={"issued_at": last.issued_at - timedelta(hours=1)})
+        }
+    )
+    await stage.batch(tick.model_copy(update={"event_id": "tick-last"}))
+    assert len(stage.requests()) == cfg.max_llm_attempts  # no further request
+    apology = stage.rt.config.persona("concierge").apology_reply
+    assert [d.content for d in stage.deliveries()] == [apology]
+    assert stage.state().pending is None
+    assert (
+        _count(
+            "switchboard_llm_outcomes_total",
+            persona="concierge",
+            engine="none",
+            status="no_response",
+        )
+        == outcomes + 1
+    )
 
 
 async def test_the_reviewers_record_with_the_real_producer_limit(tmp_path: Path) -> None:
