@@ -12,20 +12,19 @@ background fetch task does.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import struct
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from prometheus_client import REGISTRY
+from support.fetcher import install_fetcher, remove_fetcher
 
 from streams.settings import Settings
 from streams.transport import BatchConsumer, track_acknowledgement
@@ -71,22 +70,7 @@ class Log:
         subscription.assign_from_user(set(batches))
         for tp in batches:
             subscription.seek(tp, 0)
-        fetcher = Fetcher.__new__(Fetcher)  # no client, no background fetch task
-        fetcher._subscriptions = subscription
-        fetcher._records = collections.OrderedDict()
-        fetcher._wait_consume_future = None
-        fetcher._fetch_waiters = set()
-        fetcher._loop = asyncio.get_running_loop()
-        fetcher._closed = False
-        consumer._fetcher = fetcher
-        consumer._coordinator = SimpleNamespace(check_errors=lambda: None)
-        getmany = consumer.getmany
-
-        async def serving_getmany(*partitions: TopicPartition, **options: Any) -> Any:
-            self.serve()
-            return await getmany(*partitions, **options)
-
-        consumer.getmany = serving_getmany
+        install_fetcher(consumer, self.serve)
 
     def serve(self) -> None:
         """Fetch every partition that has nothing buffered, from its position: the batches
@@ -107,8 +91,7 @@ class Log:
 
     def close(self) -> None:
         """Take the stand-ins out again, so the consumer closes as one never started."""
-        self.consumer._fetcher = None
-        self.consumer._coordinator = None
+        remove_fetcher(self.consumer)
 
 
 class Stage:

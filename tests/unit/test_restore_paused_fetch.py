@@ -14,15 +14,14 @@ paused would return from its position (aiokafka's fetch routine skips paused par
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
+from support.fetcher import install_fetcher, remove_fetcher
 
 from streams.settings import Settings
 from streams.transport import BatchConsumer, track_acknowledgement
@@ -57,24 +56,11 @@ class Broker:
         subscription = consumer._subscription
         subscription.assign_from_user({TP})
         subscription.seek(TP, 0)  # the committed offset
-        fetcher = Fetcher.__new__(Fetcher)  # no client, no background fetch task
-        fetcher._subscriptions = subscription
-        fetcher._records = collections.OrderedDict()
-        fetcher._wait_consume_future = None
-        fetcher._fetch_waiters = set()
-        fetcher._loop = asyncio.get_running_loop()
-        fetcher._closed = False
-        consumer._fetcher = fetcher
-        consumer._coordinator = SimpleNamespace(check_errors=lambda: None)
-        getmany = consumer.getmany
+        install_fetcher(consumer, self.serve, max_wait_ms=20)
 
-        async def serving_getmany(*partitions: TopicPartition, **options: Any) -> Any:
-            if not self.state().paused:
-                self.buffer()
-            options["timeout_ms"] = min(options.get("timeout_ms", 0), 20)
-            return await getmany(*partitions, **options)
-
-        consumer.getmany = serving_getmany
+    def serve(self) -> None:
+        if not self.state().paused:
+            self.buffer()
 
     def state(self) -> Any:
         return self.consumer._subscription.subscription.assignment.state_value(TP)
@@ -96,8 +82,7 @@ class Broker:
 
     def close(self) -> None:
         """Take the stand-ins out again, so the consumer closes as one never started."""
-        self.consumer._fetcher = None
-        self.consumer._coordinator = None
+        remove_fetcher(self.consumer)
 
 
 async def test_a_partition_paused_for_its_restore_is_handled_after_it_from_its_position() -> None:
