@@ -326,14 +326,7 @@ class _Exited(BaseException):
 async def test_a_batch_that_ignores_its_cancellation_ends_the_worker_without_commit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    exits: list[int] = []
-
-    def exit_(status: int) -> None:
-        exits.append(status)
-        raise _Exited
-
-    monkeypatch.setattr("streams.transport.os._exit", exit_)
-    monkeypatch.setattr("streams.transport.logging.shutdown", lambda: None)
+    exits = _exits(monkeypatch)
     monkeypatch.setattr("streams.transport.CANCELLED_BATCH_WAIT_S", 0.2, raising=False)
     h = Harness()
     h.consumer.abandon_after_s = 0.05
