@@ -223,9 +223,9 @@ class ChangelogTable(Generic[V]):
             fetch_max_wait_ms=50,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
-        await consumer.start()
         read = {p: 0 for p in wanted}
         try:
+            await consumer.start()  # (in the try: a restore cancelled while it starts stops it)
             tps = [TopicPartition(self.changelog, p) for p in wanted]
             consumer.assign(tps)
             if new:  # (with no argument aiokafka would rewind every assigned partition)

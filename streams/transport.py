@@ -328,6 +328,10 @@ CANCELLED_BATCH_WAIT_S = 5.0
 then ignores its cancellation (a bug: something retries or swallows ``CancelledError``). The
 worker exits rather than hold the rebalance past its timeout, or let the batch go on beside
 the next batches of the same partitions."""
+ASSIGN_HOOK_LIMIT_S = 600.0
+"""Longest an ``on_assigned`` hook (a table restore, its transient errors retried) may run
+(s); longer, the worker exits rather than hold its partitions paused for ever, while its
+heartbeat keeps the group from giving them to another member."""
 
 
 async def _unless_abandoned(
@@ -566,12 +570,20 @@ class BatchConsumer:
         self._revoking = asyncio.Event()
         """Set while partitions wait to be revoked: the batch in progress is given up after
         ``abandon_after_s`` rather than holding the rebalance past its timeout."""
-        self.abandon_after_s = rebalance_ms / 2000
-        """Half the rebalance timeout (s): a revoke gives up the batch in progress, and requires
-        the batches handled before it to be finished, this long after it began (``_revoked``)."""
-        self.revoke_commit_s = self.abandon_after_s / 2
+        rebalance_s = rebalance_ms / 1000
+        self.abandon_after_s = 0.35 * rebalance_s
+        """35 % of the rebalance timeout (s): a revoke gives up the batch in progress this long
+        after it began (``_revoked``)."""
+        self.finish_after_s = 0.6 * rebalance_s
+        """60 % of the rebalance timeout (s): the batches handled before the revoke (and the
+        one in progress, when it returned in time) must be finished this long after it began,
+        leaving a batch that returned just inside its grace time for its acknowledgements and
+        changelog writes (``_revoked``)."""
+        self.revoke_commit_s = 0.15 * rebalance_s
         """Longest a revoke waits for its commit after that (s), so the whole revoke ends
         within three quarters of the rebalance timeout (``_revoked``)."""
+        self._closing = False
+        """Set by ``close``: no ``on_assigned`` hook starts any more."""
         self.assigned: set[TopicPartition] = set()
         """Partitions whose batches are handled: assigned, and their ``on_assigned`` hook done."""
         self._restoring: set[TopicPartition] = set()
@@ -602,8 +614,10 @@ class BatchConsumer:
     async def close(self) -> None:
         """Stop an ``on_assigned`` hook still running, then leave the group (after ``run``
         returned)."""
+        self._closing = True
         await self._stop_hook()
         await self.consumer.stop()
+        await self._stop_hook()  # one an assignment during the stop started
 
     async def run(self) -> None:
         """Fetch, handle and commit batches until ``stop_soon`` is called; then finish and
@@ -880,6 +894,13 @@ class BatchConsumer:
                 " owner replays the batches finished since the last commit",
                 self.stage,
             )
+        except KafkaError as exc:
+            log.warning(
+                "%s: commit failed before the partitions are revoked (%r); their next owner"
+                " replays the batches finished since the last commit",
+                self.stage,
+                exc,
+            )
 
     async def _commit_every(self, interval_s: float) -> None:
         while True:
@@ -918,16 +939,21 @@ class BatchConsumer:
         yet, and aiokafka fetches them from their committed offsets then.
         """
         log.info("%s: assigned %s", self.stage, _describe(assigned))
-        new = assigned - self.assigned
-        self.assigned &= assigned
+        # aiokafka's rebalances are eager: everything was revoked first, all of it is new
+        # (also when the revoke's bookkeeping failed half-way)
+        new = set(assigned)
         hook = self.on_assigned
         if hook is None:
-            self.assigned |= new
+            self.assigned = new
             return
+        self.assigned = set()
         self.consumer.pause(*new)
         await self._stop_hook()  # none runs: aiokafka revokes everything before assigning
+        if self._closing:
+            return  # stays paused: the consumer is leaving the group
         self._restoring = set(new)
         self._hook_task = asyncio.ensure_future(self._run_hook(hook, set(assigned), new))
+        self._hook_task.add_done_callback(functools.partial(_hook_ended, self.stage))
 
     async def _run_hook(
         self, hook: PartitionsHook, assigned: set[TopicPartition], new: set[TopicPartition]
@@ -941,7 +967,15 @@ class BatchConsumer:
         this task finds either both done or neither.
         """
         started = time.monotonic()
-        await guard_batch(f"{self.stage}.assign", lambda: hook(set(assigned)))
+        try:
+            async with asyncio.timeout(ASSIGN_HOOK_LIMIT_S):
+                await guard_batch(f"{self.stage}.assign", lambda: hook(set(assigned)))
+        except TimeoutError:
+            _exit_without_commit(
+                f"{self.stage}: the assignment hook (a table restore) did not finish within "
+                f"{ASSIGN_HOOK_LIMIT_S:g} s, its transient errors retried; the partitions "
+                f"{_describe(new)} would stay paused"
+            )
         self.assigned |= new
         self._restoring -= new
         for tp in new:
@@ -981,21 +1015,23 @@ class BatchConsumer:
 
         1. an ``on_assigned`` hook still running is cancelled and waited for (a table keeps
            nothing of a restore it did not finish);
-        2. the batch in progress is given up ``abandon_after_s`` after the revoke began
-           (``guard_batch``: nothing of it committed, the next owner replays it);
-        3. the batches handled before it — and it, when it finished in time — must be
-           finished by the same deadline: they had that time, side by side with it. If not,
-           the worker exits without committing (``_finish_outstanding_by``);
-        4. the finished batches are committed within ``revoke_commit_s`` more, or not at all
-           (``_commit_by``).
+        2. the batch in progress is given up ``abandon_after_s`` (35 % of the rebalance
+           timeout) after the revoke began (``guard_batch``: nothing of it committed, the next
+           owner replays it);
+        3. the batches handled before it — and it, when it returned in time — must be finished
+           (acknowledged, changelog written) ``finish_after_s`` (60 %) after the revoke began,
+           which leaves a batch returning just inside its grace time for its acknowledgements.
+           If not, the worker exits without committing (``_finish_outstanding_by``): going on,
+           it would write changelog records for partitions another member restores;
+        4. the finished batches are committed within ``revoke_commit_s`` (15 %) more, or not at
+           all (``_commit_by``; a commit that fails is given up the same way).
 
-        So a revoke ends within ``abandon_after_s + revoke_commit_s``: three quarters of the
-        rebalance timeout, the rest left for the rejoin request. The deadlines are counted
-        from the start of the revoke, so nothing later waits longer because something earlier
-        was slow. The one stretch: a hook or batch slow to end once cancelled may hold the
-        lock up to ``CANCELLED_BATCH_WAIT_S`` past ``abandon_after_s`` (longer ends the
-        worker); the outstanding batches must then be finished already, and the commit is
-        skipped.
+        So a revoke ends within three quarters of the rebalance timeout, the rest left for the
+        rejoin request. The deadlines are counted from the start of the revoke, so nothing
+        later waits longer because something earlier was slow. The one stretch: a hook or
+        batch slow to end once cancelled may hold the lock up to ``CANCELLED_BATCH_WAIT_S``
+        past ``abandon_after_s`` (longer ends the worker). The partitions leave ``assigned``
+        whatever happens here, so the next assignment starts from nothing.
         """
         started = time.monotonic()
         self._generation += 1
@@ -1006,15 +1042,28 @@ class BatchConsumer:
         try:
             await self._stop_hook()
             async with self.lock:  # the batch being handled finishes (or is given up) first
-                finish_by = started + self.abandon_after_s
-                await self._finish_outstanding_by(finish_by)
-                await self._commit_by(finish_by + self.revoke_commit_s)
-                self.assigned -= revoked
-                for tp in revoked:
-                    self._finished.pop(tp, None)
-                    self._committed.pop(tp, None)
+                try:
+                    finish_by = started + self.finish_after_s
+                    await self._finish_outstanding_by(finish_by)
+                    await self._commit_by(finish_by + self.revoke_commit_s)
+                finally:  # also when the commit failed: the partitions are not ours any more
+                    self.assigned -= revoked
+                    for tp in revoked:
+                        self._finished.pop(tp, None)
+                        self._committed.pop(tp, None)
         finally:
             self._revoking.clear()
+
+
+def _hook_ended(stage: str, task: asyncio.Task[None]) -> None:
+    """Done callback of the ``on_assigned`` hook's task: anything it raised other than its
+    cancellation (which ``guard_batch`` did not already turn into an exit) ends the worker,
+    since its partitions would otherwise stay paused for ever."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        _exit_without_commit(f"{stage}: the assignment hook failed: {exc!r}")
 
 
 async def _all_acknowledged(acks: list[asyncio.Future[Any]]) -> None:

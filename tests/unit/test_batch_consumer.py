@@ -23,6 +23,7 @@ from support.records import consumed
 from connectors.redis_store import StoreError
 from streams.settings import Settings
 from streams.transport import (
+    BatchAbandoned,
     BatchConsumer,
     _all_acknowledged,
     after_acknowledged,
@@ -508,7 +509,8 @@ async def test_a_revoke_whose_earlier_batch_never_finishes_exits_without_commit(
 ) -> None:
     exits = _exits(monkeypatch)
     h = Harness()
-    h.consumer.abandon_after_s = 0.1
+    h.consumer.abandon_after_s = 0.05
+    h.consumer.finish_after_s = 0.1
     await h.consumer._handle({TP: [_record(4)]})  # its acknowledgement never comes
     started = time.monotonic()
 
@@ -526,11 +528,12 @@ async def test_a_revoke_whose_earlier_batch_never_finishes_exits_without_commit(
 async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Both limits run from the start of the revoke, so together they take abandon_after_s,
-    not twice that: the earlier batch had the time the batch in progress took."""
+    """Both limits run from the start of the revoke, so together they take finish_after_s,
+    not abandon_after_s more: the earlier batch had the time the batch in progress took."""
     exits = _exits(monkeypatch)
     h = Harness()
     h.consumer.abandon_after_s = 0.2
+    h.consumer.finish_after_s = 0.3
     await h.consumer._handle({TP: [_record(1)]})  # never acknowledged
     inner = h.handle
 
@@ -546,7 +549,7 @@ async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
     with pytest.raises(_Exited):
         await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
 
-    assert 0.18 <= time.monotonic() - started < 0.35
+    assert 0.28 <= time.monotonic() - started < 0.45
     assert exits == [70]
     assert handling.done()
     assert h.events == ["handled 1", "handled 2"]
@@ -555,9 +558,106 @@ async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
     await h.consumer.close()
 
 
-async def test_a_commit_hanging_at_a_revoke_is_given_up_within_the_limit() -> None:
+async def test_a_batch_returning_just_inside_its_grace_has_time_for_its_acknowledgements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its acknowledgements and changelog writes come after it returned: a finish deadline
+    equal to the grace time would end the worker for a batch that did nothing wrong."""
+    exits = _exits(monkeypatch)
     h = Harness()
     h.consumer.abandon_after_s = 0.1
+    h.consumer.finish_after_s = 0.4
+    inner = h.handle
+
+    async def slow(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        await asyncio.sleep(0.09)  # returns just inside its grace
+        await inner(records)
+        asyncio.get_running_loop().call_later(0.1, h.acks[-1].set_result, None)
+
+    h.consumer.handler = slow
+    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(5)]}))
+    await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert exits == []
+    assert handling.done()
+    assert h.events == ["handled 5", "after 5", "commit 6"]
+    assert h.consumer.assigned == set()
+    await h.consumer.close()
+
+
+async def test_a_commit_failing_at_a_revoke_still_gives_the_partitions_up() -> None:
+    """A commit error other than a timeout (aiokafka swallows what the callback raises) left
+    the partitions in ``assigned``: the next assignment then found nothing new to pause and
+    handled batches while the restore ran."""
+    h = Harness()
+    h.consumer.abandon_after_s = h.consumer.finish_after_s = 0.1
+
+    async def failing_commit(offsets: dict[TopicPartition, Any]) -> None:
+        h.events.append("commit sent")
+        raise KafkaError("UnknownError")
+
+    h.consumer.consumer.commit = failing_commit  # type: ignore[method-assign]
+    await h.consumer._handle({TP: [_record(3)]})
+    h.acks[0].set_result(None)
+
+    await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
+
+    assert h.events == ["handled 3", "after 3", "commit sent"]
+    assert h.consumer.assigned == set()
+    assert h.consumer._finished == {}  # no stale offset committed later
+    started: list[set[TopicPartition]] = []
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    h.consumer.on_assigned = _blocked_hook(started, release, cancelled)
+    kafka = Partitions(h.consumer, {TP: [3]})
+    await h.consumer._assigned({TP})
+    assert kafka.paused == {TP}  # paused until the hook is done, not usable meanwhile
+    assert h.consumer.assigned == set()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert h.consumer.assigned == {TP}
+    await h.consumer.close()
+
+
+async def test_a_hook_ending_with_an_error_guard_batch_passes_on_ends_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits = _exits(monkeypatch)
+    h = Harness()
+    h.consumer.assigned = set()
+
+    async def hook(tps: set[TopicPartition]) -> None:
+        raise BatchAbandoned("given up")  # a BaseException path guard_batch lets through
+
+    h.consumer.on_assigned = hook
+    kafka = Partitions(h.consumer, {TP: []})
+    await h.consumer._assigned({TP})
+    await asyncio.sleep(0.05)  # the task's done callback runs
+
+    assert exits == [70]
+    assert kafka.paused == {TP}
+
+
+async def test_no_hook_starts_once_the_consumer_is_closing() -> None:
+    h = Harness()
+    started: list[set[TopicPartition]] = []
+    release, cancelled = asyncio.Event(), asyncio.Event()
+    h.consumer.on_assigned = _blocked_hook(started, release, cancelled)
+    kafka = Partitions(h.consumer, {TP: []})
+    h.consumer._closing = True  # as during close(): a rejoin completing meanwhile
+
+    await h.consumer._assigned({TP})
+    await asyncio.sleep(0.02)
+
+    assert started == []
+    assert h.consumer._hook_task is None
+    assert kafka.paused == {TP}
+
+
+async def test_a_commit_hanging_at_a_revoke_is_given_up_within_the_limit() -> None:
+    h = Harness()
+    h.consumer.abandon_after_s = h.consumer.finish_after_s = 0.1
     h.consumer.revoke_commit_s = 0.1
     never = asyncio.Event()
 
