@@ -88,8 +88,18 @@ def _encoding_for(model: str) -> _Encoding | None:
         return None
 
 
+_ALL_BUT_E0_EF = bytes(b for b in range(256) if not 0xE0 <= b <= 0xEF)
+"""Every byte but the lead bytes of 3-byte UTF-8 sequences: ``bytes.translate`` deleting these
+keeps one byte per 3-byte character."""
+
+
 def estimate_tokens(text: str) -> int:
     """Estimate the tokens of ``text`` without a tokenizer (weights: see the module docstring).
+
+    Computed on the UTF-8 encoding, in C: each character's quarters equal its byte count (1,
+    2, 3 or 4), plus one for a 3-byte character (lead byte 0xE0..0xEF), so that 3- and 4-byte
+    characters both weigh 4. Lone surrogates (``"surrogatepass"``) encode as 3 bytes: 4
+    quarters, as any character above U+07FF.
 
     Returns:
         ``ceil((ascii + 2 * two_byte + 4 * wider) / 4)`` over the characters of ``text``:
@@ -97,7 +107,8 @@ def estimate_tokens(text: str) -> int:
     """
     if text.isascii():
         return -(-len(text) // CHARS_PER_TOKEN)
-    quarters = sum(1 if c < "\x80" else 2 if c < "\u0800" else 4 for c in text)
+    encoded = text.encode("utf-8", "surrogatepass")
+    quarters = len(encoded) + len(encoded.translate(None, _ALL_BUT_E0_EF))
     return -(-quarters // _QUARTERS_PER_TOKEN)
 
 
@@ -115,6 +126,8 @@ def count_tokens(text: str, model: str) -> int:
     encoding = _encoding_for(model)
     if encoding is not None:
         return len(encoding.encode_ordinary(text))
+    if text.isascii():  # the common case, inline: this runs for every message of every turn
+        return -(-len(text) // CHARS_PER_TOKEN)
     return estimate_tokens(text)
 
 
@@ -192,9 +205,13 @@ def trim_to_budget(
             f"{reserve_tokens}"
         )
     limit = budget_tokens - reserve_tokens
-    kept, total, user_at = _drop_oldest_history(messages, limit, model)
+    sizes = [TOKENS_PER_MESSAGE + count_tokens(m.content, model) for m in messages]
+    total = REPLY_PRIMING_TOKENS + sum(sizes)
+    if total <= limit:  # the common case: the prompt fits as it is
+        return list(messages)
+    kept, total, user_at = _drop_oldest_history(messages, sizes, total, limit)
     if total > limit and user_at is not None:
-        room = limit - (total - _message_tokens(messages[user_at], model)) - TOKENS_PER_MESSAGE
+        room = limit - (total - sizes[user_at]) - TOKENS_PER_MESSAGE
         content = _keep_suffix_within(messages[user_at].content, room, model)
         kept[user_at] = ChatMessage(role=Role.USER, content=content)
     return list(kept.values())
@@ -218,15 +235,23 @@ def shed_history(
     Returns:
         A new list (``messages`` unchanged): the kept messages in their order.
     """
-    kept, _, _ = _drop_oldest_history(messages, limit_tokens, model)
+    sizes = [TOKENS_PER_MESSAGE + count_tokens(m.content, model) for m in messages]
+    total = REPLY_PRIMING_TOKENS + sum(sizes)
+    kept, _, _ = _drop_oldest_history(messages, sizes, total, limit_tokens)
     return list(kept.values())
 
 
 def _drop_oldest_history(
-    messages: list[ChatMessage], limit: int, model: str
+    messages: list[ChatMessage], sizes: list[int], total: int, limit: int
 ) -> tuple[dict[int, ChatMessage], int, int | None]:
     """Drop history (all but the first system and the last user message), oldest first,
     until the prompt counts at most ``limit`` tokens or no history is left.
+
+    Args:
+        messages: The prompt.
+        sizes: The tokens of each message, framing included (``_message_tokens``).
+        total: The prompt's tokens: ``REPLY_PRIMING_TOKENS + sum(sizes)``.
+        limit: Tokens to fit in.
 
     Returns:
         ``(kept messages by index, their prompt token count, index of the last user message
@@ -237,8 +262,6 @@ def _drop_oldest_history(
         (i for i in reversed(range(len(messages))) if messages[i].role is Role.USER), None
     )
     pinned = {i for i in (system_at, user_at) if i is not None}
-    sizes = [_message_tokens(m, model) for m in messages]
-    total = REPLY_PRIMING_TOKENS + sum(sizes)
     dropped: set[int] = set()
     for i in range(len(messages)):
         if total <= limit:

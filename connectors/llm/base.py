@@ -66,9 +66,13 @@ class Completion:
         return Usage(self.model, self.prompt_tokens, self.completion_tokens)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """The tokens one engine call used (what a provider bills).
+
+    Not frozen: one is built per engine call on the LLM stage's hot path, and a frozen
+    dataclass's ``__init__`` costs three times as much (``object.__setattr__`` per field).
+    Treat it as a value all the same: nothing changes one once built.
 
     Attributes:
         model: The model billed: the one the provider reported, else the one asked.
@@ -121,9 +125,11 @@ class ContextLengthExceeded(EngineError):
         super().__init__(message, retriable=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallRecord:
     """One call of an engine (one attempt), as ``ResilientEngine`` reports it to ``on_call``.
+
+    Not frozen, as :class:`Usage` (built per call); do not change one.
 
     Attributes:
         duration_s: Seconds from the call's start to its answer, error or timeout; waits for

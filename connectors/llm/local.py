@@ -18,8 +18,10 @@ logger = logging.getLogger(__name__)
 LOCAL_MODEL = "local-kb"
 """The ``model`` of every local completion."""
 
-# estimate_tokens (re-exported) is processors.tokens.estimate_tokens: the rate limiter's
-# estimates and the counts of completions without usage follow the same rule as the trimming.
+# estimate_tokens (re-exported) is processors.tokens.estimate_tokens, the tokenizer-free
+# estimate: the rate limiter's estimates, the counts of completions without usage and this
+# engine's counts use it. The trimming (processors.tokens.count_tokens) uses it too unless
+# tiktoken is installed and loads the model's encoding; then the two may differ.
 
 
 class LocalEngine(LLMEngine):

@@ -6,6 +6,7 @@ import email.utils
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC
@@ -38,6 +39,9 @@ _NO_KEY = "no-key-required"
 _RETRIABLE_4XX = frozenset({408, 409, 429})  # as openai-python's own _should_retry
 _CONTEXT_CODE = "context_length_exceeded"
 _CONTEXT_MESSAGE = "maximum context length"  # OpenAI's message, also sent with other codes
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)", re.IGNORECASE)
+_COMPLETION_SHARE = re.compile(r"(\d+) in the completion", re.IGNORECASE)
+_MAX_TOKENS_TOO_LARGE = re.compile(r"is too large: (\d+)", re.IGNORECASE)
 
 
 def parse_retry_after(
@@ -88,11 +92,54 @@ def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
     return {"role": "user", "content": message.content}
 
 
+def _error_object(exc: openai.APIStatusError) -> Mapping[str, Any]:
+    """The error object of ``exc``'s body, or an empty mapping (a body that is not JSON).
+
+    The client sets ``exc.body`` to the ``"error"`` member of a body ``{"error": {...}}``
+    (OpenAI's shape; openai-python's ``_make_status_error``), and to the whole body otherwise
+    (vLLM's ``{"object": "error", "message": ..., "code": 400}``); older clients may hand over
+    the whole body either way, so both are read.
+    """
+    body = exc.body
+    if not isinstance(body, Mapping):
+        return {}
+    inner = body.get("error")
+    return inner if isinstance(inner, Mapping) else body
+
+
+def _completion_alone_too_long(message: str) -> bool:
+    """Whether the error message says ``max_tokens`` alone reaches the model's context.
+
+    vLLM (and DeepSeek) word both cases with OpenAI's phrase "maximum context length is N
+    tokens", naming the completion's share: "However, you requested T tokens (P in the
+    messages, C in the completion)", or "'max_tokens' or 'max_completion_tokens' is too
+    large: C. This model's maximum context length is N tokens ...". When C >= N no prompt,
+    however short, fits: that is not a prompt overflow.
+    """
+    limit = _CONTEXT_LIMIT.search(message)
+    cap = _COMPLETION_SHARE.search(message) or _MAX_TOKENS_TOO_LARGE.search(message)
+    return limit is not None and cap is not None and int(cap.group(1)) >= int(limit.group(1))
+
+
 def _is_context_overflow(exc: openai.APIStatusError) -> bool:
-    """A 400 saying the prompt exceeds the model's context (see ``ContextLengthExceeded``)."""
+    """A 400 saying the prompt exceeds the model's context (see ``ContextLengthExceeded``).
+
+    Read from the error object itself, not ``exc.message`` (which the client builds from the
+    status and, depending on its version, the whole body): its ``code`` is
+    ``context_length_exceeded``, or its own ``message`` says "maximum context length"; unless
+    that message says the completion cap alone exceeds the context
+    (:func:`_completion_alone_too_long`), which a shorter prompt cannot fix.
+    """
     if exc.status_code != 400:
         return False
-    return getattr(exc, "code", None) == _CONTEXT_CODE or _CONTEXT_MESSAGE in exc.message.lower()
+    error = _error_object(exc)
+    message = error.get("message")
+    if not isinstance(message, str):
+        message = exc.body if isinstance(exc.body, str) else ""
+    if _completion_alone_too_long(message):
+        return False
+    code = error.get("code") or getattr(exc, "code", None)
+    return code == _CONTEXT_CODE or _CONTEXT_MESSAGE in message.lower()
 
 
 def _map_error(exc: openai.OpenAIError, model: str) -> EngineError:
@@ -147,19 +194,16 @@ def _reported_counts(response: ChatCompletion) -> tuple[int | None, int | None]:
     return prompt, completion
 
 
-def _billed(response: ChatCompletion, model: str) -> Usage | None:
-    """The tokens ``response`` reports for ``model`` (a count not sent reads 0), or None when
-    it reports none."""
-    prompt, completion = _reported_counts(response)
+def _rejected(
+    message: str, *, retriable: bool, model: str, counts: tuple[int | None, int | None]
+) -> EngineError:
+    """The error of an answer not used: a ``RejectedCompletion`` carrying the tokens billed to
+    ``model`` when the response reported any (``counts``, from :func:`_reported_counts`; a
+    count not sent reads 0), else a plain ``EngineError``."""
+    prompt, completion = counts
     if prompt is None and completion is None:
-        return None
-    return Usage(model, prompt or 0, completion or 0)
-
-
-def _rejected(message: str, *, retriable: bool, usage: Usage | None) -> EngineError:
-    """The error of an answer not used: a ``RejectedCompletion`` when it reported usage."""
-    if usage is None:
         return EngineError(message, retriable=retriable)
+    usage = Usage(model, prompt or 0, completion or 0)
     return RejectedCompletion(message, retriable=retriable, usage=usage)
 
 
@@ -174,35 +218,51 @@ def _to_completion(response: Any, request: CompletionRequest, model: str) -> Com
         raise _malformed(model, f"not a chat.completion: {type(response).__name__}")
     if isinstance(response.model, str) and response.model:
         model = response.model
-    usage = _billed(response, model)
+    counts = _reported_counts(response)
     choices: Any = response.choices
     if choices is not None and not isinstance(choices, list):
         raise _malformed(model, "'choices' is not a list")
     if not choices:
-        raise _rejected(f"openai {model!r}: empty choices", retriable=True, usage=usage)
+        raise _rejected(
+            f"openai {model!r}: empty choices", retriable=True, model=model, counts=counts
+        )
     message = getattr(choices[0], "message", None)
     content = getattr(message, "content", None)
     refusal = getattr(message, "refusal", None)
     if content is None and isinstance(refusal, str) and refusal:
-        raise _rejected(f"openai {model!r}: model refused: {refusal}", retriable=False, usage=usage)
+        raise _rejected(
+            f"openai {model!r}: model refused: {refusal}",
+            retriable=False,
+            model=model,
+            counts=counts,
+        )
     finish_reason = getattr(choices[0], "finish_reason", None)
     if not content and finish_reason == "content_filter":
         raise _rejected(
-            f"openai {model!r}: reply withheld by the content filter", retriable=False, usage=usage
+            f"openai {model!r}: reply withheld by the content filter",
+            retriable=False,
+            model=model,
+            counts=counts,
         )
     if not isinstance(content, str):
         raise _rejected(
-            f"openai {model!r}: empty choices (no content)", retriable=True, usage=usage
+            f"openai {model!r}: empty choices (no content)",
+            retriable=True,
+            model=model,
+            counts=counts,
         )
     if not content.strip():  # a blank reply answers nothing: the next engine should
         if finish_reason == "length":  # e.g. a reasoning model spent max_tokens thinking
             raise _rejected(
                 f"openai {model!r}: blank reply, max_tokens reached (finish_reason 'length')",
                 retriable=False,
-                usage=usage,
+                model=model,
+                counts=counts,
             )
-        raise _rejected(f"openai {model!r}: blank reply", retriable=True, usage=usage)
-    prompt_tokens, completion_tokens = _reported_counts(response)
+        raise _rejected(
+            f"openai {model!r}: blank reply", retriable=True, model=model, counts=counts
+        )
+    prompt_tokens, completion_tokens = counts
     return Completion(
         content=content,
         model=model,
@@ -229,8 +289,10 @@ class OpenAIEngine(LLMEngine):
     JSON or not a chat completion, empty ``choices`` / ``content`` and any other exception of
     the HTTP stack are retriable; other 4xx (400, 401, 403, 404, 422), a 429 whose ``code`` is
     ``insufficient_quota`` (billing, not rate), a refusal, an empty reply stopped by the
-    content filter and a missing model are not. A 400 of code ``context_length_exceeded`` (or
-    whose message says "maximum context length") is a ``ContextLengthExceeded``. A chat
+    content filter and a missing model are not. A 400 whose error object has code
+    ``context_length_exceeded`` or a message saying "maximum context length" is a
+    ``ContextLengthExceeded``, unless that message says ``max_tokens`` alone is at least the
+    context (vLLM's "..., C in the completion"), a plain non-retriable 400. A chat
     completion that is rejected (empty choices or content, blank, refused, filtered) while its
     body reports ``usage`` raises a ``RejectedCompletion`` carrying those tokens: the provider
     bills them. Token counts come from ``usage`` (negative counts read as 0), or are estimated

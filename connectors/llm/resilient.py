@@ -61,6 +61,17 @@ def _with_attempts(error: EngineError, attempts: int) -> EngineError:
     return error
 
 
+def _deadline_passed(attempt: int) -> EngineError:
+    """The error of a chain whose budget was spent before attempt ``attempt + 1`` started."""
+    spent = EngineError(
+        f"gave up after {attempt} attempts: the turn's deadline passed before "
+        f"attempt {attempt + 1} could start",
+        retriable=False,
+        deadline_passed=True,
+    )
+    return _with_attempts(spent, attempt)
+
+
 class ResilientEngine(LLMEngine):
     """Wraps an engine with the call policy of its :class:`EngineConfig`.
 
@@ -151,12 +162,19 @@ class ResilientEngine(LLMEngine):
         error: BaseException | None,
         on_call: OnCall | None,
     ) -> None:
-        """Settle a call's reported tokens with the limiter and report the call."""
+        """Settle a call's reported tokens with the limiter and report the call.
+
+        An exception of ``on_call`` is logged and dropped: the call's completion (or error)
+        is what the caller gets, not the callback's failure.
+        """
         duration_s = time.perf_counter() - started
         if usage is not None and self._limiter is not None:
             self._limiter.settle(tokens, usage.prompt_tokens + usage.completion_tokens)
         if on_call is not None:
-            on_call(CallRecord(duration_s=duration_s, usage=usage, error=error))
+            try:
+                on_call(CallRecord(duration_s, usage, error))
+            except Exception:  # a broken report must not fail (or un-fail) the call itself
+                logger.exception("%s: on_call raised; the call's outcome stands", self.name)
 
     async def complete_with_attempts(
         self,
@@ -170,13 +188,15 @@ class ResilientEngine(LLMEngine):
         Args:
             request: The prompt.
             budget_s: Seconds the turn may still take (until its ``deadline_at``), or None for
-                no limit. No attempt starts once the budget is spent (also after waiting for
-                the rate limiter), and a retry is not started when its backoff would end past
-                it: the conversation stage re-issues the turn then, and a second chain of calls
-                would only double the provider's load.
+                no limit. No attempt starts once the budget is spent: checked before waiting
+                for the rate limiter (a budget already spent, e.g. 0 or negative, waits for
+                nothing) and again after that wait; and a retry is not started when its
+                backoff would end past it: the conversation stage re-issues the turn then, and
+                a second chain of calls would only double the provider's load.
             on_call: Called once per attempt as it ends, answered or failed, with its
                 ``CallRecord`` (duration in s, tokens when known, error); not called for an
-                attempt that never started (budget spent) or that was cancelled.
+                attempt that never started (budget spent) or that was cancelled. Whatever it
+                raises is logged and ignored.
 
         Returns:
             ``(completion, attempts)``, attempts from 1 to ``cfg.max_retries + 1``.
@@ -195,16 +215,14 @@ class ResilientEngine(LLMEngine):
         why = ""
         deadline_passed = False
         for attempt in range(attempts):
+            # The budget is checked before waiting for the limiter (a spent budget takes no
+            # slot and waits for none) and again after the wait, which may have spent it.
+            if give_up_at is not None and time.monotonic() >= give_up_at:
+                raise _deadline_passed(attempt)
             if self._limiter is not None:
                 await self._limiter.acquire(tokens)
-            if give_up_at is not None and time.monotonic() >= give_up_at:
-                spent = EngineError(
-                    f"gave up after {attempt} attempts: the turn's deadline passed before "
-                    f"attempt {attempt + 1} could start",
-                    retriable=False,
-                    deadline_passed=True,
-                )
-                raise _with_attempts(spent, attempt)
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    raise _deadline_passed(attempt)
             try:
                 completion = await self._attempt(request, tokens, on_call)
             except EngineError as exc:

@@ -71,15 +71,21 @@ def _response(
     )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _TurnUsage:
     """What one request's engine calls used: counted in the metrics as each call ends, and
     summed for its LLMResponse.
 
+    Engines are asked one after the other: :meth:`begin` names the engine (and the model it
+    is asked for) whose calls :meth:`record` counts next.
+
     Attributes:
         rt: The runtime (``llm.prices``).
         request: The request answered (tenant and persona labels).
-        started: ``time.perf_counter()`` when ``answer`` began (s).
+        started: ``time.perf_counter()`` when the turn began (s).
+        engine: The engine asked now (config name): the ``engine`` label.
+        model: The model it is asked for (``CompletionRequest.model``), '' for none: the
+            ``model`` label (see :meth:`record`).
         calls: Engine calls made (attempts, over all engines and retries).
         prompt_tokens: Prompt tokens of the calls that reported usage.
         completion_tokens: Completion tokens of the same calls.
@@ -89,31 +95,44 @@ class _TurnUsage:
     rt: Runtime
     request: LLMRequest
     started: float
+    engine: str = ""
+    model: str = ""
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
 
-    def record(self, engine: str, call: CallRecord) -> None:
-        """Count one call of ``engine`` (the config's name): its duration in
+    def begin(self, engine: str, model: str) -> None:
+        """Count the next calls as calls of ``engine`` asked for ``model``."""
+        self.engine = engine
+        self.model = model
+
+    def record(self, call: CallRecord) -> None:
+        """Count one call of the current engine: its duration in
         ``switchboard_llm_latency_seconds{engine}``, and when it reported usage its tokens and
-        cost by tenant, persona, engine and model."""
+        cost by tenant, persona, engine and model.
+
+        The ``model`` label is the model asked for (persona or engine config), else the one
+        the provider reported (the local engine's ``local-kb``): a bounded set, whereas a
+        gateway or a vLLM server reports names of its own. The cost is priced by the
+        reported model (``processors.pricing.cost_usd``; a dated snapshot such as
+        ``gpt-4o-2024-08-06`` finds the price of ``gpt-4o``).
+        """
         self.calls += 1
+        engine = self.engine
         child(LLM_LATENCY, engine).observe(call.duration_s)
         usage = call.usage
         if usage is None:
             return
         tenant, persona = self.request.tenant, self.request.persona
-        cost = cost_usd(
-            usage.model, usage.prompt_tokens, usage.completion_tokens, self.rt.config.llm.prices
-        )
-        child(LLM_TOKENS, tenant, persona, engine, usage.model, "prompt").inc(usage.prompt_tokens)
-        child(LLM_TOKENS, tenant, persona, engine, usage.model, "completion").inc(
-            usage.completion_tokens
-        )
-        child(LLM_COST, tenant, persona, usage.model).inc(cost)
-        self.prompt_tokens += usage.prompt_tokens
-        self.completion_tokens += usage.completion_tokens
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cost = cost_usd(usage.model, prompt, completion, self.rt.config.llm.prices)
+        model = self.model or usage.model
+        child(LLM_TOKENS, tenant, persona, engine, model, "prompt").inc(prompt)
+        child(LLM_TOKENS, tenant, persona, engine, model, "completion").inc(completion)
+        child(LLM_COST, tenant, persona, model).inc(cost)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
         self.cost_usd += cost
 
     def fields(self) -> dict[str, Any]:
@@ -127,7 +146,9 @@ class _TurnUsage:
         }
 
 
-async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
+async def answer(
+    rt: Runtime, request: LLMRequest, turn: _TurnUsage | None = None
+) -> LLMResponse | None:
     """Answer one request as its persona.
 
     Business rules first (an escalation trigger hands the turn to a human, a forbidden topic
@@ -147,15 +168,23 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
     ``switchboard_dropped_total{stage="llm",reason="expired"|"deadline"}``.
 
     A provider refusing the prompt as longer than the model's context
-    (``ContextLengthExceeded``, OpenAI's ``context_length_exceeded``) gets it once more from
-    the same engine with the history cut harder (:func:`_shorter_prompt`); if that fails too,
-    the next engine answers.
+    (``ContextLengthExceeded``, OpenAI's ``context_length_exceeded``) gets a second request
+    from the same engine with the history cut harder (:func:`_shorter_prompt`): a whole new
+    chain of attempts, with its own retries (up to ``max_retries + 1`` more calls) and the
+    turn's remaining deadline; if that chain fails too, the next engine answers.
 
     Every engine call is counted as it ends (retries, rejected answers and calls of a turn
     later dropped at its deadline included): its duration in
     ``switchboard_llm_latency_seconds{engine}`` and, when its response reported usage, its
     tokens and cost in ``switchboard_llm_tokens_total{tenant,persona,engine,model,kind}`` and
-    ``switchboard_llm_cost_usd_total{tenant,persona,model}``.
+    ``switchboard_llm_cost_usd_total{tenant,persona,model}``, ``model`` being the model asked
+    for (else the one reported; see ``_TurnUsage.record``).
+
+    Args:
+        rt: The runtime.
+        request: The request.
+        turn: Where the turn's calls are summed (the stage passes its own, to report the
+            usage of a turn that then fails unexpectedly); None: a new one.
 
     Returns:
         The response, or None when the deadline ended the attempt (see above). An escalated
@@ -170,7 +199,8 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
         took (ms), rate-limiter waits, backoff and every engine included. A reply from the
         business rules made no call: zeros.
     """
-    started = time.perf_counter()
+    if turn is None:
+        turn = _TurnUsage(rt, request, time.perf_counter())
     keeps_deadline = request.attempt < rt.config.llm.answer_from_attempt
     budget_s = _budget_s(request) if keeps_deadline else None
     if budget_s is not None and budget_s <= 0:
@@ -200,7 +230,6 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
         persona, history, user_content, rt.config.conversation.max_history_turns
     )
     errors: list[str] = []
-    turn = _TurnUsage(rt, request, started)
     for engine_name in persona.engines:
         engine_cfg = rt.config.engines[engine_name]
         model = persona.models.get(engine_name) or persona.model or engine_cfg.model
@@ -235,6 +264,7 @@ async def answer(rt: Runtime, request: LLMRequest) -> LLMResponse | None:
             max_tokens=max_tokens,
             metadata=request.metadata,
         )
+        turn.begin(engine_name, model)
         try:
             completion = await _complete(rt, request, engine_name, ask, keeps_deadline, turn)
         except EngineError as exc:
@@ -274,15 +304,17 @@ async def _complete(
     keeps_deadline: bool,
     turn: _TurnUsage,
 ) -> Completion:
-    """Ask one engine, with its retries, and once more with a shorter prompt when the
-    provider says the prompt exceeds the model's context.
+    """Ask one engine, with its retries, and when the provider says the prompt exceeds the
+    model's context, ask it again with a shorter prompt: a second ``complete_with_attempts``
+    chain, retries included, within what is left of the turn's deadline.
 
     Raises:
-        EngineError: The engine failed (the second ``ContextLengthExceeded`` included, or the
-            first one when no history is left to cut); anything else an engine raised.
+        EngineError: The engine failed (the second chain's error included, or the first
+            ``ContextLengthExceeded`` when no history is left to cut); anything else an
+            engine raised.
     """
     engine = rt.engines[engine_name]
-    on_call = partial(turn.record, engine_name)
+    on_call = turn.record
     try:
         completion, _ = await engine.complete_with_attempts(
             ask, budget_s=_budget_s(request) if keeps_deadline else None, on_call=on_call
@@ -293,7 +325,7 @@ async def _complete(
         if shorter is None:
             raise
         log.warning(
-            "engine %s: the prompt of %s exceeds the model's context (%s); asking once more "
+            "engine %s: the prompt of %s exceeds the model's context (%s); asking again "
             "with %d of its %d messages",
             engine_name,
             request.request_id,
@@ -355,7 +387,11 @@ def _failed(
     return _response(request, status, reply, "none", error=error, **usage)
 
 
-async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> None:
+async def _handle(
+    rt: Runtime, topics: dict[str, str], message: RawMessage, turns: list[_TurnUsage]
+) -> None:
+    """Decode, answer and send one request; its ``_TurnUsage`` is appended to ``turns`` once
+    decoded, for :func:`_fail_turn` should anything then raise."""
     child(RECORDS_IN, STAGE).inc()
     try:
         request = rt.codec.decode(message.value or b"", LLMRequest)
@@ -369,7 +405,9 @@ async def _handle(rt: Runtime, topics: dict[str, str], message: RawMessage) -> N
             error_type=exc.error_type,
         )
         return
-    response = await answer(rt, request)
+    turn = _TurnUsage(rt, request, time.perf_counter())
+    turns.append(turn)
+    response = await answer(rt, request, turn)
     if response is not None:
         await _send_answer(rt, topics, message, response)
 
@@ -420,7 +458,11 @@ def _acknowledged(rt: Runtime, request_id: str, ack: asyncio.Future[Any]) -> Non
 
 
 async def _fail_turn(
-    rt: Runtime, topics: dict[str, str], message: RawMessage, exc: Exception
+    rt: Runtime,
+    topics: dict[str, str],
+    message: RawMessage,
+    exc: Exception,
+    turn: _TurnUsage | None = None,
 ) -> None:
     """Dead-letter a request that failed unexpectedly, and still answer its turn.
 
@@ -428,6 +470,10 @@ async def _fail_turn(
     deadline while the conversation's later turns wait behind it. The user gets the persona's
     apology reply instead, recorded as a ``failed`` LLMResponse with the error, or the turn is
     handed off when ``llm.on_failure`` is ``handoff``.
+
+    The response's ``attempts``, token, cost and latency fields are those of ``turn``, the
+    calls made before ``exc`` (e.g. an answer whose response could not be sent); zeros when
+    the request failed before any (``turn`` None).
     """
     try:
         await internal_error(rt, topics, message, exc, stage=STAGE)
@@ -439,7 +485,8 @@ async def _fail_turn(
     except DecodeError:
         return  # not a request: nothing to answer
     error = f"{type(exc).__name__}: {exc}"
-    response = _failed(rt, request, error, LLMStatus.FAILED, {"attempts": 0})
+    usage = turn.fields() if turn is not None else {"attempts": 0}
+    response = _failed(rt, request, error, LLMStatus.FAILED, usage)
     await _send_answer(rt, topics, message, response)
 
 
@@ -461,10 +508,11 @@ def stage(rt: Runtime, topics: dict[str, str]) -> BatchConsumer:
     """
 
     async def call(message: RawMessage) -> None:
+        turns: list[_TurnUsage] = []  # the request's, once decoded
         try:
-            await _handle(rt, topics, message)
+            await _handle(rt, topics, message, turns)
         except Exception as exc:  # a bad record must never stop the stage
-            await _fail_turn(rt, topics, message, exc)
+            await _fail_turn(rt, topics, message, exc, turns[0] if turns else None)
 
     pool: CallPool[RawMessage] = CallPool(
         rt.config.llm.max_in_flight,

@@ -463,6 +463,106 @@ async def test_a_400_is_a_context_overflow_by_its_code_or_openais_message(
     assert mapped.retriable is False
 
 
+async def test_vllms_context_error_for_a_long_prompt_is_a_context_overflow() -> None:
+    # vLLM's body: the error object at the top level, "code": 400, no context_length_exceeded.
+    long_prompt = ask((Role.SYSTEM, "You are Ada."), (Role.USER, "x" * 400), max_tokens=10)
+    async with (
+        FakeOpenAI(context_tokens=100, context_error="vllm") as server,
+        resilient(server, config()) as engine,
+    ):
+        with pytest.raises(ContextLengthExceeded) as caught:
+            await engine.complete(long_prompt)
+
+    assert "(103 in the messages, 10 in the completion)" in str(caught.value)
+    assert attempts_of(caught.value) == 1
+
+
+async def test_vllms_context_error_for_max_tokens_alone_is_not_a_prompt_overflow() -> None:
+    # The message carries OpenAI's phrase "maximum context length", but the completion cap
+    # alone (200) exceeds the context (100): no shorter prompt can pass. Before, matching the
+    # phrase made it a ContextLengthExceeded, and the stage retried with less history.
+    async with (
+        FakeOpenAI(context_tokens=100, context_error="vllm") as server,
+        resilient(server, config()) as engine,
+    ):
+        with pytest.raises(EngineError) as caught:
+            await engine.complete(ask((Role.USER, "hello"), max_tokens=200))
+
+    assert not isinstance(caught.value, ContextLengthExceeded)
+    assert caught.value.retriable is False
+    assert "200 in the completion" in str(caught.value)
+    assert [r.fault for r in server.requests] == [None]  # not retried
+
+
+async def test_openais_context_error_body_is_read_from_its_error_object() -> None:
+    async with (
+        FakeOpenAI(context_tokens=100) as server,
+        resilient(server, config()) as engine,
+    ):
+        with pytest.raises(ContextLengthExceeded):
+            await engine.complete(ask((Role.USER, "x" * 400), max_tokens=10))
+
+
+@pytest.mark.parametrize(
+    ("body", "overflow"),
+    [
+        # vLLM's newer wording when the prompt fits but prompt + max_tokens does not: a
+        # shorter prompt can pass
+        (
+            {
+                "object": "error",
+                "message": "'max_tokens' or 'max_completion_tokens' is too large: 1000. This "
+                "model's maximum context length is 4096 tokens and your request has 3500 "
+                "input tokens (1000 > 4096 - 3500).",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            True,
+        ),
+        # the same when max_tokens alone is over the context: it cannot
+        (
+            {
+                "object": "error",
+                "message": "'max_tokens' or 'max_completion_tokens' is too large: 5000. This "
+                "model's maximum context length is 4096 tokens and your request has 12 input "
+                "tokens (5000 > 4096 - 12).",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            False,
+        ),
+        # the code alone says it, whatever the message
+        (
+            {"error": {"message": "Too long.", "type": None, "code": "context_length_exceeded"}},
+            True,
+        ),
+        # the phrase outside the error's own message does not count
+        (
+            {
+                "error": {
+                    "message": "Invalid value for 'temperature'.",
+                    "type": "invalid_request_error",
+                    "param": "maximum context length",
+                    "code": None,
+                }
+            },
+            False,
+        ),
+    ],
+)
+async def test_a_context_overflow_is_read_from_the_error_objects_code_and_message(
+    body: dict[str, Any], overflow: bool
+) -> None:
+    async with answering_400(body) as base_url:
+        engine = OpenAIEngine(config(), api_key="k", base_url=base_url)
+        mapped = await failure_of(engine)
+
+    assert isinstance(mapped, ContextLengthExceeded) is overflow
+    assert mapped.retriable is False
+
+
 @pytest.mark.parametrize(
     ("fault", "retriable"),
     [

@@ -34,7 +34,13 @@ valid request, oldest first; an empty deque means "answer normally"):
 
 Independently of the script, ``context_tokens`` gives the server a context window: a request
 whose prompt tokens plus ``max_tokens`` exceed it gets that same 400, as the real API refuses
-it.
+it; or, with ``context_error="vllm"``, the 400 vLLM's OpenAI-compatible server sends (its
+error object at the top level, ``code`` the HTTP status, the message naming the completion's
+share)::
+
+    {"object": "error", "message": "This model's maximum context length is N tokens. However,
+    you requested T tokens (P in the messages, C in the completion). Please reduce the length
+    of the messages or completion.", "type": "BadRequestError", "param": null, "code": 400}
 
 Faults given to the constructor are checked; one appended later and unknown is answered with a
 500 naming it.
@@ -58,7 +64,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -127,6 +133,25 @@ def _context_length_exceeded(context_tokens: int, requested: int) -> web.Respons
         code="context_length_exceeded",
         param="messages",
     )
+
+
+def _vllm_context_error(context_tokens: int, prompt_tokens: int, max_tokens: int) -> web.Response:
+    """The 400 vLLM answers for a prompt plus ``max_tokens`` longer than the model's context
+    (vLLM's ``OpenAIServing._validate_input``, its ``ErrorResponse`` shape)."""
+    message = (
+        f"This model's maximum context length is {context_tokens} tokens. However, you "
+        f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+        f"{max_tokens} in the completion). Please reduce the length of the messages or "
+        "completion."
+    )
+    body = {
+        "object": "error",
+        "message": message,
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    return web.json_response(body, status=400)
 
 
 def _error(
@@ -209,6 +234,11 @@ class FakeOpenAI:
         context_tokens: The model's context window (prompt tokens, counted as ``ceil(chars /
             4)`` per message, plus ``max_tokens``); a request over it gets the 400
             ``context_length_exceeded``. None: no limit.
+        context_error: The body of that 400: ``"openai"`` (api.openai.com's) or ``"vllm"``
+            (see the module docstring).
+        reported_model: The ``model`` completions report; None: the model asked for. Real
+            servers report a snapshot (``gpt-4o-2024-08-06`` for ``gpt-4o``), a gateway's
+            routing (``openai/gpt-4o``) or vLLM's served path.
 
     Raises:
         ValueError: An unknown fault, or a negative ``latency_s`` / ``hang_s``.
@@ -226,6 +256,8 @@ class FakeOpenAI:
         reply: Callable[[list[dict[str, Any]]], str] | None = None,
         include_usage: bool = True,
         context_tokens: int | None = None,
+        context_error: Literal["openai", "vllm"] = "openai",
+        reported_model: str | None = None,
     ) -> None:
         if hang_s < 0:
             raise ValueError(f"hang_s must be >= 0, got {hang_s}")
@@ -240,6 +272,8 @@ class FakeOpenAI:
         self.hang_s = hang_s
         self.include_usage = include_usage
         self.context_tokens = context_tokens
+        self.context_error = context_error
+        self.reported_model = reported_model
         self._reply = reply or _default_reply
         self._latency_s = 0.0
         self.set_latency(latency_s)
@@ -314,7 +348,7 @@ class FakeOpenAI:
             "id": f"chatcmpl-fake-{self._served}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body["model"],
+            "model": self.reported_model or body["model"],
             "choices": []
             if empty
             else [
@@ -362,10 +396,13 @@ class FakeOpenAI:
         """The 400 for a request over ``context_tokens``, or None."""
         if self.context_tokens is None:
             return None
-        max_tokens = body.get("max_tokens")
-        requested = _prompt_tokens(body["messages"]) + (max_tokens or 0)
+        max_tokens = body.get("max_tokens") or 0
+        prompt_tokens = _prompt_tokens(body["messages"])
+        requested = prompt_tokens + max_tokens
         if requested <= self.context_tokens:
             return None
+        if self.context_error == "vllm":
+            return _vllm_context_error(self.context_tokens, prompt_tokens, max_tokens)
         return _context_length_exceeded(self.context_tokens, requested)
 
     async def _apply(self, fault: str, body: Mapping[str, Any]) -> web.Response:

@@ -9,6 +9,7 @@ the bundled local one.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -19,12 +20,14 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 from support.fake_openai import FakeOpenAI, RecordedRequest
+from support.records import consumed
 
 from connectors.llm.openai_engine import OpenAIEngine
 from connectors.llm.ratelimit import ProviderRateLimiter
 from connectors.llm.resilient import ResilientEngine
 from processors.prompt import build_messages
 from schemas.models import ChatMessage, LLMRequest, LLMResponse, LLMStatus, Role, utcnow
+from streams.agents import llm
 from streams.agents.llm import answer
 from streams.runtime import Runtime
 from streams.settings import Settings, load_config
@@ -41,14 +44,16 @@ async def server() -> AsyncIterator[FakeOpenAI]:
         yield fake
 
 
-def runtime(tmp_path: Path, server: FakeOpenAI, engines: list[str]) -> Runtime:
+def runtime(
+    tmp_path: Path, server: FakeOpenAI, engines: list[str], *, model: str = "gpt-test"
+) -> Runtime:
     """The bundled config; persona ``support`` asks ``engines`` (``gpt``: the fake server)."""
 
     def change(raw: dict[str, Any]) -> None:
         # kind local so that the Runtime needs no API key; the engine is replaced below
         raw["engines"]["gpt"] = {
             "kind": "local",
-            "model": "gpt-test",
+            "model": model,
             "max_retries": 2,
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.02,
@@ -301,3 +306,95 @@ async def test_without_history_to_drop_the_refused_prompt_is_not_retried(
 
     assert (response.engine, response.attempts) == ("local", 2)
     assert [r.fault for r in server.requests] == ["context_length_exceeded"]
+
+
+# --- the model label: the model asked for -----------------------------------------------------
+
+
+async def test_metrics_are_labelled_with_the_model_asked_for_not_the_one_reported(
+    tmp_path: Path,
+) -> None:
+    # A provider reports a snapshot (or a gateway its routing, vLLM its served path): label
+    # values it chooses. Before, those labelled the token and cost series.
+    async with FakeOpenAI(retry_after=None, reported_model="gpt-test-2024-08-06") as server:
+        rt = runtime(tmp_path, server, ["gpt", "local"])
+        response = await answer_and_close(rt, request("usage-asked"))
+
+    (call,) = server.requests
+    assert call.body["model"] == "gpt-test"
+    assert response.model == "gpt-test-2024-08-06"  # the response keeps the reported model
+    assert tokens("usage-asked", "gpt", "gpt-test", "prompt") == response.prompt_tokens > 0
+    assert tokens("usage-asked", "gpt", "gpt-test-2024-08-06", "prompt") == 0
+    # priced by the reported model: gpt-test's price covers its dated snapshot
+    assert cost("usage-asked", "gpt-test") == pytest.approx(price(*billed(call)))
+    assert cost("usage-asked", "gpt-test-2024-08-06") == 0
+
+
+async def test_without_a_configured_model_the_reported_one_labels_the_metrics(
+    tmp_path: Path, server: FakeOpenAI
+) -> None:
+    rt = runtime(tmp_path, server, ["local"], model="")
+
+    response = await answer_and_close(rt, request("usage-unasked"))
+
+    assert (response.engine, response.model) == ("local", "local-kb")
+    assert tokens("usage-unasked", "local", "local-kb", "prompt") == response.prompt_tokens > 0
+
+
+# --- a turn failing unexpectedly after its calls -----------------------------------------------
+
+TOPICS = {"llm_requests": "llm-req", "llm_responses": "llm-resp", "deadletter": "dead"}
+
+
+class RefusingProducer:
+    """Records what is sent; refuses (``ValueError``) the first LLM response, as a broker
+    refuses a record or an encoder a value."""
+
+    max_request_size = 1_048_576
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.refused = 0
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None, headers: Any
+    ) -> asyncio.Future[None]:
+        if topic == TOPICS["llm_responses"] and not self.refused:
+            self.refused += 1
+            raise ValueError("record refused")
+        self.sent.append((topic, value))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack.set_result(None)
+        return ack
+
+
+async def test_a_failed_turn_carries_the_usage_of_the_calls_made_before_the_failure(
+    tmp_path: Path, server: FakeOpenAI
+) -> None:
+    # The answer was billed, then could not be sent. Before, the "failed" response that still
+    # answers the turn said 0 attempts and no tokens.
+    rt = runtime(tmp_path, server, ["gpt", "local"])
+    producer = RefusingProducer()
+    rt.kafka = producer  # type: ignore[assignment]
+    consumer = llm.stage(rt, TOPICS)  # never started: the request is handed to its pool
+    pool = rt.llm_pool
+    assert pool is not None
+    req = request("usage-failed")
+
+    try:
+        await pool.submit(consumed(TOPICS["llm_requests"], 0, 0, rt.codec.encode(req)))
+        assert await pool.drain(5.0) == 0
+    finally:
+        await rt.engines["gpt"].aclose()
+        await consumer.close()
+
+    assert producer.refused == 1
+    (call,) = server.requests
+    (sent,) = [value for topic, value in producer.sent if topic == TOPICS["llm_responses"]]
+    response = rt.codec.decode(sent, LLMResponse)
+    assert response.status == LLMStatus.FAILED
+    assert "record refused" in (response.error or "")
+    assert response.attempts == 1
+    assert (response.prompt_tokens, response.completion_tokens) == billed(call)
+    assert response.cost_usd == pytest.approx(price(*billed(call)))
+    assert response.latency_ms > 0

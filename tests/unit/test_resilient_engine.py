@@ -464,3 +464,62 @@ async def test_no_call_is_reported_when_the_budget_is_spent_before_the_first() -
         await engine.complete_with_attempts(ask("hi"), budget_s=0.0, on_call=calls.append)
 
     assert calls == []
+
+
+async def test_a_spent_budget_raises_before_waiting_for_the_rate_limiter() -> None:
+    # Before, the attempt first waited for the limiter (here: 1 call per minute, already
+    # taken), and only then noticed that the deadline had passed.
+    limiter = RecordingLimiter()
+    engine = ResilientEngine(ScriptedEngine({}), config(), limiter=limiter)
+
+    with pytest.raises(EngineError, match=r"gave up after 0 attempts: .*deadline") as caught:
+        await asyncio.wait_for(engine.complete_with_attempts(ask("hi"), budget_s=-1.0), 1.0)
+
+    assert caught.value.deadline_passed
+    assert caught.value.retriable is False
+    assert attempts_of(caught.value) == 0
+    assert limiter.acquired == []
+
+
+async def test_a_spent_budget_does_not_wait_for_a_busy_limiter() -> None:
+    limiter = ProviderRateLimiter(1, None, per="minute")
+    engine = ResilientEngine(ScriptedEngine({}), config(), limiter=limiter)
+    await engine.complete(ask("first"))  # takes the minute's only call
+
+    with pytest.raises(EngineError, match="deadline") as caught:
+        await asyncio.wait_for(engine.complete_with_attempts(ask("hi"), budget_s=0.0), 1.0)
+
+    assert caught.value.deadline_passed
+
+
+async def test_an_on_call_that_raises_does_not_throw_away_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, the callback's exception replaced the completion: the caller saw a failure for
+    # an answer the provider had billed.
+    def broken(call: CallRecord) -> None:
+        raise ValueError("metrics broke")
+
+    engine = ResilientEngine(ScriptedEngine({}), config())
+
+    completion, attempts = await engine.complete_with_attempts(ask("hi"), on_call=broken)
+
+    assert (completion.content, attempts) == ("answer to hi", 1)
+    assert "on_call raised" in caplog.text
+    assert "metrics broke" in caplog.text
+
+
+async def test_an_on_call_that_raises_does_not_replace_a_retriable_error() -> None:
+    reported: list[CallRecord] = []
+
+    def broken(call: CallRecord) -> None:
+        reported.append(call)
+        raise ValueError("metrics broke")
+
+    inner = ScriptedEngine({"hi": [rate_limited()]})
+    engine = ResilientEngine(inner, config(), sleep=RecordingSleep())
+
+    completion, attempts = await engine.complete_with_attempts(ask("hi"), on_call=broken)
+
+    assert (completion.content, attempts) == ("answer to hi", 2)  # the 429 was retried
+    assert [type(c.error) for c in reported] == [EngineError, type(None)]

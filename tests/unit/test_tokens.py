@@ -75,6 +75,39 @@ def test_the_estimate_never_shrinks_when_text_is_added(left: str, right: str) ->
     assert estimate_tokens(left + right) <= estimate_tokens(left) + estimate_tokens(right)
 
 
+def reference_estimate(text: str) -> int:
+    """The per-character estimate the byte-based one replaced: a quarter token per ASCII
+    character, half per other 2-byte character, one per wider one (surrogates included)."""
+    quarters = sum(1 if c < "\x80" else 2 if c < "\u0800" else 4 for c in text)
+    return -(-quarters // 4)
+
+
+_EVERY_WIDTH = st.characters(exclude_categories=())  # surrogates (Cs) included
+
+
+@given(st.text(_EVERY_WIDTH, max_size=80))
+def test_the_byte_based_estimate_equals_the_per_character_rule(text: str) -> None:
+    assert estimate_tokens(text) == reference_estimate(text) == count_tokens(text, MODEL)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x7f",  # widest ASCII
+        "\x80",  # narrowest 2-byte
+        "\u07ff",  # widest 2-byte
+        "\u0800",  # narrowest 3-byte
+        "\ud800",  # a lone surrogate: 3 bytes with surrogatepass
+        "\uffff",  # widest 3-byte
+        "\U00010000",  # narrowest 4-byte
+        "\U0010ffff",  # widest 4-byte
+        "a\x80\u0800\U00010000" * 7,
+    ],
+)
+def test_the_estimate_at_each_utf8_width_boundary(text: str) -> None:
+    assert estimate_tokens(text) == reference_estimate(text)
+
+
 def test_a_chinese_history_is_trimmed_by_about_a_token_per_character() -> None:
     # 3 history turns of 40 ideographs (~40 tokens each, 10 by len / 4). With 110 tokens of
     # prompt the old estimate (56 in all) kept all three: about 150 tokens in reality.
