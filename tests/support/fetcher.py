@@ -15,8 +15,31 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-__all__ = ["install_fetcher", "remove_fetcher"]
+__all__ = ["install_fetcher", "record_batch", "remove_fetcher"]
+
+
+def record_batch(
+    values: tuple[bytes, ...], headers: Callable[[int], list[tuple[str, bytes]]] | None = None
+) -> bytearray:
+    """A v2 record batch of ``values`` (key ``b"k"``, timestamp 0) at base offset 0;
+    ``headers(delta)`` gives the headers of the record at ``delta``. The base offset (bytes
+    0-7) is not covered by the CRC, so callers may write another one in."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for delta, value in enumerate(values):
+        builder.append(
+            delta, timestamp=0, key=b"k", value=value, headers=headers(delta) if headers else []
+        )
+    return bytearray(builder.build())
 
 
 def install_fetcher(

@@ -20,11 +20,10 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from prometheus_client import REGISTRY
-from support.fetcher import install_fetcher, remove_fetcher
+from support.fetcher import install_fetcher, record_batch, remove_fetcher
 
 from streams.settings import Settings
 from streams.transport import BatchConsumer, track_acknowledgement
@@ -40,19 +39,11 @@ def _batch(
     """A record batch of ``values`` at ``base_offset`` and on; the record at offset ``bad``
     has a header key that is not UTF-8, under a valid CRC. ``corrupt``: a byte of the last
     value changed after the CRC was computed."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
-    for delta, value in enumerate(values):
-        headers = [(_MARK.decode(), b"x")] if base_offset + delta == bad else []
-        builder.append(delta, timestamp=0, key=b"k", value=value, headers=headers)
-    data = bytearray(bytes(builder.build()).replace(_MARK, b"\xff\xfe"))
+
+    def headers(delta: int) -> list[tuple[str, bytes]]:
+        return [(_MARK.decode(), b"x")] if base_offset + delta == bad else []
+
+    data = bytearray(bytes(record_batch(values, headers)).replace(_MARK, b"\xff\xfe"))
     struct.pack_into(">q", data, 0, base_offset)  # not covered by the CRC
     struct.pack_into(">I", data, 17, calc_crc32c(bytes(data[21:])))
     if corrupt:

@@ -19,9 +19,8 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
-from support.fetcher import install_fetcher, remove_fetcher
+from support.fetcher import install_fetcher, record_batch, remove_fetcher
 
 from streams.settings import Settings
 from streams.transport import BatchConsumer, track_acknowledgement
@@ -31,18 +30,7 @@ TP = TopicPartition("in", 0)
 
 def _batch(base_offset: int, *values: bytes) -> bytes:
     """A record batch of ``values`` at ``base_offset`` and on."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
-    for delta, value in enumerate(values):
-        builder.append(delta, timestamp=0, key=b"k", value=value, headers=[])
-    data = bytearray(builder.build())
+    data = record_batch(values)
     data[0:8] = base_offset.to_bytes(8, "big")  # the base offset is not covered by the CRC
     return bytes(data)
 
