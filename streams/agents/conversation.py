@@ -307,16 +307,15 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         limit = batch.table.max_value_bytes(key)
         fitting = _fitting(state, limit, before)
         if isinstance(fitting, int):
-            instead = _reply_too_large(rt, before, record, fitting, now)
-            await _state_too_large(
-                rt, topics, message, record, fitting, limit, replaced=instead is not None
-            )
-            if instead is None:
+            size = fitting
+            instead = _reply_too_large(rt, before, record, size, now)
+            if instead is not None:  # the failure reply fits once old history is shed
+                fitting = _fitting(instead.state, limit, before)
+            replaced = instead is not None and not isinstance(fitting, int)
+            await _state_too_large(rt, topics, message, record, size, limit, replaced=replaced)
+            if instead is None or isinstance(fitting, int):
                 return
             transition = instead
-            fitting = _fitting(transition.state, limit, before)
-            if isinstance(fitting, int):  # a failure reply too large: the state was already
-                return  # within a reply of the limit, which shedding history would have fixed
         state, encoded = fitting
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
