@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 from confluent_kafka import Producer
-from support.stacks import new_stack
+from support.stacks import running_stack
 
 from processors.ids import new_message_id
 from schemas.codec import Codec
@@ -144,10 +144,7 @@ def own_stack(
     tmp_path_factory: pytest.TempPathFactory, pipeline_config: Path
 ) -> Iterator[EmbeddedStack]:
     """A stack of its own: before the fix, the record below made its worker exit."""
-    embedded = new_stack(tmp_path_factory.mktemp("big-dead-letter"), "bigdl")
-    embedded.config = pipeline_config
-    with embedded:  # started here, stopped on exit
-        yield embedded
+    yield from running_stack(tmp_path_factory.mktemp("big-dead-letter"), "bigdl", pipeline_config)
 
 
 async def test_record_whose_dead_letter_exceeds_the_producer_limit_is_cut_and_the_stage_goes_on(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from confluent_kafka import Producer
-from support.stacks import new_stack
+from support.stacks import running_stack
 
 from processors.preprocess import conversation_key
 from schemas.codec import Codec
@@ -37,10 +37,7 @@ def big_state_stack(
     tmp_path_factory: pytest.TempPathFactory, pipeline_config: Path
 ) -> Iterator[EmbeddedStack]:
     """A stack of its own: before the fix, the record below made its worker exit."""
-    embedded = new_stack(tmp_path_factory.mktemp("big-state"), "bigstate")
-    embedded.config = pipeline_config
-    with embedded:  # started here, stopped on exit
-        yield embedded
+    yield from running_stack(tmp_path_factory.mktemp("big-state"), "bigstate", pipeline_config)
 
 
 def _turn(conversation: str, content: str, **metadata: str) -> ConversationEvent:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from streams.stack import EmbeddedStack, config_variant
 
-__all__ = ["new_stack"]
+__all__ = ["new_stack", "running_stack"]
 
 
 def new_stack(
@@ -30,3 +30,13 @@ def new_stack(
         config=config_variant(directory, change),
         extra_env=extra_env or {},
     )
+
+
+def running_stack(directory: Path, name: str, config: Path) -> Iterator[EmbeddedStack]:
+    """Yield a started one-worker stack (``new_stack``) running ``config``; stop it after.
+
+    For a module's stack of its own: ``yield from running_stack(...)`` in a fixture."""
+    embedded = new_stack(directory, name)
+    embedded.config = config
+    with embedded:
+        yield embedded
