@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TypeVar
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from schemas.codec import Codec
 
 __all__ = [
     "CONVERSATIONS_ENDED",
@@ -29,6 +36,7 @@ __all__ = [
     "STAGE_ERRORS",
     "child",
     "serve_metrics",
+    "track_codec",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,39 @@ LLM_OUTCOMES = Counter(
 DELIVERIES = Counter(
     "switchboard_deliveries_total", "Delivery outcomes.", ["channel", "connector", "status"]
 )
+
+
+class _CodecCollector(Collector):
+    """Reads the codecs' own counts at scrape time, so decoding pays nothing for them."""
+
+    def __init__(self) -> None:
+        self.codecs: weakref.WeakSet[Codec] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[Metric]:
+        codecs = list(self.codecs)
+        reused = CounterMetricFamily(
+            "switchboard_codec_reused",
+            "Records consumed that this worker had produced and still kept "
+            "(SWITCHBOARD_REUSE_ENCODED_RECORDS), returned without decoding their bytes.",
+        )
+        reused.add_metric([], float(sum(c.reused for c in codecs)))
+        yield reused
+        kept = GaugeMetricFamily(
+            "switchboard_codec_kept_records",
+            "Records produced by this worker and kept for reuse now.",
+        )
+        kept.add_metric([], float(sum(c.remembered for c in codecs)))
+        yield kept
+
+
+_CODECS = _CodecCollector()
+REGISTRY.register(_CODECS)
+
+
+def track_codec(codec: Codec) -> None:
+    """Export ``codec``'s reuse counts (``switchboard_codec_reused_total``,
+    ``switchboard_codec_kept_records``) for as long as it lives."""
+    _CODECS.codecs.add(codec)
 
 
 def serve_metrics(port: int) -> None:

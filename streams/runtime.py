@@ -26,6 +26,7 @@ from processors.router import Router
 from schemas.codec import Codec
 from schemas.models import Channel
 from schemas.schema_registry_client import SchemaRegistryClient
+from streams.metrics import track_codec
 from streams.pool import CallPool
 from streams.settings import Settings
 from streams.transport import Producer
@@ -96,7 +97,8 @@ class Runtime:
             if self.settings.schema_registry_url
             else None
         )
-        self.codec = Codec(registry)
+        self.codec = Codec(registry, remember=self.settings.reuse_encoded_records)
+        track_codec(self.codec)
         self.router = Router(self.config)
         kbs = {name: load_knowledge_base(kb) for name, kb in self.config.knowledge_bases.items()}
         self.engines = build_engines(self.config, kbs, self.settings.engine_env())

@@ -101,6 +101,15 @@ class Settings(BaseSettings):
             "partitions per fetch)."
         ),
     )
+    reuse_encoded_records: int = Field(
+        8192,
+        ge=0,
+        description=(
+            "Records the worker produced that it keeps, by their bytes, so that consuming one "
+            "of them again skips decoding it (schemas.codec.Codec, remember); 0 = off. Each "
+            "costs ~1-2 KB until consumed or pushed out."
+        ),
+    )
     data_dir: Path = Field(Path("var"), description="Table stores and outbox files live here.")
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
