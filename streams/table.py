@@ -17,6 +17,10 @@ restore returned, so no batch is handled against a partition not restored yet. A
 cancels a restore still running; ``restore`` applies what it read only at its very end, with no
 await in between, so a cancelled restore leaves the table as it was (no partition half
 restored, no position moved), and the next assignment restores or catches up from there.
+What a cancelled (or failed) restore had read of a partition it was rebuilding is kept aside,
+though, for ``RESUME_WITHIN_S``: the next restore of that partition goes on from the offset
+where the last one stopped instead of from the beginning, so a worker whose restores a rolling
+deploy keeps cutting short still gets through a long changelog (Tansu never compacts one).
 
 A partition that stays with this worker across a rebalance is not restored from scratch but
 caught up: read from just after the last changelog record this table wrote or read, up to a
@@ -51,7 +55,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from streams.settings import Settings
 from streams.transport import Producer, after_acknowledged
 
-__all__ = ["CHANGELOG_HEADROOM_BYTES", "MARKER_KEY", "ChangelogTable", "Encoded"]
+__all__ = ["CHANGELOG_HEADROOM_BYTES", "MARKER_KEY", "RESUME_WITHIN_S", "ChangelogTable", "Encoded"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,26 @@ CHANGELOG_HEADROOM_BYTES = 1024
 """Bytes a changelog record keeps free below the producer's ``max_request_size``, besides its
 key: the record and batch overhead aiokafka counts (under 100 bytes without headers)."""
 
+RESUME_WITHIN_S = 600.0
+"""How long what a cut-short restore read of a partition is kept to resume from (s): long
+enough for the rounds of a rolling deploy, far below the changelog's ``delete.retention.ms``
+(Kafka's default: one day). Past that, compaction may have removed a tombstone that a resumed
+read, starting after the keys it deletes, would have needed to see."""
+
 V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class _Partial:
+    """What a cut-short restore had read of one partition: the last bytes per key (None:
+    deleted) of the records before ``next_offset``."""
+
+    next_offset: int
+    latest: dict[bytes, bytes | None]
+    read: int
+    """Change records read (markers not counted)."""
+    saved_at: float
+    """``time.monotonic()`` when the restore stopped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +126,8 @@ class ChangelogTable(Generic[V]):
         self._position: dict[int, int] = {}
         """Per held partition: the changelog offset from which records are not applied here
         (one past the last record this table wrote or read)."""
+        self._partial: dict[int, _Partial] = {}
+        """Per partition not held: what a cut-short restore read of it (``RESUME_WITHIN_S``)."""
 
     def partitions(self) -> set[int]:
         """Partitions this worker holds (restored and not revoked)."""
@@ -193,7 +218,9 @@ class ChangelogTable(Generic[V]):
 
         Cancelled before it returns (the partitions revoked meanwhile), it changes nothing:
         what was read is applied at the end, without awaiting in between. Only the marker
-        records it already wrote stay in the changelog (they are skipped when reading).
+        records it already wrote stay in the changelog (they are skipped when reading). What
+        it read of the partitions it was rebuilding is kept aside, and a restore of one of
+        them within ``RESUME_WITHIN_S`` goes on from there (as it does after a failure).
 
         Raises:
             TimeoutError: the markers were not reached within ``timeout_s`` seconds.
@@ -216,50 +243,24 @@ class ChangelogTable(Generic[V]):
         # many times costs one decode, not one per write: the partitions' batches wait (paused)
         # until the restore is done, and the LLM calls in flight share the event loop with it
         latest_of: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.broker_list(),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-        )
         read = {p: 0 for p in wanted}
+        next_of = {p: 0 for p in new}  # where the read of a rebuilt partition has got to
+        resumed = self._resumable(new)
+        for p, partial in resumed.items():
+            latest_of[p], read[p], next_of[p] = partial.latest, partial.read, partial.next_offset
         try:
-            await consumer.start()  # (in the try: a restore cancelled while it starts stops it)
-            tps = [TopicPartition(self.changelog, p) for p in wanted]
-            consumer.assign(tps)
-            if new:  # (with no argument aiokafka would rewind every assigned partition)
-                await consumer.seek_to_beginning(*[TopicPartition(self.changelog, p) for p in new])
+            await self._read(wanted, new, stops, latest_of, read, next_of, timeout_s)
+            decoded: list[tuple[int, bytes, V | None]] = []
             for p in wanted:
-                if p not in new:
-                    consumer.seek(TopicPartition(self.changelog, p), self._position[p])
-            left = set(wanted)
-            async with asyncio.timeout(timeout_s):
-                while left:
-                    batch = await consumer.getmany(
-                        *[TopicPartition(self.changelog, p) for p in left],
-                        timeout_ms=200,
-                        max_records=10_000,
-                    )
-                    for tp, records in batch.items():
-                        latest = latest_of[tp.partition]
-                        for record in records:
-                            if record.offset >= stops[tp.partition]:
-                                left.discard(tp.partition)
-                                break
-                            if record.key is None or record.key == MARKER_KEY:
-                                continue
-                            read[tp.partition] += 1
-                            latest[record.key] = record.value
-        finally:
-            # shielded: a restore cancelled while it stops its consumer still stops it
-            await asyncio.shield(consumer.stop())
-        decoded: list[tuple[int, bytes, V | None]] = []
-        for p in wanted:
-            for number, (key, value) in enumerate(latest_of[p].items()):
-                if number % 1000 == 999:  # let the LLM calls in flight go on meanwhile
-                    await asyncio.sleep(0)
-                decoded.append((p, key, None if value is None else self.decode(value)))
+                for number, (key, value) in enumerate(latest_of[p].items()):
+                    if number % 1000 == 999:  # let the LLM calls in flight go on meanwhile
+                        await asyncio.sleep(0)
+                    decoded.append((p, key, None if value is None else self.decode(value)))
+        except BaseException:  # cancelled (revoked), timed out, a broker error, a bad value
+            now = time.monotonic()
+            for p in new:
+                self._partial[p] = _Partial(next_of[p], latest_of[p], read[p], now)
+            raise
         for p, key, state in decoded:  # no await from here on: readers see all or nothing
             if state is None:
                 entries_of[p].pop(key, None)
@@ -271,12 +272,17 @@ class ChangelogTable(Generic[V]):
         elapsed = time.perf_counter() - started
         if new:
             log.info(
-                "restored %d key(s) of %s%s from %d changelog record(s) in %.2f s",
+                "restored %d key(s) of %s%s from %d changelog record(s) in %.2f s%s",
                 sum(len(entries_of[p]) for p in new),
                 self.changelog,
                 new,
                 sum(read[p] for p in new),
                 elapsed,
+                "".join(
+                    f"; partition {p} went on from offset {partial.next_offset} where a "
+                    f"cut-short restore stopped ({partial.read} record(s) read then)"
+                    for p, partial in sorted(resumed.items())
+                ),
             )
         kept = [p for p in wanted if p not in new]
         if kept:
@@ -289,3 +295,71 @@ class ChangelogTable(Generic[V]):
                 caught_up,
             )
         return sum(read.values())
+
+    def _resumable(self, new: list[int]) -> dict[int, _Partial]:
+        """Take what cut-short restores read of ``new`` partitions, if recent enough."""
+        resumed: dict[int, _Partial] = {}
+        for p in new:
+            partial = self._partial.pop(p, None)
+            if partial is not None and time.monotonic() - partial.saved_at < RESUME_WITHIN_S:
+                resumed[p] = partial
+        return resumed
+
+    async def _read(
+        self,
+        wanted: list[int],
+        new: list[int],
+        stops: dict[int, int],
+        latest_of: dict[int, dict[bytes, bytes | None]],
+        read: dict[int, int],
+        next_of: dict[int, int],
+        timeout_s: float,
+    ) -> None:
+        """Read the changelog partitions ``wanted`` up to their ``stops`` (marker offsets)
+        into ``latest_of``, from the beginning (``new`` ones, or from ``next_of`` where a
+        cut-short restore got to) or from ``_position`` (held ones); keep ``read`` and
+        ``next_of`` up to date record by record, so that a cancellation leaves them exact."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.broker_list(),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        try:
+            await consumer.start()  # (in the try: a restore cancelled while it starts stops it)
+            consumer.assign([TopicPartition(self.changelog, p) for p in wanted])
+            scratch = [p for p in new if next_of[p] == 0]
+            if scratch:  # (with no argument aiokafka would rewind every assigned partition)
+                await consumer.seek_to_beginning(
+                    *[TopicPartition(self.changelog, p) for p in scratch]
+                )
+            for p in wanted:
+                if p not in new:
+                    consumer.seek(TopicPartition(self.changelog, p), self._position[p])
+                elif next_of[p]:
+                    consumer.seek(TopicPartition(self.changelog, p), next_of[p])
+            left = set(wanted)
+            async with asyncio.timeout(timeout_s):
+                while left:
+                    batch = await consumer.getmany(
+                        *[TopicPartition(self.changelog, p) for p in left],
+                        timeout_ms=200,
+                        max_records=10_000,
+                    )
+                    for tp, records in batch.items():
+                        p = tp.partition
+                        latest = latest_of[p]
+                        for record in records:
+                            if record.offset >= stops[p]:
+                                left.discard(p)
+                                break
+                            if p in next_of:
+                                next_of[p] = record.offset + 1
+                            if record.key is None or record.key == MARKER_KEY:
+                                continue
+                            read[p] += 1
+                            latest[record.key] = record.value
+        finally:
+            # shielded: a restore cancelled while it stops its consumer still stops it
+            await asyncio.shield(consumer.stop())

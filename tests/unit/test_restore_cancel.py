@@ -49,14 +49,18 @@ class Changelog:
         self.released.set()
         self.blocked = asyncio.Event()
         self.consumers: list[RestoreConsumer] = []
+        self.free_reads = 0
 
     def append(self, partition: int, key: bytes | None, value: bytes | None) -> int:
         self.partitions[partition].append((key, value))
         return len(self.partitions[partition]) - 1
 
-    def hold(self) -> None:
+    def hold(self, after_reads: int = 0) -> None:
+        """Make reads return one record each; all but the first ``after_reads`` of them then
+        wait for ``release()``."""
         self.released.clear()
         self.blocked.clear()
+        self.free_reads = after_reads
 
     def release(self) -> None:
         self.released.set()
@@ -73,6 +77,7 @@ class RestoreConsumer:
     def __init__(self, log: Changelog) -> None:
         self.log = log
         self.position: dict[TopicPartition, int] = {}
+        self.seeks: list[tuple[int, int]] = []
         self.stopped = False
 
     async def start(self) -> None:
@@ -90,6 +95,7 @@ class RestoreConsumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.position[tp] = offset
+        self.seeks.append((tp.partition, offset))
 
     async def getmany(self, *tps: TopicPartition, **_: Any) -> dict[TopicPartition, list[Any]]:
         limit = None if self.log.released.is_set() else 1
@@ -103,7 +109,9 @@ class RestoreConsumer:
                     for n, (key, value) in enumerate(records)
                 ]
                 self.position[tp] = first + len(records)
-        if not self.log.released.is_set():
+        if not self.log.released.is_set() and self.log.free_reads:
+            self.log.free_reads -= 1
+        elif not self.log.released.is_set():
             self.log.blocked.set()
             await self.log.released.wait()  # the restore is in the middle of its read
         return fetched
@@ -204,6 +212,62 @@ async def test_a_revoke_during_a_restore_cancels_it_and_the_table_keeps_nothing_
     await _hook_done(stage)
     assert (table.get(0, b"a"), table.get(1, b"b"), table.get(1, b"c")) == ("a-new", "b-1", "c-1")
     assert stage.assigned == tps
+
+
+async def test_the_next_restore_goes_on_where_a_cancelled_one_stopped(
+    log: Changelog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(), Producer(log), CHANGELOG, encode=str.encode, decode=bytes.decode
+    )
+    for key, value in [(b"a", b"a-1"), (b"b", b"b-1"), (b"a", b"a-2"), (b"c", b"c-1")]:
+        log.append(1, key, value)
+    log.hold(after_reads=3)  # three records read and applied to the read, then it waits
+    restore = asyncio.create_task(table.restore({1}))
+    await asyncio.wait_for(log.blocked.wait(), 2)
+    restore.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restore
+    assert table.partitions() == set()  # nothing applied
+    log.release()
+    # Meanwhile the owner changed it: a key read before is deleted, another written again.
+    log.append(1, b"b", None)
+    log.append(1, b"c", b"c-2")
+
+    # the three read before, then c-1 (the read it waited in) and the two new ones
+    assert await table.restore({1}) == 6
+    assert log.consumers[-1].seeks == [(1, 3)]  # on from the fourth record
+    assert {k: table.get(1, k) for k in (b"a", b"b", b"c")} == {
+        b"a": "a-2",
+        b"b": None,
+        b"c": "c-2",
+    }
+    assert table._partial == {}
+
+
+async def test_what_a_cut_short_restore_read_is_not_resumed_once_stale(
+    log: Changelog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``RESUME_WITHIN_S`` compaction may have dropped a tombstone: read it all again."""
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(), Producer(log), CHANGELOG, encode=str.encode, decode=bytes.decode
+    )
+    log.append(1, b"a", b"a-1")
+    log.append(1, b"b", b"b-1")
+    log.hold(after_reads=2)
+    restore = asyncio.create_task(table.restore({1}))
+    await asyncio.wait_for(log.blocked.wait(), 2)
+    restore.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restore
+    log.release()
+    monkeypatch.setattr("streams.table.RESUME_WITHIN_S", 0.0)
+    # Compaction ran: the changelog lost "a" (as if its tombstone had come and gone too).
+    log.partitions[1][0] = (b"b", b"b-1")
+
+    assert await table.restore({1}) == 2
+    assert log.consumers[-1].seeks == []  # from the beginning
+    assert (table.get(1, b"a"), table.get(1, b"b")) == (None, "b-1")
 
 
 async def _no_batches(records: list[Any]) -> None:
