@@ -391,6 +391,10 @@ class _Skip:
     reason: str
 
 
+_CRC_ERROR = "CorruptRecordException: "
+"""How ``_Skip.reason`` starts for a record batch whose CRC does not match its bytes."""
+
+
 def _unreadable(
     exc: BaseException,
 ) -> tuple[TopicPartition, _Skip, dict[TopicPartition, list[Record]]] | None:
@@ -601,6 +605,9 @@ class BatchConsumer:
         self._committed: dict[TopicPartition, int] = {}
         self._skipped: dict[TopicPartition, list[_Skip]] = {}
         """Offsets skipped as unreadable since the last batch was handled, by partition."""
+        self._refetched: dict[TopicPartition, int] = {}
+        """Offset of the record batch that failed its CRC check last, by partition: fetched
+        again once; skipped when it fails there again."""
 
     async def start(self) -> None:
         """Connect and subscribe (the group join happens in the background)."""
@@ -680,11 +687,13 @@ class BatchConsumer:
 
         Such a record (``_unreadable``: a header key that is not UTF-8, a corrupt batch)
         would otherwise fail every fetch of its partition, so the worker would exit and
-        fail again at the same offset after each restart. Its partition's position moves past
-        it (and past the rest of its record batch when the batch cannot be parsed beyond it);
-        the skipped offsets are logged, counted, and reported by the next ``_handle``
-        (``on_unreadable``), whose batch covers them: they are committed only once it
-        finished. The records the failed call had taken are returned, so none is lost.
+        fail again at the same offset after each restart. A record batch failing its CRC
+        check is first fetched once more (it may have been corrupted on the way, not on the
+        broker's disk); it is skipped when it fails again at the same offset. Its partition's
+        position moves past it (and past the rest of its record batch when the batch cannot
+        be parsed beyond it); the skipped offsets are logged, counted, and reported by the
+        next ``_handle`` (``on_unreadable``), whose batch covers them: they are committed only
+        once it finished. The records the failed call had taken are returned, so none is lost.
 
         The generation the records were taken in is left in ``_fetched_in``. Records of a
         partition whose ``on_assigned`` hook is still running are not returned: its position is
@@ -704,6 +713,21 @@ class BatchConsumer:
                 raise
         tp, skip, taken = unreadable
         _close_fetch_context(self.consumer)
+        if skip.reason.startswith(_CRC_ERROR) and self._refetched.get(tp) != skip.first:
+            # Corrupted on the way, perhaps: fetch it again once before giving it up.
+            log.warning(
+                "%s: %s[%d] record batch at offset %d failed its CRC check (%s); fetching it again",
+                self.stage,
+                tp.topic,
+                tp.partition,
+                skip.first,
+                skip.reason,
+            )
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                self.consumer.seek(tp, skip.first)  # drops what the fetcher buffered
+                self._refetched[tp] = skip.first
+            return self._hold_back(taken)
+        self._refetched.pop(tp, None)
         child(STAGE_ERRORS, self.stage, "UnreadableRecord").inc(skip.end - skip.first)
         log.error(
             "%s: %s[%d] offsets %d to %d cannot be read (%s); skipped",
@@ -1038,6 +1062,7 @@ class BatchConsumer:
         for tp in revoked:
             self._revoked_in[tp] = self._generation
             self._skipped.pop(tp, None)
+            self._refetched.pop(tp, None)
         self._revoking.set()  # a batch stuck retrying or waiting is given up
         try:
             await self._stop_hook()

@@ -57,11 +57,13 @@ class Log:
     def __init__(self, consumer: Any, batches: dict[TopicPartition, list[tuple[int, bytes]]]):
         self.consumer = consumer
         self.batches = batches  # (offset after the batch, batch bytes), in offset order
+        self.served = 0
+        """Fetches served (partitions that got data), across calls."""
         subscription = consumer._subscription
         subscription.assign_from_user(set(batches))
         for tp in batches:
             subscription.seek(tp, 0)
-        install_fetcher(consumer, self.serve)
+        install_fetcher(consumer, lambda: self.serve())
 
     def serve(self) -> None:
         """Fetch every partition that has nothing buffered, from its position: the batches
@@ -79,6 +81,7 @@ class Log:
             fetcher._records[tp] = FetchResult(
                 tp, assignment=assignment, partition_records=records, backoff=0
             )
+            self.served += 1
 
     def close(self) -> None:
         """Take the stand-ins out again, so the consumer closes as one never started."""
@@ -208,6 +211,27 @@ async def test_a_skipped_offset_is_committed_only_after_its_report_was_acknowled
     assert [(p, o) for _, p, o, _ in stage.unreadable] == [(0, 1)]
 
 
+async def test_a_batch_corrupted_on_the_way_is_fetched_again_and_handled() -> None:
+    stage = Stage({TP0: [(2, _batch(0, b"p0-0", b"p0-1", corrupt=True))]})
+    stage.consumer.on_unreadable = stage.report
+    unreadable_before = _unreadable_count()
+    served = stage.log.serve
+
+    def heal() -> None:  # the second fetch reads the batch as the broker stored it
+        served()
+        stage.log.batches[TP0] = [(2, _batch(0, b"p0-0", b"p0-1"))]
+
+    stage.log.serve = heal  # type: ignore[method-assign]
+    run = asyncio.ensure_future(stage.consumer.run())
+    await stage.until(lambda: stage.committed == {TP0: 2}, run)
+    await stage.stop(run)
+
+    assert stage.handled == [(0, 0, b"p0-0"), (0, 1, b"p0-1")]
+    assert stage.unreadable == []
+    assert _unreadable_count() == unreadable_before
+    assert stage.log.served == 2
+
+
 async def test_a_batch_that_fails_its_crc_check_is_skipped_whole() -> None:
     stage = Stage({TP0: [(2, _batch(0, b"p0-0", b"p0-1", corrupt=True)), (3, _batch(2, b"p0-2"))]})
     stage.consumer.on_unreadable = stage.report
@@ -222,3 +246,4 @@ async def test_a_batch_that_fails_its_crc_check_is_skipped_whole() -> None:
     assert stage.handled == [(0, 2, b"p0-2")]
     assert [(p, o) for _, p, o, _ in stage.unreadable] == [(0, 0), (0, 1)]
     assert all(r.startswith("CorruptRecordException: ") for *_, r in stage.unreadable)
+    assert stage.log.served == 3  # the corrupt batch twice (fetched again once), then p0-2
