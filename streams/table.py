@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.settings import Settings
-from streams.transport import Producer, after_acknowledged
+from streams.transport import Producer, Record, after_acknowledged, step_over, unreadable
 
 __all__ = ["CHANGELOG_HEADROOM_BYTES", "MARKER_KEY", "RESUME_WITHIN_S", "ChangelogTable", "Encoded"]
 
@@ -296,6 +296,30 @@ class ChangelogTable(Generic[V]):
             )
         return sum(read.values())
 
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, left: set[int], refetched: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, list[Record]]:
+        """``getmany`` of the changelog partitions ``left``, stepping over records the client
+        cannot read (``streams.transport.step_over``: a batch failing its CRC check is
+        fetched once more first). A change record skipped so is lost to the restore, logged
+        and counted (``stage="<changelog>.restore"``): the key keeps its value from before,
+        until its next change. Failing the restore instead would fail it on every try, and
+        the worker with it."""
+        try:
+            fetched: dict[TopicPartition, list[Record]] = await consumer.getmany(
+                *[TopicPartition(self.changelog, p) for p in left],
+                timeout_ms=200,
+                max_records=10_000,
+            )
+            return fetched
+        except Exception as exc:
+            found = unreadable(exc)
+            if found is None:
+                raise
+        tp, skip, taken = found
+        step_over(consumer, f"{self.changelog}.restore", tp, skip, refetched)
+        return taken
+
     def _resumable(self, new: list[int]) -> dict[int, _Partial]:
         """Take what cut-short restores read of ``new`` partitions, if recent enough."""
         resumed: dict[int, _Partial] = {}
@@ -340,13 +364,10 @@ class ChangelogTable(Generic[V]):
                 elif next_of[p]:
                     consumer.seek(TopicPartition(self.changelog, p), next_of[p])
             left = set(wanted)
+            refetched: dict[TopicPartition, int] = {}
             async with asyncio.timeout(timeout_s):
                 while left:
-                    batch = await consumer.getmany(
-                        *[TopicPartition(self.changelog, p) for p in left],
-                        timeout_ms=200,
-                        max_records=10_000,
-                    )
+                    batch = await self._fetch(consumer, left, refetched)
                     for tp, records in batch.items():
                         p = tp.partition
                         latest = latest_of[p]

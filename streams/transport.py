@@ -55,7 +55,9 @@ __all__ = [
     "handling",
     "is_transient",
     "key_partition",
+    "step_over",
     "track_acknowledgement",
+    "unreadable",
 ]
 
 log = logging.getLogger(__name__)
@@ -395,7 +397,7 @@ _CRC_ERROR = "CorruptRecordException: "
 """How ``_Skip.reason`` starts for a record batch whose CRC does not match its bytes."""
 
 
-def _unreadable(
+def unreadable(
     exc: BaseException,
 ) -> tuple[TopicPartition, _Skip, dict[TopicPartition, list[Record]]] | None:
     """Where ``exc``, raised by ``AIOKafkaConsumer.getmany``, came from if unpacking a fetched
@@ -461,6 +463,54 @@ def _close_fetch_context(consumer: AIOKafkaConsumer) -> None:
         subscription._fetch_count = count - 1  # type: ignore[union-attr]
         if count == 1:
             subscription._last_fetch_ended = time.monotonic()  # type: ignore[union-attr]
+
+
+def step_over(
+    consumer: AIOKafkaConsumer,
+    stage: str,
+    tp: TopicPartition,
+    skip: _Skip,
+    refetched: dict[TopicPartition, int],
+) -> bool:
+    """Move ``tp``'s position past the offsets ``skip`` that ``getmany`` could not read
+    (``unreadable``); return whether it did (False: revoked meanwhile, or fetched again).
+
+    A record batch failing its CRC check is fetched again once first (it may have been
+    corrupted on the way, not on the broker's disk): the position is set back to it and
+    False returned, unless ``refetched`` (offset last fetched again, by partition; updated
+    here) says it already was. A skip is logged and counted in
+    ``switchboard_stage_errors_total{stage,error_type="UnreadableRecord"}``.
+    """
+    _close_fetch_context(consumer)
+    if skip.reason.startswith(_CRC_ERROR) and refetched.get(tp) != skip.first:
+        log.warning(
+            "%s: %s[%d] record batch at offset %d failed its CRC check (%s); fetching it again",
+            stage,
+            tp.topic,
+            tp.partition,
+            skip.first,
+            skip.reason,
+        )
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+            consumer.seek(tp, skip.first)  # drops what the fetcher buffered
+            refetched[tp] = skip.first
+        return False
+    refetched.pop(tp, None)
+    child(STAGE_ERRORS, stage, "UnreadableRecord").inc(skip.end - skip.first)
+    log.error(
+        "%s: %s[%d] offsets %d to %d cannot be read (%s); skipped",
+        stage,
+        tp.topic,
+        tp.partition,
+        skip.first,
+        skip.end - 1,
+        skip.reason,
+    )
+    try:
+        consumer.seek(tp, skip.end)
+    except IllegalStateError:  # revoked meanwhile: the next owner's
+        return False
+    return True
 
 
 def _next_offsets(
@@ -685,7 +735,7 @@ class BatchConsumer:
         """``getmany``: the records that arrive within ``timeout_ms`` ms, at most
         ``max_records``, by partition; stepping over records the client cannot read.
 
-        Such a record (``_unreadable``: a header key that is not UTF-8, a corrupt batch)
+        Such a record (``unreadable``: a header key that is not UTF-8, a corrupt batch)
         would otherwise fail every fetch of its partition, so the worker would exit and
         fail again at the same offset after each restart. A record batch failing its CRC
         check is first fetched once more (it may have been corrupted on the way, not on the
@@ -708,38 +758,11 @@ class BatchConsumer:
             )
             return self._hold_back(fetched)
         except Exception as exc:
-            unreadable = _unreadable(exc)
-            if unreadable is None:
+            found = unreadable(exc)
+            if found is None:
                 raise
-        tp, skip, taken = unreadable
-        _close_fetch_context(self.consumer)
-        if skip.reason.startswith(_CRC_ERROR) and self._refetched.get(tp) != skip.first:
-            # Corrupted on the way, perhaps: fetch it again once before giving it up.
-            log.warning(
-                "%s: %s[%d] record batch at offset %d failed its CRC check (%s); fetching it again",
-                self.stage,
-                tp.topic,
-                tp.partition,
-                skip.first,
-                skip.reason,
-            )
-            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
-                self.consumer.seek(tp, skip.first)  # drops what the fetcher buffered
-                self._refetched[tp] = skip.first
-            return self._hold_back(taken)
-        self._refetched.pop(tp, None)
-        child(STAGE_ERRORS, self.stage, "UnreadableRecord").inc(skip.end - skip.first)
-        log.error(
-            "%s: %s[%d] offsets %d to %d cannot be read (%s); skipped",
-            self.stage,
-            tp.topic,
-            tp.partition,
-            skip.first,
-            skip.end - 1,
-            skip.reason,
-        )
-        with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the next owner's
-            self.consumer.seek(tp, skip.end)
+        tp, skip, taken = found
+        if step_over(self.consumer, self.stage, tp, skip, self._refetched):
             self._skipped.setdefault(tp, []).append(skip)
         return self._hold_back(taken)
 

@@ -6,7 +6,8 @@ the restarted worker failed again at the same offset. Here the real ``AIOKafkaCo
 and aiokafka's fetcher (``Fetcher.fetched_records``, ``FetchResult``, ``PartitionRecords``)
 read real record batches with a valid CRC; only the broker is replaced: ``Log.serve`` puts into
 the fetcher's buffer what a fetch from each partition's position would return, as its
-background fetch task does.
+background fetch task does. A record batch failing its CRC check is fetched once more before
+it is skipped, by a stage and by a table restore (which used to fail on it, every time).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
@@ -26,6 +28,7 @@ from prometheus_client import REGISTRY
 from support.fetcher import install_fetcher, record_batch, remove_fetcher
 
 from streams.settings import Settings
+from streams.table import ChangelogTable
 from streams.transport import BatchConsumer, track_acknowledgement
 
 STAGE = "badheader"
@@ -247,3 +250,100 @@ async def test_a_batch_that_fails_its_crc_check_is_skipped_whole() -> None:
     assert [(p, o) for _, p, o, _ in stage.unreadable] == [(0, 0), (0, 1)]
     assert all(r.startswith("CorruptRecordException: ") for *_, r in stage.unreadable)
     assert stage.log.served == 3  # the corrupt batch twice (fetched again once), then p0-2
+
+
+class ChangelogLog:
+    """A changelog partition for a ``ChangelogTable`` restore: its restore consumer is a real
+    ``AIOKafkaConsumer`` (never started) reading ``Log``; the producer appends the marker."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, batches: list[tuple[int, bytes]]):
+        self.batches = {TopicPartition("cl", 0): batches}
+        self.logs: list[Log] = []
+        monkeypatch.setattr("streams.table.AIOKafkaConsumer", self.consumer)
+
+    def consumer(self, **_: Any) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer()
+        logs = self.logs
+
+        async def start() -> None:
+            return None
+
+        def assign(tps: list[TopicPartition]) -> None:
+            logs.append(Log(consumer, {tp: self.batches[tp] for tp in tps}))
+
+        async def seek_to_beginning(*tps: TopicPartition) -> None:
+            for tp in tps:
+                consumer._subscription.seek(tp, 0)
+
+        async def stop() -> None:
+            logs[-1].close()
+            await AIOKafkaConsumer.stop(consumer)
+
+        consumer.start = start  # type: ignore[method-assign]
+        consumer.assign = assign  # type: ignore[method-assign]
+        consumer.seek_to_beginning = seek_to_beginning  # type: ignore[method-assign]
+        consumer.stop = stop  # type: ignore[method-assign]
+        return consumer
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None = None, **_: Any
+    ) -> asyncio.Future[Any]:
+        """The marker, appended after the last batch."""
+        batches = self.batches[TopicPartition(topic, 0)]
+        end = batches[-1][0] if batches else 0
+        batches.append((end + 1, _batch(end, value or b"")))
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ack.set_result(SimpleNamespace(offset=end))
+        return ack
+
+
+def _restore_unreadable_count() -> float:
+    labels = {"stage": "cl.restore", "error_type": "UnreadableRecord"}
+    return REGISTRY.get_sample_value("switchboard_stage_errors_total", labels) or 0.0
+
+
+async def test_a_restore_steps_over_a_changelog_batch_that_stays_corrupt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    changelog = ChangelogLog(monkeypatch, [(2, _batch(0, b"v0", b"v1", corrupt=True))])
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(),
+        changelog,
+        "cl",
+        encode=str.encode,
+        decode=bytes.decode,  # type: ignore[arg-type]
+    )
+    before = _restore_unreadable_count()
+
+    assert await asyncio.wait_for(table.restore({0}), 5) == 0
+
+    assert table.partitions() == {0}
+    assert table.get(0, b"k") is None  # both changes lost to the restore, counted
+    assert _restore_unreadable_count() == before + 2
+    assert changelog.logs[0].served == 3  # the corrupt batch twice, then the marker
+
+
+async def test_a_restore_fetches_a_corrupt_changelog_batch_again_before_giving_it_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    changelog = ChangelogLog(monkeypatch, [(2, _batch(0, b"v0", b"v1", corrupt=True))])
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(),
+        changelog,
+        "cl",
+        encode=str.encode,
+        decode=bytes.decode,  # type: ignore[arg-type]
+    )
+    original = Log.serve
+
+    def heal(log: Log) -> None:  # the second fetch reads the batch as the broker stored it
+        original(log)
+        log.batches[TopicPartition("cl", 0)][0] = (2, _batch(0, b"v0", b"v1"))
+
+    monkeypatch.setattr(Log, "serve", heal)
+    before = _restore_unreadable_count()
+
+    assert await asyncio.wait_for(table.restore({0}), 5) == 2
+
+    assert table.get(0, b"k") == "v1"
+    assert _restore_unreadable_count() == before
