@@ -80,6 +80,25 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_peak_rss_mb(pid: int) -> float | None:
+    """Peak resident set size of process ``pid`` in MB (``VmHWM`` of ``/proc/<pid>/status``,
+    kB; proc(5)); None where there is no such file."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _workers_peak_rss_mb(stack: EmbeddedStack) -> float | None:
+    peaks = [process_peak_rss_mb(w.process.pid) for w in stack.worker_procs]
+    if not peaks or None in peaks:
+        return None
+    return round(sum(p for p in peaks if p is not None), 1)
+
+
 def _workers_cpu_s(stack: EmbeddedStack) -> float | None:
     total = 0.0
     for worker in stack.worker_procs:
@@ -118,6 +137,7 @@ def _run(
             )
         )
         cpu_after = _workers_cpu_s(stack)
+        peak_rss_mb = _workers_peak_rss_mb(stack)
     summary = result.summary()
     turns = summary["records_in"]
     cpu_per_turn = None
@@ -133,6 +153,7 @@ def _run(
         "p99_ms": round(p99, 1),
         "order_violations": _order_violations(result, directory / "outbox.jsonl"),
         "worker_cpu_us_per_turn": cpu_per_turn,
+        "worker_peak_rss_mb": peak_rss_mb,
     }
 
 

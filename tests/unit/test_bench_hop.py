@@ -46,3 +46,23 @@ def test_process_cpu_s_counts_this_process_cpu_and_none_for_no_process() -> None
     assert after is not None
     assert 0.1 <= after - before < 5.0
     assert process_cpu_s(2**22 + 12345) is None  # above pid_max: no such process
+
+
+def test_process_peak_rss_mb_grows_with_what_this_process_holds() -> None:
+    import os
+    from pathlib import Path
+
+    from streams.bench import process_peak_rss_mb
+
+    before = process_peak_rss_mb(os.getpid())
+    assert before is not None
+    status = Path(f"/proc/{os.getpid()}/status").read_text().splitlines()
+    rss_mb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    grow_mb = int(before - rss_mb) + 64  # past the earlier peak by 64 MB
+    held = bytearray(grow_mb * 1024 * 1024)
+    held[::4096] = b"x" * len(held[::4096])  # touch every page: resident
+    after = process_peak_rss_mb(os.getpid())
+    assert after is not None
+    assert after >= before + 48
+    assert process_peak_rss_mb(2**22 + 12345) is None
+    del held
