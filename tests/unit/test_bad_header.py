@@ -285,6 +285,11 @@ class ChangelogLog:
         consumer.stop = stop  # type: ignore[method-assign]
         return consumer
 
+    def table(self) -> ChangelogTable[str]:
+        """A table of str values on this changelog, its producer this object."""
+        producer: Any = self
+        return ChangelogTable(Settings(), producer, "cl", encode=str.encode, decode=bytes.decode)
+
     async def send(
         self, topic: str, value: bytes | None, *, key: bytes | None = None, **_: Any
     ) -> asyncio.Future[Any]:
@@ -306,13 +311,7 @@ async def test_a_restore_steps_over_a_changelog_batch_that_stays_corrupt(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     changelog = ChangelogLog(monkeypatch, [(2, _batch(0, b"v0", b"v1", corrupt=True))])
-    table: ChangelogTable[str] = ChangelogTable(
-        Settings(),
-        changelog,
-        "cl",
-        encode=str.encode,
-        decode=bytes.decode,  # type: ignore[arg-type]
-    )
+    table = changelog.table()
     before = _restore_unreadable_count()
 
     assert await asyncio.wait_for(table.restore({0}), 5) == 0
@@ -327,13 +326,7 @@ async def test_a_restore_fetches_a_corrupt_changelog_batch_again_before_giving_i
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     changelog = ChangelogLog(monkeypatch, [(2, _batch(0, b"v0", b"v1", corrupt=True))])
-    table: ChangelogTable[str] = ChangelogTable(
-        Settings(),
-        changelog,
-        "cl",
-        encode=str.encode,
-        decode=bytes.decode,  # type: ignore[arg-type]
-    )
+    table = changelog.table()
     original = Log.serve
 
     def heal(log: Log) -> None:  # the second fetch reads the batch as the broker stored it
