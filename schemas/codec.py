@@ -58,6 +58,8 @@ enough that a stream of bad records costs one registry call per id every few sec
 enough that an id a lagging registry follower did not know yet is soon asked for again."""
 UNKNOWN_IDS_MAX: Final = 10_000
 """Most unknown ids remembered at once; beyond, the expired ones are forgotten, then all."""
+REMEMBER_BYTES: Final = 4 * 1024 * 1024
+"""Default of ``Codec(remember_bytes=...)``: encoded bytes of the records kept for reuse."""
 _MAX_SCHEMA_ID: Final = 2**31 - 1  # registry ids are Java ints: larger ones are not asked for
 _REGISTRY_ACCESS_ERRORS: Final = frozenset({401, 403, 407, 408, 429})
 
@@ -88,16 +90,37 @@ class Codec:
             the bytes name their writer schema, so decoding is a function of the bytes, and
             only records that decode back to an equal record are kept (every timestamp a
             whole millisecond in UTC; other values survive Avro unchanged). The records are
-            frozen models; what they hold must not be changed in place (nothing does).
-            Oldest first out; a kept record that is never consumed here (another worker owns
-            its partition) just waits its turn.
+            frozen models; what they hold must not be changed in place, and a record made
+            with ``model_copy(update=...)`` (which pydantic does not validate) must be given
+            values of the fields' own types (the stages do both). Oldest first out; a kept
+            record that is never consumed here (another worker owns its partition) just
+            waits its turn.
+        remember_types: Only records of these models are kept (None: all). A worker passes
+            the ones its stages consume, so dead letters, reports and analytics records,
+            which no stage of it reads, take no room.
+        remember_bytes: Most bytes of encoded records kept at once (the records themselves
+            take about as much again); the oldest go first. A record larger than a quarter of
+            it is not kept.
     """
 
-    def __init__(self, registry: SchemaRegistry | None = None, *, remember: int = 0) -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistry | None = None,
+        *,
+        remember: int = 0,
+        remember_types: Iterable[type[AvroRecord]] | None = None,
+        remember_bytes: int = REMEMBER_BYTES,
+    ) -> None:
         self._registry = registry
         self._remember = remember
+        self._remember_names = (
+            None if remember_types is None else frozenset(t.avro_name for t in remember_types)
+        )
+        self._remember_bytes = remember_bytes
         self._recent: dict[bytes, AvroRecord] = {}
         """Bytes → the record they were encoded from, oldest first (``remember``)."""
+        self._recent_bytes = 0
+        """Sum of the lengths of ``_recent``'s keys."""
         self.reused = 0
         """Decodes answered from ``remember``ed records since the codec was made."""
         names = bundled.schema_names()
@@ -265,12 +288,26 @@ class Codec:
         except Exception as exc:  # fastavro raises ValueError, TypeError, OverflowError, ...
             raise EncodeError(f"cannot encode {name}: {type(exc).__name__}: {exc}") from exc
         data = buffer.getvalue()
-        if self._remember and _round_trips(record, self._timestamps[name]):
-            recent = self._recent
-            recent[data] = record
-            if len(recent) > self._remember:
-                del recent[next(iter(recent))]
+        if (
+            self._remember
+            and (self._remember_names is None or name in self._remember_names)
+            and len(data) <= self._remember_bytes // 4
+            and _round_trips(record, self._timestamps[name])
+        ):
+            self._keep(data, record)
         return data
+
+    def _keep(self, data: bytes, record: AvroRecord) -> None:
+        recent = self._recent
+        if data in recent:
+            self._recent_bytes -= len(data)
+            del recent[data]  # put back as the newest
+        recent[data] = record
+        self._recent_bytes += len(data)
+        while len(recent) > self._remember or self._recent_bytes > self._remember_bytes:
+            oldest = next(iter(recent))
+            del recent[oldest]
+            self._recent_bytes -= len(oldest)
 
     @property
     def remembered(self) -> int:
@@ -390,6 +427,8 @@ class Codec:
     def _decode_avro(self, data: bytes, model: type[R], not_avro: str) -> R:
         if self._recent and type(data) is bytes:
             kept = self._recent.pop(data, None)
+            if kept is not None:
+                self._recent_bytes -= len(data)
             if type(kept) is model:
                 self.reused += 1
                 return kept  # type(kept) is model: an R

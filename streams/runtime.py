@@ -24,7 +24,15 @@ from processors.config import SwitchboardConfig
 from processors.knowledge import KnowledgeBase
 from processors.router import Router
 from schemas.codec import Codec
-from schemas.models import Channel
+from schemas.models import (
+    AvroRecord,
+    Channel,
+    ConversationEvent,
+    DeliveryRequest,
+    InboundMessage,
+    LLMRequest,
+    LLMResponse,
+)
 from schemas.schema_registry_client import SchemaRegistryClient
 from streams.metrics import track_codec
 from streams.pool import CallPool
@@ -34,6 +42,13 @@ from streams.transport import Producer
 __all__ = ["Runtime", "UnconfiguredChannelError"]
 
 log = logging.getLogger(__name__)
+
+CONSUMED_RECORDS: frozenset[type[AvroRecord]] = frozenset(
+    {InboundMessage, ConversationEvent, LLMRequest, LLMResponse, DeliveryRequest}
+)
+"""The record types the worker's stages consume: the ones its codec keeps for reuse
+(``Codec(remember_types=...)``); dead letters, delivery reports and analytics records are
+read by no stage."""
 
 
 class UnconfiguredChannelError(LookupError):
@@ -97,7 +112,11 @@ class Runtime:
             if self.settings.schema_registry_url
             else None
         )
-        self.codec = Codec(registry, remember=self.settings.reuse_encoded_records)
+        self.codec = Codec(
+            registry,
+            remember=self.settings.reuse_encoded_records,
+            remember_types=CONSUMED_RECORDS,
+        )
         track_codec(self.codec)
         self.router = Router(self.config)
         kbs = {name: load_knowledge_base(kb) for name, kb in self.config.knowledge_bases.items()}

@@ -105,9 +105,10 @@ class Settings(BaseSettings):
         8192,
         ge=0,
         description=(
-            "Records the worker produced that it keeps, by their bytes, so that consuming one "
-            "of them again skips decoding it (schemas.codec.Codec, remember); 0 = off. Each "
-            "costs ~1-2 KB until consumed or pushed out."
+            "Records the worker produced for its own stages that it keeps, by their bytes, so "
+            "that consuming one of them again skips decoding it (schemas.codec.Codec, "
+            "remember); 0 = off. At most 4 MiB of encoded records are kept (about twice that "
+            "in memory); ~1.3 KB a record of the default workload."
         ),
     )
     data_dir: Path = Field(Path("var"), description="Table stores and outbox files live here.")

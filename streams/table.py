@@ -84,8 +84,8 @@ class _Partial:
     latest: dict[bytes, bytes | None]
     read: int
     """Change records read (markers not counted)."""
-    saved_at: float
-    """``time.monotonic()`` when the restore stopped."""
+    read_since: float
+    """``time.monotonic()`` when the first of the restores that read it started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +201,12 @@ class ChangelogTable(Generic[V]):
                 yield partition, key, value
 
     def drop(self, partitions: set[int]) -> None:
-        """Forget ``partitions`` (revoked: another worker restores them)."""
+        """Forget ``partitions`` (revoked: another worker restores them), and what cut-short
+        restores read longer ago than ``RESUME_WITHIN_S``."""
         for partition in partitions:
             self._data.pop(partition, None)
             self._position.pop(partition, None)
+        self._forget_stale()
 
     async def restore(self, partitions: set[int], *, timeout_s: float = 300.0) -> int:
         """Bring ``partitions`` up to date with the changelog; return the change records
@@ -229,6 +231,7 @@ class ChangelogTable(Generic[V]):
         if not wanted:
             return 0
         started = time.perf_counter()
+        began = time.monotonic()
         new = [p for p in wanted if p not in self._data or p not in self._position]
         marker = uuid.uuid4().hex.encode()
         futures = [
@@ -257,9 +260,9 @@ class ChangelogTable(Generic[V]):
                         await asyncio.sleep(0)
                     decoded.append((p, key, None if value is None else self.decode(value)))
         except BaseException:  # cancelled (revoked), timed out, a broker error, a bad value
-            now = time.monotonic()
             for p in new:
-                self._partial[p] = _Partial(next_of[p], latest_of[p], read[p], now)
+                since = resumed[p].read_since if p in resumed else began
+                self._partial[p] = _Partial(next_of[p], latest_of[p], read[p], since)
             raise
         for p, key, state in decoded:  # no await from here on: readers see all or nothing
             if state is None:
@@ -301,10 +304,12 @@ class ChangelogTable(Generic[V]):
     ) -> dict[TopicPartition, list[Record]]:
         """``getmany`` of the changelog partitions ``left``, stepping over records the client
         cannot read (``streams.transport.step_over``: a batch failing its CRC check is
-        fetched once more first). A change record skipped so is lost to the restore, logged
-        and counted (``stage="<changelog>.restore"``): the key keeps its value from before,
-        until its next change. Failing the restore instead would fail it on every try, and
-        the worker with it."""
+        fetched once more first). A change record skipped so is lost for good, logged
+        (error) and counted (``stage="<changelog>.restore"``): the key keeps its value from
+        before (or stays deleted, or comes back if the skip was its tombstone), and its next
+        change is made from that value and written, so later restores carry the loss too.
+        Failing the restore instead would fail it on every try: all conversations of the
+        partition would wait, not one."""
         try:
             fetched: dict[TopicPartition, list[Record]] = await consumer.getmany(
                 *[TopicPartition(self.changelog, p) for p in left],
@@ -321,13 +326,17 @@ class ChangelogTable(Generic[V]):
         return taken
 
     def _resumable(self, new: list[int]) -> dict[int, _Partial]:
-        """Take what cut-short restores read of ``new`` partitions, if recent enough."""
-        resumed: dict[int, _Partial] = {}
-        for p in new:
-            partial = self._partial.pop(p, None)
-            if partial is not None and time.monotonic() - partial.saved_at < RESUME_WITHIN_S:
-                resumed[p] = partial
-        return resumed
+        """Take what cut-short restores read of ``new`` partitions, if recent enough; forget
+        what they read of any partition longer ago than ``RESUME_WITHIN_S``."""
+        self._forget_stale()
+        return {p: self._partial.pop(p) for p in new if p in self._partial}
+
+    def _forget_stale(self) -> None:
+        now = time.monotonic()
+        for p in [
+            p for p, part in self._partial.items() if now - part.read_since >= RESUME_WITHIN_S
+        ]:
+            del self._partial[p]
 
     async def _read(
         self,

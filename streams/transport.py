@@ -780,6 +780,11 @@ class BatchConsumer:
         Synchronous: no fetch can run between the one that took the records and the seek.
         """
         self._fetched_in = self._generation
+        if self._refetched:  # read past the batch fetched again: a later failure there is new
+            for tp, records in fetched.items():
+                again = self._refetched.get(tp)
+                if again is not None and records and records[-1].offset >= again:
+                    del self._refetched[tp]
         for tp in [tp for tp, records in fetched.items() if tp in self._restoring and records]:
             records = fetched.pop(tp)
             with contextlib.suppress(IllegalStateError):

@@ -231,6 +231,7 @@ async def test_a_batch_corrupted_on_the_way_is_fetched_again_and_handled() -> No
 
     assert stage.handled == [(0, 0, b"p0-0"), (0, 1, b"p0-1")]
     assert stage.unreadable == []
+    assert stage.consumer._refetched == {}  # read past it: a later failure there is new
     assert _unreadable_count() == unreadable_before
     assert stage.log.served == 2
 

@@ -74,6 +74,35 @@ def test_only_the_newest_records_are_kept() -> None:
     assert codec.decode(encoded[2], ConversationEvent) is third
 
 
+def test_only_the_types_asked_for_are_kept() -> None:
+    codec = Codec(remember=8, remember_types={LLMRequest})
+    codec.encode(event())
+    assert codec.remembered == 0
+
+
+def test_kept_bytes_are_capped_and_a_record_over_a_quarter_of_the_cap_is_not_kept() -> None:
+    size = len(Codec().encode(event(0, content="x" * 100)))
+    codec = Codec(remember=100, remember_bytes=size * 4)
+    records = [event(n, content="x" * 100) for n in range(5)]
+    encoded = [codec.encode(r) for r in records]
+    assert codec.remembered == 4  # by bytes, not by count
+    assert codec.decode(encoded[0], ConversationEvent) is not records[0]
+    assert codec.decode(encoded[1], ConversationEvent) is records[1]
+    codec.encode(event(9, content="x" * (size * 2)))  # over a quarter of the cap
+    assert codec.remembered == 3
+
+
+def test_bytes_encoded_again_are_kept_as_the_newest() -> None:
+    codec = Codec(remember=2)
+    first, second, third = (event(n) for n in range(3))
+    data = codec.encode(first)
+    codec.encode(second)
+    assert codec.encode(first) == data  # the same record again: moves to the newest
+    codec.encode(third)  # pushes out the oldest: second
+    assert codec.decode(data, ConversationEvent) is first
+    assert codec.remembered == 1
+
+
 def test_bytes_read_as_another_model_are_decoded_and_refused() -> None:
     codec = Codec(remember=8)
     data = codec.encode(event())

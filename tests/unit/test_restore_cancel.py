@@ -270,6 +270,50 @@ async def test_what_a_cut_short_restore_read_is_not_resumed_once_stale(
     assert (table.get(1, b"a"), table.get(1, b"b")) == (None, "b-1")
 
 
+class Clock:
+    """``streams.table``'s ``time``, its monotonic clock set by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+async def _cut_short(table: ChangelogTable[str], log: Changelog, reads: int) -> None:
+    log.hold(after_reads=reads)
+    restore = asyncio.create_task(table.restore({1}))
+    await asyncio.wait_for(log.blocked.wait(), 2)
+    restore.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restore
+    log.release()
+
+
+async def test_resuming_does_not_extend_how_long_a_read_may_be_resumed(
+    log: Changelog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit runs from the first read: a chain of cut-short restores may not carry
+    values read longer ago than ``RESUME_WITHIN_S`` (a tombstone may be compacted away)."""
+    clock = Clock()
+    monkeypatch.setattr("streams.table.time", clock)
+    table: ChangelogTable[str] = ChangelogTable(
+        Settings(), Producer(log), CHANGELOG, encode=str.encode, decode=bytes.decode
+    )
+    for n in range(6):
+        log.append(1, b"k%d" % n, b"v")
+    await _cut_short(table, log, reads=2)  # at 0 s
+    clock.now = 500.0
+    await _cut_short(table, log, reads=2)  # resumed at 500 s, cut short again
+    assert table._partial[1].read_since == 0.0
+    clock.now = 700.0
+    table.drop(set())  # any drop forgets what is too old to resume
+    assert table._partial == {}
+
+
 async def _no_batches(records: list[Any]) -> None:
     raise AssertionError("no batch is handled in these tests")
 
