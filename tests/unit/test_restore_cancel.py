@@ -214,6 +214,17 @@ async def test_a_revoke_during_a_restore_cancels_it_and_the_table_keeps_nothing_
     assert stage.assigned == tps
 
 
+async def _cut_short(table: ChangelogTable[str], log: Changelog, reads: int) -> None:
+    """Start a restore of partition 1, cancel it after ``reads`` reads, let the log go on."""
+    log.hold(after_reads=reads)
+    restore = asyncio.create_task(table.restore({1}))
+    await asyncio.wait_for(log.blocked.wait(), 2)
+    restore.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restore
+    log.release()
+
+
 async def test_the_next_restore_goes_on_where_a_cancelled_one_stopped(
     log: Changelog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,14 +233,8 @@ async def test_the_next_restore_goes_on_where_a_cancelled_one_stopped(
     )
     for key, value in [(b"a", b"a-1"), (b"b", b"b-1"), (b"a", b"a-2"), (b"c", b"c-1")]:
         log.append(1, key, value)
-    log.hold(after_reads=3)  # three records read and applied to the read, then it waits
-    restore = asyncio.create_task(table.restore({1}))
-    await asyncio.wait_for(log.blocked.wait(), 2)
-    restore.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await restore
+    await _cut_short(table, log, reads=3)  # three records read, then cancelled
     assert table.partitions() == set()  # nothing applied
-    log.release()
     # Meanwhile the owner changed it: a key read before is deleted, another written again.
     log.append(1, b"b", None)
     log.append(1, b"c", b"c-2")
@@ -254,13 +259,7 @@ async def test_what_a_cut_short_restore_read_is_not_resumed_once_stale(
     )
     log.append(1, b"a", b"a-1")
     log.append(1, b"b", b"b-1")
-    log.hold(after_reads=2)
-    restore = asyncio.create_task(table.restore({1}))
-    await asyncio.wait_for(log.blocked.wait(), 2)
-    restore.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await restore
-    log.release()
+    await _cut_short(table, log, reads=2)
     monkeypatch.setattr("streams.table.RESUME_WITHIN_S", 0.0)
     # Compaction ran: the changelog lost "a" (as if its tombstone had come and gone too).
     log.partitions[1][0] = (b"b", b"b-1")
@@ -281,16 +280,6 @@ class Clock:
 
     def perf_counter(self) -> float:
         return self.now
-
-
-async def _cut_short(table: ChangelogTable[str], log: Changelog, reads: int) -> None:
-    log.hold(after_reads=reads)
-    restore = asyncio.create_task(table.restore({1}))
-    await asyncio.wait_for(log.blocked.wait(), 2)
-    restore.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await restore
-    log.release()
 
 
 async def test_resuming_does_not_extend_how_long_a_read_may_be_resumed(
