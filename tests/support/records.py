@@ -1,10 +1,17 @@
-"""Records for stage tests: consumed Kafka records and a delivery request."""
+"""Records for stage tests: consumed Kafka records, a delivery request, an LLM response."""
 
 from __future__ import annotations
 
 from aiokafka import ConsumerRecord
 
-from schemas.models import Channel, DeliveryRequest, utcnow
+from schemas.models import (
+    Channel,
+    DeliveryRequest,
+    LLMRequest,
+    LLMResponse,
+    LLMStatus,
+    utcnow,
+)
 
 
 def consumed(
@@ -46,4 +53,22 @@ def webhook_request(delivery_id: str, tenant: str) -> DeliveryRequest:
         content="hello",
         origin_created_at=now,
         created_at=now,
+    )
+
+
+def llm_answer(
+    request: LLMRequest, content: str | None = None, status: LLMStatus = LLMStatus.OK
+) -> LLMResponse:
+    """The local engine's response to ``request`` (default content ``"answer to <turn id>"``),
+    made when the request was."""
+    return LLMResponse(
+        request_id=request.request_id,
+        conversation_id=request.conversation_id,
+        tenant=request.tenant,
+        turn_id=request.turn_id,
+        persona=request.persona,
+        status=status,
+        content=f"answer to {request.turn_id}" if content is None else content,
+        engine="local",
+        created_at=request.created_at,
     )

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.records import llm_answer as answer
 
 from processors.config import ConversationConfig, PersonaConfig
 from processors.conversation import (
@@ -103,24 +104,6 @@ def user_turn(
         cfg=cfg,
         personas=PERSONAS,
         now=now,
-    )
-
-
-def answer(
-    request: LLMRequest,
-    content: str | None = None,
-    status: LLMStatus = LLMStatus.OK,
-) -> LLMResponse:
-    return LLMResponse(
-        request_id=request.request_id,
-        conversation_id=request.conversation_id,
-        tenant=request.tenant,
-        turn_id=request.turn_id,
-        persona=request.persona,
-        status=status,
-        content=f"answer to {request.turn_id}" if content is None else content,
-        engine="local",
-        created_at=request.created_at,
     )
 
 

@@ -23,6 +23,7 @@ from aiokafka import ConsumerRecord
 from prometheus_client import REGISTRY
 from support.producer import RecordingProducer
 from support.records import consumed
+from support.records import llm_answer as answer
 
 from processors.conversation import on_user_turn
 from processors.conversation_state import ConversationState
@@ -131,20 +132,6 @@ def turn(event_id: str, content: str = "hello", **fields: object) -> Conversatio
             "created_at": now,
             **fields,
         }
-    )
-
-
-def answer(request: LLMRequest, content: str = "an answer") -> LLMResponse:
-    return LLMResponse(
-        request_id=request.request_id,
-        conversation_id=request.conversation_id,
-        tenant=request.tenant,
-        turn_id=request.turn_id,
-        persona=request.persona,
-        status=LLMStatus.OK,
-        content=content,
-        engine="local",
-        created_at=utcnow(),
     )
 
 
