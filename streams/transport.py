@@ -330,6 +330,19 @@ CANCELLED_BATCH_WAIT_S = 5.0
 then ignores its cancellation (a bug: something retries or swallows ``CancelledError``). The
 worker exits rather than hold the rebalance past its timeout, or let the batch go on beside
 the next batches of the same partitions."""
+
+
+async def _cancel_or_exit(task: asyncio.Future[Any], what: str) -> None:
+    """Cancel ``task`` and wait up to ``CANCELLED_BATCH_WAIT_S`` s for it to end; exit
+    without commit (status 70) if it still runs then, as ``what``."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=CANCELLED_BATCH_WAIT_S)
+    if not task.done():
+        _exit_without_commit(
+            f"{what} still runs {CANCELLED_BATCH_WAIT_S:g} s after it was cancelled"
+        )
+
+
 ASSIGN_HOOK_LIMIT_S = 600.0
 """Longest an ``on_assigned`` hook (a table restore, its transient errors retried) may run
 (s); longer, the worker exits rather than hold its partitions paused for ever, while its
@@ -356,13 +369,7 @@ async def _unless_abandoned(
         if not task.done():
             await asyncio.wait({task}, timeout=grace_s)
         if not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=CANCELLED_BATCH_WAIT_S)
-            if not task.done():
-                _exit_without_commit(
-                    f"a given-up batch still runs {CANCELLED_BATCH_WAIT_S:g} s after it was"
-                    " cancelled"
-                )
+            await _cancel_or_exit(task, "a given-up batch")
             if not task.cancelled() and task.exception() is not None:
                 log.debug("a given-up batch ended with %r", task.exception())
             raise BatchAbandoned(f"partitions revoked; the batch ran {grace_s:g} s longer")
@@ -1046,13 +1053,7 @@ class BatchConsumer:
         ``CANCELLED_BATCH_WAIT_S`` s after it was cancelled ends the worker (status 70)."""
         task, self._hook_task = self._hook_task, None
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=CANCELLED_BATCH_WAIT_S)
-            if not task.done():
-                _exit_without_commit(
-                    f"{self.stage}: the assignment hook still runs {CANCELLED_BATCH_WAIT_S:g} s"
-                    " after it was cancelled"
-                )
+            await _cancel_or_exit(task, f"{self.stage}: the assignment hook")
             log.info(
                 "%s: assignment hook cancelled before it finished; %s left unused",
                 self.stage,
