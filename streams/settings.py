@@ -111,6 +111,15 @@ class Settings(BaseSettings):
             "in memory); ~1.3 KB a record of the default workload."
         ),
     )
+    worker_id: str | None = Field(
+        None,
+        description=(
+            "This worker's name in its consumer groups (e.g. the pod name). Partitions are "
+            "assigned over the workers in the order of their names, so each worker gets the "
+            "same partition numbers in every stage (streams.assignor); a stable name gives a "
+            "restarted worker its partitions back. Unset = <hostname>:<pid>."
+        ),
+    )
     data_dir: Path = Field(Path("var"), description="Table stores and outbox files live here.")
     openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")

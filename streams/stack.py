@@ -126,8 +126,14 @@ class EmbeddedStack:
 
     def worker_env(self, index: int) -> dict[str, str]:
         """Environment of worker ``index``: this process's, plus ``settings()`` as
-        ``SWITCHBOARD_*`` variables, plus ``extra_env``."""
-        env = {**os.environ, **self.settings().to_env(), "PYTHONUNBUFFERED": "1"}
+        ``SWITCHBOARD_*`` variables, its worker id ``worker-<index>`` (a restarted worker
+        gets its partitions back: ``streams.assignor``), plus ``extra_env``."""
+        env = {
+            **os.environ,
+            **self.settings().to_env(),
+            "SWITCHBOARD_WORKER_ID": f"worker-{index}",
+            "PYTHONUNBUFFERED": "1",
+        }
         env.update(self.extra_env)
         return env
 

@@ -37,6 +37,7 @@ from aiokafka.structs import OffsetAndMetadata
 from connectors.errors import ConnectorError
 from processors.backoff import backoff_delay
 from schemas.errors import SchemaRegistryError
+from streams.assignor import CoPartitionedAssignor, default_worker_id
 from streams.metrics import STAGE_ERRORS, child
 from streams.settings import Settings
 
@@ -562,8 +563,9 @@ class BatchConsumer:
     Args:
         settings: brokers, session timeout, fetch wait.
         stage: the stage's name; the consumer group is ``<app_id>.<stage>``.
-        topics: input topics. With several, the range assignor gives one member the same
-            partition numbers of each (co-partitioned inputs, e.g. a stage with a table).
+        topics: input topics. With several, one member gets the same partition numbers of
+            each (co-partitioned inputs, e.g. a stage with a table); across stages, one
+            worker gets the same partition numbers in every group (``streams.assignor``).
         handler: processes a batch; dead-letters bad records itself. A transient error it
             raises retries the batch, anything else stops the worker (``guard_batch``). It
             must leave no state changed when it raises or is cancelled (a batch given up
@@ -625,7 +627,11 @@ class BatchConsumer:
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(500, session_ms // 6),
             rebalance_timeout_ms=rebalance_ms,
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # co-partitioned first; range for members of older releases (rolling upgrade)
+            partition_assignment_strategy=(
+                CoPartitionedAssignor(settings.worker_id or default_worker_id()),
+                RangePartitionAssignor,
+            ),
         )
         self._stopping = asyncio.Event()
         self._revoking = asyncio.Event()

@@ -9,8 +9,18 @@ from typing import Any
 import pytest
 from support.stacks import new_stack
 
-from streams.embedded import ManagedProcess, start_redis
+from streams.embedded import ManagedProcess, start_broker, start_redis
 from streams.stack import EmbeddedStack, config_variant
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[ManagedProcess]:
+    """A Tansu broker (memory storage) of the test module's own, stopped after it."""
+    server = start_broker()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

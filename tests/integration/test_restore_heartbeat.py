@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from support.waiting import until
 
-from streams.embedded import ManagedProcess, start_broker
+from streams.embedded import ManagedProcess
 from streams.settings import Settings
 from streams.table import ChangelogTable
 from streams.topics import create_topics
@@ -42,15 +42,6 @@ WATCH_S = 2 * SESSION_S
 """How long the group is watched after every record was handled (s): an eviction during the
 restore would show as a second assignment within it."""
 RECORDS = 10
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[ManagedProcess]:
-    server = start_broker()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Member:
@@ -83,15 +74,6 @@ class Member:
 
     def generation(self) -> int:
         return int(self.stage.consumer._coordinator.generation)
-
-
-async def _until(done: Callable[[], bool], timeout_s: float) -> None:
-    """Wait until ``done()``, at most ``timeout_s`` seconds (the caller checks which)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if done():
-            return
-        await asyncio.sleep(0.05)
 
 
 async def _slow_restore_scenario(settings: Settings) -> dict[str, Any]:
@@ -129,17 +111,17 @@ async def _slow_restore_scenario(settings: Settings) -> dict[str, Any]:
         slow.stage.on_assigned = assigned
         await other.start()
         try:
-            await _until(lambda: len(other.stage.assigned) == 2, 15)
+            await until(lambda: len(other.stage.assigned) == 2, 15)
             assert len(other.stage.assigned) == 2, "the first member got no partitions"
             await slow.start()
             try:
-                await _until(lambda: bool(hooks), 15)
+                await until(lambda: bool(hooks), 15)
                 assert hooks, "the second member was never assigned partitions"
                 generation = slow.generation()
                 for n in range(RECORDS):  # sent while the slow member restores
                     await producer.send(settings.topics.conversations, b"r", partition=n % 2)
                 await producer.flush()
-                await _until(lambda: len(other.handled) + len(slow.handled) >= RECORDS, SLOW_S + 15)
+                await until(lambda: len(other.handled) + len(slow.handled) >= RECORDS, SLOW_S + 15)
                 await asyncio.sleep(WATCH_S)
                 generations = (generation, slow.generation())
             finally:
