@@ -32,9 +32,11 @@ A deleted key is written to the changelog as a tombstone (the key with a null va
 or catching up removes the key when it reads one, and compaction eventually drops the key's
 earlier records and, after ``delete.retention.ms``, the tombstone itself.
 
-A changelog record larger than the producer's ``max_request_size`` cannot be written: its send
-fails after the batch's acknowledgements and the worker exits without committing (the table in
-memory would otherwise be ahead of its changelog). A writer checks the encoded size against
+A changelog record larger than the changelog topic takes (``Producer.limit``: the producer's
+``max_request_size``, or the topic's lower ``max.message.bytes``) cannot be written: its send
+fails (``MessageSizeTooLargeError``, or a refusal by the broker after the batch's
+acknowledgements) and the worker exits without committing (the table in memory would
+otherwise be ahead of its changelog). A writer checks the encoded size against
 ``max_value_bytes`` before it changes anything, and may hand the bytes it measured to
 ``put_many`` (``Encoded``) so that nothing is encoded twice.
 """
@@ -139,13 +141,15 @@ class ChangelogTable(Generic[V]):
 
     def max_value_bytes(self, key: bytes) -> int:
         """The largest encoded value (bytes) a changelog record of ``key`` can carry: the
-        producer's ``max_request_size`` less the key and ``CHANGELOG_HEADROOM_BYTES``.
+        largest record the changelog topic takes (``Producer.limit``: the producer's
+        ``max_request_size``, or the topic's lower ``max.message.bytes``) less the key and
+        ``CHANGELOG_HEADROOM_BYTES``.
 
         ``put_many`` does not check it: a larger value makes the worker exit once the batch's
         acknowledgements are in (see the module docstring), so a writer whose values can grow
         checks them first.
         """
-        return self.producer.max_request_size - len(key) - CHANGELOG_HEADROOM_BYTES
+        return self.producer.limit(self.changelog) - len(key) - CHANGELOG_HEADROOM_BYTES
 
     def put_many(self, changes: Sequence[tuple[int, bytes, V | Encoded[V] | None]]) -> None:
         """Store ``(partition, key, value)`` changes made by the batch being handled; a value

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
 from streams.settings import Settings
@@ -22,6 +23,7 @@ __all__ = [
     "TopicLayoutError",
     "create_topics",
     "internal_topics",
+    "record_limits",
     "topic_table",
 ]
 
@@ -98,6 +100,62 @@ def _created(response: Any, name: str) -> bool:
         error = for_code(code).__name__
         raise TopicLayoutError(f"the broker refused to create topic {name}: {error} {message}")
     return True
+
+
+def _limits_in(responses: list[Any]) -> dict[str, int]:
+    """``max.message.bytes`` per topic from DescribeConfigs responses (resources whose error
+    code is not 0, or that do not report the setting, are left out)."""
+    limits: dict[str, int] = {}
+    for response in responses:
+        for resource in getattr(response, "resources", ()):
+            code, name, entries = resource[0], resource[3], resource[4]
+            if code != 0:
+                continue
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    try:
+                        limits[name] = int(entry[1])
+                    except ValueError:
+                        log.warning("%s: max.message.bytes %r is not a number", name, entry[1])
+    return limits
+
+
+async def record_limits(
+    settings: Settings, names: list[str], *, timeout_s: float = 10.0
+) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` (bytes): the largest record batch the broker takes
+    on it (Kafka topic config; DescribeConfigs, KIP-133).
+
+    A topic created elsewhere (a platform team's, with the broker's default of about 1 MiB)
+    may take less than the producer's ``max_request_size``; the worker then sizes its states,
+    dead letters and batches for that topic to fit (``streams.transport.Producer``) instead of
+    having the broker refuse them. Apache Kafka reports every topic's effective value; a broker
+    that reports only values set explicitly (Tansu) leaves the others out, as does one that
+    cannot describe configs at all (logged).
+
+    Returns:
+        topic → bytes, for the topics whose limit the broker reported.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.broker_list(), request_timeout_ms=int(timeout_s * 1000)
+    )
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        )
+    except Exception as exc:  # UnsupportedVersion, timeouts, ...: run with the default
+        log.warning(
+            "cannot read the topics' max.message.bytes (%s: %s); records up to %d bytes are "
+            "sent, and the broker refuses those its topics do not take",
+            type(exc).__name__,
+            exc,
+            MAX_REQUEST_SIZE,
+        )
+        return {}
+    finally:
+        await admin.close()
+    return _limits_in(list(responses))
 
 
 async def create_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:

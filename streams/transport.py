@@ -22,7 +22,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
@@ -30,8 +30,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from connectors.errors import ConnectorError
@@ -148,6 +155,9 @@ def key_partition(key: bytes | None, all_partitions: list[int], available: list[
     return all_partitions[_key_hash(key) % len(all_partitions)]
 
 
+MAX_BATCH_BYTES = 1024 * 1024
+"""Largest record batch (bytes) the producer builds, unless a topic takes less."""
+
 MAX_REQUEST_SIZE = 8 * 1024 * 1024
 """Largest produce request (bytes), hence largest record, the producer sends; topics are created
 with this ``max.message.bytes`` (``streams.topics``)."""
@@ -155,14 +165,31 @@ with this ``max.message.bytes`` (``streams.topics``)."""
 
 class Producer:
     """The worker's one aiokafka producer (acks=all, no idempotence: Tansu rejects
-    InitProducerId v0, and duplicates are dropped by id downstream)."""
+    InitProducerId v0, and duplicates are dropped by id downstream).
 
-    def __init__(self, settings: Settings) -> None:
+    Args:
+        settings: brokers; ``single_record_batches``.
+        record_limits: topic → ``max.message.bytes`` (bytes), as the broker reported it
+            (``streams.topics.record_limits``). A topic that takes less than
+            ``MAX_REQUEST_SIZE`` gets records only up to its limit (``send`` refuses larger
+            ones before the broker would), and every batch is kept within the smallest such
+            limit, since ``max.message.bytes`` bounds a whole record batch.
+    """
+
+    def __init__(
+        self, settings: Settings, *, record_limits: Mapping[str, int] | None = None
+    ) -> None:
+        self.record_limits: dict[str, int] = {
+            topic: limit
+            for topic, limit in (record_limits or {}).items()
+            if limit < MAX_REQUEST_SIZE
+        }
+        """Topics taking records only up to a size below ``max_request_size`` (bytes)."""
         options: dict[str, Any] = {
             "bootstrap_servers": settings.broker_list(),
             "acks": "all",
             "linger_ms": 10,
-            "max_batch_size": 1024 * 1024,
+            "max_batch_size": min(MAX_BATCH_BYTES, *self.record_limits.values(), MAX_BATCH_BYTES),
             "max_request_size": MAX_REQUEST_SIZE,
             "request_timeout_ms": 30_000,
             "partitioner": key_partition,
@@ -173,6 +200,11 @@ class Producer:
         self._producer = AIOKafkaProducer(**options)
         self.max_request_size: int = MAX_REQUEST_SIZE
         """The producer's ``max_request_size`` (bytes): no record may be larger."""
+
+    def limit(self, topic: str) -> int:
+        """The largest record (bytes, as aiokafka estimates a record alone in its batch) that
+        ``topic`` takes: its ``max.message.bytes`` when lower than ``max_request_size``."""
+        return self.record_limits.get(topic, self.max_request_size)
 
     async def start(self) -> None:
         """Connect to the brokers.
@@ -206,7 +238,19 @@ class Producer:
         Waits only when the producer's buffer is full (backpressure). Inside a batch being
         handled by a ``BatchConsumer`` the future is also added to that batch's
         acknowledgements, which are awaited before its offsets are committed.
+
+        Raises:
+            MessageSizeTooLargeError: the record is larger than ``limit(topic)`` (bytes).
         """
+        if self.record_limits:
+            lower = self.record_limits.get(topic)
+            if lower is not None:
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or [])
+                if size > lower:
+                    raise MessageSizeTooLargeError(
+                        f"a record of {size} bytes exceeds the max.message.bytes of {topic} "
+                        f"({lower} bytes)"
+                    )
         future: asyncio.Future[Any] = await self._producer.send(
             topic, value, key=key, partition=partition, headers=list(headers or ())
         )

@@ -22,6 +22,7 @@ from streams.agents import conversation, delivery, ingest, llm
 from streams.agents.common import RawMessage, dead_letter_unreadable
 from streams.runtime import Runtime
 from streams.settings import Settings
+from streams.topics import internal_topics, record_limits
 from streams.transport import BatchConsumer, Producer
 
 __all__ = ["DRAIN_S", "run_worker", "topic_names"]
@@ -67,7 +68,16 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         ConnectorError: Redis could not be reached at start-up.
     """
     rt = Runtime(settings, config)
-    producer = Producer(settings)
+    produced = settings.topics.all() + [name for name, _ in internal_topics(settings)]
+    limits = await record_limits(settings, produced)
+    producer = Producer(settings, record_limits=limits)
+    for topic, limit in sorted(producer.record_limits.items()):
+        log.warning(
+            "%s takes records of at most %d bytes (max.message.bytes): larger records are "
+            "dead-lettered, conversation states trimmed to fit, and every batch kept within it",
+            topic,
+            limit,
+        )
     await producer.start()
     rt.kafka = producer
     await rt.start()

@@ -166,7 +166,7 @@ async def parse_each(
 
 
 DEAD_LETTER_HEADROOM_BYTES = 1024
-"""Bytes a dead letter keeps free below the producer's ``max_request_size``, on top of the
+"""Bytes a dead letter keeps free below the largest record its topic takes, on top of the
 record and batch overhead and headers that aiokafka's own size estimate counts."""
 
 _MINIMAL_REASON_CHARS = 2000
@@ -203,9 +203,14 @@ def _stripped(letter: DeadLetter, *, reason: str, why: str, original: bytes | No
 
 
 def _fit(
-    rt: Runtime, letter: DeadLetter, key: bytes | None, headers: list[tuple[str, bytes]]
+    rt: Runtime,
+    topic: str,
+    letter: DeadLetter,
+    key: bytes | None,
+    headers: list[tuple[str, bytes]],
 ) -> tuple[DeadLetter, bytes, bytes | None]:
-    """``letter`` encoded to fit the producer's ``max_request_size`` less
+    """``letter`` encoded to fit the largest record ``topic`` takes (``Producer.limit``: the
+    producer's ``max_request_size``, or the topic's lower ``max.message.bytes``) less
     ``DEAD_LETTER_HEADROOM_BYTES``, with the record key to send it with.
 
     Unchanged when it fits. Otherwise its ``original_value`` is cut to the longest prefix that
@@ -217,7 +222,7 @@ def _fit(
     Raises:
         EncodeError, SchemaError: the codec could not encode the letter.
     """
-    limit = rt.producer.max_request_size
+    limit = rt.producer.limit(topic)
     budget = limit - DEAD_LETTER_HEADROOM_BYTES
     encoded = rt.codec.encode(letter)
     if _record_bytes(key, encoded, headers) <= budget:
@@ -229,8 +234,8 @@ def _fit(
 
         def note(kept: int) -> str:
             return (
-                f"{letter.reason} [dead letter of {full} bytes exceeds the producer's "
-                f"max_request_size ({limit} bytes): original_value truncated to its first "
+                f"{letter.reason} [dead letter of {full} bytes exceeds the largest record "
+                f"{topic} takes ({limit} bytes): original_value truncated to its first "
                 f"{kept} of {len(original)} bytes; sha256 of the full original value "
                 f"{digest}; the original is at source_topic/source_partition/source_offset]"
             )
@@ -250,7 +255,7 @@ def _fit(
     minimal = _stripped(
         letter,
         reason=letter.reason,
-        why=f"dead letter of {full} bytes exceeds the producer's max_request_size ({limit} bytes)",
+        why=f"dead letter of {full} bytes exceeds the largest record {topic} takes ({limit} bytes)",
         original=original,
     )
     return minimal, rt.codec.encode(minimal), None
@@ -272,9 +277,10 @@ async def dead_letter(
 
     Never a poison pill: a record too large to be dead-lettered does not stop the worker.
 
-    - Size: a letter larger than the producer's ``max_request_size`` less
-      ``DEAD_LETTER_HEADROOM_BYTES`` carries only the first bytes of the original value that
-      fit; its reason says so and gives the original size (bytes) and SHA-256 (see ``_fit``).
+    - Size: a letter larger than the largest record the dead-letter topic takes
+      (``Producer.limit``) less ``DEAD_LETTER_HEADROOM_BYTES`` carries only the first bytes
+      of the original value that fit; its reason says so and gives the original size (bytes)
+      and SHA-256 (see ``_fit``).
     - Send: a size or encoding error (``_TOO_LARGE``) raised by encoding or sending is logged
       at error level with the source topic/partition/offset and counted in
       ``switchboard_stage_errors_total`` (stage ``<stage>.deadletter``), and this returns
@@ -311,7 +317,7 @@ async def dead_letter(
     )
     trace = _trace_headers(message)
     try:
-        letter, encoded, key = _fit(rt, letter, message.key, trace)
+        letter, encoded, key = _fit(rt, topic, letter, message.key, trace)
         # Sent outside the batch's acknowledgements: the batch waits for ``guarded`` instead,
         # which contains a refusal by the broker.
         with handling(BatchContext()):

@@ -423,7 +423,7 @@ async def _state_too_large(
     )
     reason = (
         f"the conversation's new state would be {size} bytes in the changelog, over the limit "
-        f"of {limit} bytes (the producer's max_request_size less the key and "
+        f"of {limit} bytes (the largest record the changelog takes less the key and "
         f"{CHANGELOG_HEADROOM_BYTES} bytes of headroom); {outcome}"
     )
     message_id = record.event_id if isinstance(record, ConversationEvent) else record.turn_id

@@ -30,12 +30,18 @@ class RecordingProducer:
     ``partition`` and ``offset``, the record's index in ``sent``). ``raises``: errors
     ``send()`` raises in turn before taking a record; ``refusals``: errors the
     acknowledgements of the records taken fail with in turn (None for an acknowledged
-    record)."""
+    record). ``record_limits``: topics taking records only up to a lower size (bytes), as
+    ``Producer`` gets them from the topics' ``max.message.bytes``."""
 
     max_request_size: int = MAX_REQUEST_SIZE
+    record_limits: dict[str, int] = field(default_factory=dict)
     raises: list[Exception] = field(default_factory=list)
     refusals: list[Exception | None] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+
+    def limit(self, topic: str) -> int:
+        """As ``Producer.limit``: the topic's lower limit, else ``max_request_size``."""
+        return self.record_limits.get(topic, self.max_request_size)
 
     async def send(
         self,
@@ -50,8 +56,8 @@ class RecordingProducer:
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
         if self.raises:
             raise self.raises.pop(0)
-        if size > self.max_request_size:
-            raise MessageSizeTooLargeError(f"{size} bytes > {self.max_request_size}")
+        if size > self.limit(topic):
+            raise MessageSizeTooLargeError(f"{size} bytes > {self.limit(topic)}")
         self.sent.append(Sent(topic, value, key, headers, size))
         ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         refusal = self.refusals.pop(0) if self.refusals else None

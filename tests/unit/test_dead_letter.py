@@ -116,9 +116,26 @@ async def test_a_letter_over_the_producer_limit_is_cut_to_fit_with_size_and_hash
     assert letter.reason.startswith("first byte 0x7f")
     assert f"truncated to its first {kept} of {len(original)} bytes" in letter.reason
     assert hashlib.sha256(original).hexdigest() in letter.reason
-    assert f"max_request_size ({LIMIT} bytes)" in letter.reason
+    assert f"the largest record {TOPIC} takes ({LIMIT} bytes)" in letter.reason
     assert letter.original_key == b"key-1"
     assert (letter.source_partition, letter.source_offset) == (2, 41)
+
+
+async def test_a_letter_is_cut_to_the_dead_letter_topics_lower_max_message_bytes(
+    rt: Runtime,
+) -> None:
+    """A dead-letter topic created elsewhere with a smaller ``max.message.bytes``: the letter
+    is cut to that, not to the producer's ``max_request_size`` (the broker would refuse it)."""
+    lower = LIMIT // 4
+    _producer(rt).record_limits[TOPIC] = lower
+    original = b"\x7f" + b"b" * (LIMIT // 2)
+    await _dead_letter_in_batch(rt, _record(original))
+    (sent,) = _producer(rt).sent
+    assert sent.size <= lower - DEAD_LETTER_HEADROOM_BYTES
+    (letter,) = _letters(rt)
+    assert letter.original_value is not None
+    assert lower - DEAD_LETTER_HEADROOM_BYTES - 1000 < len(letter.original_value) < lower
+    assert f"the largest record {TOPIC} takes ({lower} bytes)" in letter.reason
 
 
 async def test_when_even_an_empty_value_does_not_fit_the_letter_keeps_only_where_it_is(

@@ -356,6 +356,9 @@ class RefusingProducer:
         self.sent: list[tuple[str, bytes]] = []
         self.refused = 0
 
+    def limit(self, topic: str) -> int:
+        return self.max_request_size
+
     async def send(
         self, topic: str, value: bytes, *, key: bytes | None, headers: Any
     ) -> asyncio.Future[None]:

@@ -125,6 +125,9 @@ class Producer:
     def __init__(self, log: Changelog) -> None:
         self.log = log
 
+    def limit(self, topic: str) -> int:
+        return self.max_request_size
+
     async def send(
         self,
         topic: str,

@@ -535,3 +535,25 @@ async def test_a_record_written_straight_to_the_conversations_topic_gets_ingest_
     assert list(stage.table.items()) == []  # no state, under any key
     assert stage.sent(CHANGELOG) == []
     assert letter.original_value == stage.rt.codec.encode(event)
+
+
+async def test_states_fit_a_changelog_created_with_a_lower_max_message_bytes(
+    tmp_path: Path,
+) -> None:
+    """The changelog topic was created elsewhere with ``max.message.bytes`` far below the
+    producer's ``max_request_size``: history is shed to fit the topic, not the producer, so
+    the broker never refuses a changelog record (before: the worker exited with status 70 at
+    the first state over the topic's limit, and again after every restart)."""
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    stage.producer.record_limits[CHANGELOG] = LIMIT
+    limit = stage.table.max_value_bytes(KEY)
+    assert limit == LIMIT - len(KEY) - CHANGELOG_HEADROOM_BYTES
+    for i in range(1, 5):
+        await stage.batch(turn(f"m{i}", f"q{i}"))
+        await stage.batch(answer(stage.requests()[-1], f"a{i}" + "a" * (LIMIT // 3)))
+    assert [d.content[:2] for d in stage.deliveries()] == [f"a{i}" for i in range(1, 5)]
+    written = stage.sent(CHANGELOG)
+    assert max(len(v) for v in written) <= limit
+    assert [t.content[:2] for t in stage.state().history][-2:] == ["q4", "a4"]
+    assert stage.state().history[0].content[:2] != "q1"  # the oldest turns went
+    assert stage.letters() == []
