@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import signal
@@ -56,23 +55,6 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-GC_THRESHOLDS = (50_000, 20, 100)
-"""Collector thresholds of a worker (CPython's defaults: 700, 10, 10)."""
-
-
-def _tune_gc() -> None:
-    """Collect less often in a worker: its records are freed by reference counting anyway.
-
-    With CPython's defaults a worker spent ~15% of its CPU in the cyclic collector (1.97 s of
-    12.6 s in ``switchboard bench pipeline --conversations 6000``, timed with
-    ``gc.callbacks``); with ``GC_THRESHOLDS`` and the start-up objects frozen, 0.09 s. Objects
-    in reference cycles live a little longer; nothing else changes.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def _settings(**overrides: Any) -> Settings:
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**clean)
@@ -92,6 +74,7 @@ def worker() -> None:
     from aiokafka.errors import KafkaConnectionError
 
     from connectors.errors import ConnectorError
+    from streams.collector import tune_gc
     from streams.metrics import serve_metrics
     from streams.topics import TopicLayoutError, create_topics
 
@@ -110,7 +93,7 @@ def worker() -> None:
     from streams.worker import run_worker
 
     serve_metrics(settings.metrics_port)
-    _tune_gc()
+    tune_gc()
     loop = _new_event_loop()
     try:
         status = loop.run_until_complete(run_worker(settings, config))

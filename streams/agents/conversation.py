@@ -69,6 +69,7 @@ from schemas.models import (
 )
 from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
 from streams.agents.due import TICKS_PER_RUN, DueIndex
+from streams.collector import freeze_long_lived
 from streams.metrics import (
     CONVERSATIONS_ENDED,
     DROPPED,
@@ -538,7 +539,8 @@ def stage(
         # only caught up (another worker may have owned it in between), the rest restored.
         table.drop(table.partitions() - mine)
         try:
-            await table.restore(mine)
+            if await table.restore(mine):
+                freeze_long_lived()  # the restored states: out of every full collection
         finally:  # also when cancelled: the dropped partitions must leave the timer's index
             index.invalidate()
 

@@ -11,6 +11,7 @@ stage's consumer are recorded.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -397,3 +398,42 @@ async def test_the_conversation_hook_drops_and_restores_right_around_a_cancelled
     assert table.partitions() == {0, 1}
     assert (contents(0), contents(1)) == ("first", "second")
     assert stage.assigned == assignment(0, 1)
+
+
+async def test_the_states_a_restore_loaded_are_left_out_of_every_full_collection(
+    log: Changelog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full collection walks every tracked object: with 200,000 restored states it stalled
+    the worker for 1.6 s (BENCHMARKS.md). The hook freezes what the restore loaded."""
+    tables: list[ChangelogTable[ConversationState]] = []
+
+    class RecordingTable(ChangelogTable[ConversationState]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            tables.append(self)
+
+    monkeypatch.setattr(conversation, "ChangelogTable", RecordingTable)
+    monkeypatch.setattr(conversation, "changelog_topic", lambda settings: CHANGELOG)
+    config = SwitchboardConfig.model_validate(
+        {"personas": {"p": {"name": "P"}}, "routing": {"default_persona": "p"}}
+    )
+    rt = Runtime(Settings(data_dir=tmp_path), config)
+    rt.kafka = Producer(log)  # type: ignore[assignment]
+    stage, _ = conversation.stage(rt, {"conversations": "conv", "llm_responses": "resp"})
+    _recording(stage)
+    (table,) = tables
+    key = conversation_key("t", "c0").encode()
+    log.append(0, key, _state("c0", "first").model_dump_json().encode())
+    try:
+        await stage._assigned({TopicPartition(t, 0) for t in ("conv", "resp")})
+        await _hook_done(stage)
+        state = table.get(0, key)
+        assert state is not None
+        assert state.history[-1].content == "first"
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(state) not in tracked  # frozen: no generation holds it
+        assert id(state.history) not in tracked
+        assert gc.is_tracked(state)  # still a container the collector knows
+    finally:
+        gc.unfreeze()
+    assert id(state) in {id(o) for o in gc.get_objects()}  # what unfreeze gives back
