@@ -2,7 +2,8 @@
 
 Every stage is a consumer group of its own (``<app_id>.<stage>``). aiokafka's range assignor
 lays a topic's partitions out over the group's members sorted by **member id**, which the
-group coordinator makes up at every join (``<client_id>-<uuid>``): with two workers, partition
+group coordinator makes up for each member at its first join (``<client_id>-<uuid>``), so
+the order differs from group to group: with two workers, partition
 3 of the conversations topic may go to one worker and partition 3 of the LLM-requests topic
 to the other. A turn then crosses between workers at every hop although its records keep one
 key, and hence one partition number, on every topic (``streams.transport.key_partition``).
@@ -20,13 +21,20 @@ Nothing depends on it for correctness: while the groups rebalance one after the 
 with topics of different partition counts, a key's hops may run on different workers, as
 with any assignor.
 
-Members also offer aiokafka's ``range`` protocol, after this one: the group coordinator picks
-the first protocol every member supports, so workers of an older release (``range`` only)
-and of this one can share a group during a rolling upgrade.
+The protocol keeps the name ``range``: it is Kafka's range assignment, only with another
+member order (as Kafka's own ``RangeAssignor`` orders static members by ``group.instance.id``,
+KIP-345). Whichever member the coordinator elects leader, its assignment is a valid range
+layout, so workers of the previous release (aiokafka's ``RangePartitionAssignor``, by member
+id, sending empty ``user_data``) and of this one share a group in either order during a rolling
+upgrade or a rollback; a member without a worker id sorts first. A second protocol name offered
+beside ``range`` would not do: aiokafka 0.14.0 sends one JoinGroup request per assignor it is
+given, the first offering only the first protocol (aio-libs/aiokafka#1168), and a range-only
+member joining a group of such members is then refused (InconsistentGroupProtocol).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections import defaultdict
@@ -40,6 +48,8 @@ from aiokafka.coordinator.protocol import (
 )
 
 __all__ = ["CoPartitionedAssignor", "default_worker_id", "range_layout"]
+
+log = logging.getLogger(__name__)
 
 
 def default_worker_id() -> str:
@@ -72,7 +82,8 @@ class CoPartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  #
             are ordered by member id among themselves.
     """
 
-    name = "switchboard-copartitioned"
+    name = "range"
+    """Kafka's range protocol (see the module docstring)."""
     version = 0
 
     def __init__(self, worker_id: str) -> None:
@@ -90,7 +101,17 @@ class CoPartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  #
         """Range-assign each subscribed topic over its members sorted by (worker id, member
         id); run by the group's leader. Topics without partition metadata are left out, as
         aiokafka's range assignor does."""
-        order = sorted(members, key=lambda m: (bytes(members[m].user_data or b""), m))
+        ids = {m: bytes(members[m].user_data or b"") for m in members}
+        order = sorted(members, key=lambda m: (ids[m], m))
+        named = [worker for worker in ids.values() if worker]
+        if len(set(named)) < len(named):
+            log.warning(
+                "members share a worker id (%s): each worker's partitions may differ from one "
+                "stage to the next; give every worker its own SWITCHBOARD_WORKER_ID",
+                ", ".join(
+                    sorted({w.decode(errors="replace") for w in named if named.count(w) > 1})
+                ),
+            )
         per_topic: dict[str, list[str]] = defaultdict(list)
         for member in order:
             for topic in members[member].subscription:

@@ -29,7 +29,6 @@ from typing import Any, NoReturn, TypeAlias
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -671,10 +670,9 @@ class BatchConsumer:
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(500, session_ms // 6),
             rebalance_timeout_ms=rebalance_ms,
-            # co-partitioned first; range for members of older releases (rolling upgrade)
+            # one assignor only: aiokafka 0.14.0 sends a JoinGroup per assignor given
             partition_assignment_strategy=(
                 CoPartitionedAssignor(settings.worker_id or default_worker_id()),
-                RangePartitionAssignor,
             ),
         )
         self._stopping = asyncio.Event()

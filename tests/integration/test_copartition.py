@@ -97,11 +97,13 @@ def test_each_worker_gets_the_same_partition_numbers_in_every_stage(
     assert owned["worker-1"] == [{2, 3}] * 3, owned
 
 
-async def _mixed_group(broker: ManagedProcess) -> tuple[set[int], set[int]]:
+async def _mixed_group(broker: ManagedProcess, *, old_first: bool) -> tuple[set[int], set[int]]:
+    """A worker of the previous release (aiokafka's range assignor only) and one of this
+    release in one group, the old one joining first or last; their partitions once settled."""
     unique = f"copart-{uuid.uuid4().hex[:8]}"
     settings = _settings(broker, unique, "worker-new")
     await create_topics(settings)
-    old = AIOKafkaConsumer(  # a worker of the previous release: range only
+    old = AIOKafkaConsumer(
         settings.topics.conversations,
         bootstrap_servers=settings.broker_list(),
         group_id=f"{unique}.conversation",
@@ -111,18 +113,31 @@ async def _mixed_group(broker: ManagedProcess) -> tuple[set[int], set[int]]:
         enable_auto_commit=False,
         fetch_max_wait_ms=50,
     )
-    await old.start()
     new = BatchConsumer(settings, "conversation", [settings.topics.conversations], _ignore)
-    await new.start()
-    run = asyncio.ensure_future(new.run())
+    tasks: list[asyncio.Future[None]] = []
     polling = True
 
     async def poll_old() -> None:  # keeps the old member in its rejoin rounds
         while polling:
             await old.getmany(timeout_ms=100)
 
-    poller = asyncio.ensure_future(poll_old())
+    async def start_old() -> None:
+        await old.start()
+        tasks.append(asyncio.ensure_future(poll_old()))
+
+    async def start_new() -> None:
+        await new.start()
+        tasks.append(asyncio.ensure_future(new.run()))
+
     try:
+        if old_first:
+            await start_old()
+            assert await until(lambda: len(old.assignment()) == PARTITIONS, 30)
+            await start_new()
+        else:
+            await start_new()
+            assert await until(lambda: len(new.assigned) == PARTITIONS, 30)
+            await start_old()
         assert await until(
             lambda: (
                 len(new.assigned) + len(old.assignment()) == PARTITIONS
@@ -131,19 +146,22 @@ async def _mixed_group(broker: ManagedProcess) -> tuple[set[int], set[int]]:
             ),
             30,
         ), "the mixed group did not give both members partitions"
+        failed = [t for t in tasks if t.done() and t.exception() is not None]
+        assert not failed, f"a member failed: {[t.exception() for t in failed]}"
         return _numbers(new), {tp.partition for tp in old.assignment()}
     finally:
         polling = False
-        await asyncio.wait_for(poller, 10)
         new.stop_soon()
-        await asyncio.wait_for(run, 15)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
         await new.close()
         await old.stop()
 
 
-def test_a_group_with_a_range_only_member_still_assigns_every_partition(
-    broker: ManagedProcess,
+@pytest.mark.parametrize("old_first", [True, False], ids=["old-joins-first", "new-joins-first"])
+def test_a_group_mixing_releases_assigns_every_partition_whichever_joins_first(
+    broker: ManagedProcess, old_first: bool
 ) -> None:
-    new, old = asyncio.run(_mixed_group(broker))
+    """A rolling upgrade (old first) and a rollback (new first): both members get partitions."""
+    new, old = asyncio.run(_mixed_group(broker, old_first=old_first))
     assert new | old == set(range(PARTITIONS))
     assert not new & old

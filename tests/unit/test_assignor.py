@@ -91,13 +91,32 @@ def test_a_topic_without_metadata_is_left_out_and_a_member_may_get_nothing() -> 
     assert _owned(result["m-2"]) == {"t": []}
 
 
-def test_the_subscription_carries_the_worker_id_and_the_protocol_its_own_name() -> None:
+def test_the_subscription_carries_the_worker_id_under_kafkas_range_protocol() -> None:
     metadata = CoPartitionedAssignor("pod-7").metadata(["a", "b"])
     assert metadata.subscription == ["a", "b"]
     assert metadata.user_data == b"pod-7"
-    assert CoPartitionedAssignor.name != RangePartitionAssignor.name
+    # the same protocol name as the range-only release: a group can mix both, either way
+    assert CoPartitionedAssignor.name == RangePartitionAssignor.name == "range"
     encoded = metadata.encode()  # what JoinGroup carries, decoded by the leader
     assert ConsumerProtocolMemberMetadata.decode(encoded).user_data == b"pod-7"
+
+
+def test_a_member_of_the_previous_release_sorts_first_and_nothing_is_left_out() -> None:
+    cluster = Cluster({"t": 5})
+    members = _members({"m-0": "worker-0", "m-9": "worker-1"}, ["t"])
+    members["m-5"] = RangePartitionAssignor.metadata(["t"])  # empty user_data
+    result = CoPartitionedAssignor("x").assign(cluster, members)
+    assert {m: _owned(a)["t"] for m, a in result.items()} == {
+        "m-5": [0, 1],
+        "m-0": [2, 3],
+        "m-9": [4],
+    }
+
+
+def test_the_leader_warns_when_two_workers_share_an_id(caplog: pytest.LogCaptureFixture) -> None:
+    members = _members({"m-1": "pod", "m-2": "pod", "m-3": "other"}, ["t"])
+    CoPartitionedAssignor("x").assign(Cluster({"t": 3}), members)
+    assert "members share a worker id (pod)" in caplog.text
 
 
 @given(
