@@ -332,12 +332,11 @@ def _state(conversation_id: str, content: str) -> ConversationState:
     ).state
 
 
-async def test_the_conversation_hook_drops_and_restores_right_around_a_cancelled_restore(
+def _conversation_stage(
     log: Changelog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Assigned {0, 1}, then {1, 2} (restore cancelled by a revoke), then {0, 1} again: the
-    cancelled round drops partition 0 and restores nothing; the last one rebuilds 0 and
-    catches 1 up; the timer's index is rebuilt after each round, the cancelled one too."""
+) -> tuple[BatchConsumer, ChangelogTable[ConversationState], DueIndex]:
+    """The real conversation stage on ``log`` (topics ``conv`` and ``resp``), with the table
+    and the timer's index it made."""
     tables: list[ChangelogTable[ConversationState]] = []
     indexes: list[DueIndex] = []
 
@@ -362,6 +361,16 @@ async def test_the_conversation_hook_drops_and_restores_right_around_a_cancelled
     stage, _ = conversation.stage(rt, {"conversations": "conv", "llm_responses": "resp"})
     _recording(stage)
     (table,), (index,) = tables, indexes
+    return stage, table, index
+
+
+async def test_the_conversation_hook_drops_and_restores_right_around_a_cancelled_restore(
+    log: Changelog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assigned {0, 1}, then {1, 2} (restore cancelled by a revoke), then {0, 1} again: the
+    cancelled round drops partition 0 and restores nothing; the last one rebuilds 0 and
+    catches 1 up; the timer's index is rebuilt after each round, the cancelled one too."""
+    stage, table, index = _conversation_stage(log, tmp_path, monkeypatch)
     key = {p: conversation_key("t", f"c{p}").encode() for p in range(3)}
     for p in range(3):
         log.append(p, key[p], _state(f"c{p}", "first").model_dump_json().encode())
@@ -405,23 +414,7 @@ async def test_the_states_a_restore_loaded_are_left_out_of_every_full_collection
 ) -> None:
     """A full collection walks every tracked object: with 200,000 restored states it stalled
     the worker for 1.6 s (BENCHMARKS.md). The hook freezes what the restore loaded."""
-    tables: list[ChangelogTable[ConversationState]] = []
-
-    class RecordingTable(ChangelogTable[ConversationState]):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            tables.append(self)
-
-    monkeypatch.setattr(conversation, "ChangelogTable", RecordingTable)
-    monkeypatch.setattr(conversation, "changelog_topic", lambda settings: CHANGELOG)
-    config = SwitchboardConfig.model_validate(
-        {"personas": {"p": {"name": "P"}}, "routing": {"default_persona": "p"}}
-    )
-    rt = Runtime(Settings(data_dir=tmp_path), config)
-    rt.kafka = Producer(log)  # type: ignore[assignment]
-    stage, _ = conversation.stage(rt, {"conversations": "conv", "llm_responses": "resp"})
-    _recording(stage)
-    (table,) = tables
+    stage, table, _ = _conversation_stage(log, tmp_path, monkeypatch)
     key = conversation_key("t", "c0").encode()
     log.append(0, key, _state("c0", "first").model_dump_json().encode())
     try:
