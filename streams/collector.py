@@ -36,18 +36,19 @@ def tune_gc() -> None:
 
 
 def freeze_long_lived() -> int:
-    """Move every object the collector tracks now out of all future collections
-    (``gc.freeze``) after collecting the young generations; return how many were frozen.
+    """Collect every generation, then move every object the collector tracks out of all future
+    collections (``gc.freeze``); return how many were frozen.
 
-    For a table just restored: its states live until their conversation changes, and a
-    frozen object is still freed by reference counting when it is replaced or deleted. Only an
-    object in a reference cycle that is already garbage in the oldest generation at this moment
-    is never freed (the young generations are collected first); a worker's states and records
-    form no cycles.
+    For a table just restored: its states live until their conversation changes, and a frozen
+    object is still freed by reference counting when it is replaced or deleted. An object that
+    is alive now and later becomes garbage *inside a reference cycle* is never freed (the
+    collector no longer looks at it): call this once, when a worker has restored its table at
+    start-up, not at every rebalance. The full collection first (one stall, while the restored
+    partitions are still paused) keeps garbage that already exists out of the frozen set.
     """
-    gc.collect(1)
+    gc.collect()
     before = gc.get_freeze_count()
     gc.freeze()
     frozen = gc.get_freeze_count() - before
-    log.debug("froze %d long-lived objects", frozen)
+    log.info("froze %d long-lived objects after the first table restore", frozen)
     return frozen

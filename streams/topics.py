@@ -110,6 +110,14 @@ def _limits_in(responses: list[Any]) -> dict[str, int]:
         for resource in getattr(response, "resources", ()):
             code, name, entries = resource[0], resource[3], resource[4]
             if code != 0:
+                log.warning(
+                    "cannot read the max.message.bytes of %s (%s: %s); records up to %d bytes "
+                    "are sent to it",
+                    name,
+                    for_code(code).__name__,
+                    resource[1] or "",
+                    MAX_REQUEST_SIZE,
+                )
                 continue
             for entry in entries:
                 if entry[0] == "max.message.bytes" and entry[1] is not None:

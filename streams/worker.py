@@ -68,13 +68,15 @@ async def run_worker(settings: Settings, config: SwitchboardConfig) -> int:
         ConnectorError: Redis could not be reached at start-up.
     """
     rt = Runtime(settings, config)
-    produced = settings.topics.all() + [name for name, _ in internal_topics(settings)]
+    produced = [t for t in settings.topics.all() if t != settings.topics.inbound]
+    produced += [name for name, _ in internal_topics(settings)]  # the changelogs
     limits = await record_limits(settings, produced)
     producer = Producer(settings, record_limits=limits)
     for topic, limit in sorted(producer.record_limits.items()):
         log.warning(
             "%s takes records of at most %d bytes (max.message.bytes): larger records are "
-            "dead-lettered, conversation states trimmed to fit, and every batch kept within it",
+            "refused before they are sent, conversation states trimmed to fit, and every "
+            "batch, on every topic, kept within it",
             topic,
             limit,
         )

@@ -516,6 +516,8 @@ def stage(
         decode=_decode_state,
     )
     conversations = topics["conversations"]
+    frozen: list[bool] = []
+    """Non-empty once a restore's states were frozen (``streams.collector``)."""
 
     async def handle(messages: list[RawMessage]) -> None:
         batch = Batch(table, index)  # a retried batch starts again from the table
@@ -539,8 +541,9 @@ def stage(
         # only caught up (another worker may have owned it in between), the rest restored.
         table.drop(table.partitions() - mine)
         try:
-            if await table.restore(mine):
+            if await table.restore(mine) and not frozen:
                 freeze_long_lived()  # the restored states: out of every full collection
+                frozen.append(True)  # once per worker: see freeze_long_lived
         finally:  # also when cancelled: the dropped partitions must leave the timer's index
             index.invalidate()
 
