@@ -188,7 +188,7 @@ class Producer:
             "bootstrap_servers": settings.broker_list(),
             "acks": "all",
             "linger_ms": 10,
-            "max_batch_size": min(MAX_BATCH_BYTES, *self.record_limits.values(), MAX_BATCH_BYTES),
+            "max_batch_size": min([MAX_BATCH_BYTES, *self.record_limits.values()]),
             "max_request_size": MAX_REQUEST_SIZE,
             "request_timeout_ms": 30_000,
             "partitioner": key_partition,
