@@ -62,6 +62,7 @@ __all__ = [
     "handling",
     "is_transient",
     "key_partition",
+    "record_bytes",
     "step_over",
     "track_acknowledgement",
     "unreadable",
@@ -154,6 +155,18 @@ def key_partition(key: bytes | None, all_partitions: list[int], available: list[
     return all_partitions[_key_hash(key) % len(all_partitions)]
 
 
+def record_bytes(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None
+) -> int:
+    """aiokafka's upper bound of the size (bytes) of a record alone in its batch, batch header
+    included: what ``AIOKafkaProducer.send`` checks against ``max_request_size``, and what a
+    topic's ``max.message.bytes`` bounds."""
+    estimate: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        key, value, list(headers or ())
+    )
+    return estimate
+
+
 MAX_BATCH_BYTES = 1024 * 1024
 """Largest record batch (bytes) the producer builds, unless a topic takes less."""
 
@@ -244,7 +257,7 @@ class Producer:
         if self.record_limits:
             lower = self.record_limits.get(topic)
             if lower is not None:
-                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or [])
+                size = record_bytes(key, value, headers)
                 if size > lower:
                     raise MessageSizeTooLargeError(
                         f"a record of {size} bytes exceeds the max.message.bytes of {topic} "

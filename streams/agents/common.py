@@ -12,7 +12,6 @@ from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from processors.tracing import TRACEPARENT, child_traceparent
 from schemas.errors import EncodeError
@@ -26,6 +25,7 @@ from streams.transport import (
     cooperate,
     handling,
     is_transient,
+    record_bytes,
     track_acknowledgement,
 )
 
@@ -173,12 +173,6 @@ _MINIMAL_REASON_CHARS = 2000
 """Longest reason (characters) kept in a dead letter stripped of the original record."""
 
 
-def _record_bytes(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
-    """aiokafka's upper bound of the size of a record (bytes), as ``send()`` checks it."""
-    estimate: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
-    return estimate
-
-
 def _original_note(value: bytes | None) -> str:
     if value is None:
         return "the original value was null"
@@ -225,7 +219,7 @@ def _fit(
     limit = rt.producer.limit(topic)
     budget = limit - DEAD_LETTER_HEADROOM_BYTES
     encoded = rt.codec.encode(letter)
-    if _record_bytes(key, encoded, headers) <= budget:
+    if record_bytes(key, encoded, headers) <= budget:
         return letter, encoded, key
     original = letter.original_value
     full = len(encoded)
@@ -243,14 +237,14 @@ def _fit(
         # The reason is measured with the longest ``kept`` it can give; the value's length
         # prefix (a zig-zag varint) takes at most 10 bytes more than for an empty value.
         shell = letter.model_copy(update={"reason": note(len(original)), "original_value": b""})
-        room = budget - _record_bytes(key, rt.codec.encode(shell), headers) - 10
+        room = budget - record_bytes(key, rt.codec.encode(shell), headers) - 10
         if room > 0:
             kept = original[:room]
             truncated = letter.model_copy(
                 update={"reason": note(len(kept)), "original_value": kept}
             )
             encoded = rt.codec.encode(truncated)
-            if _record_bytes(key, encoded, headers) <= budget:
+            if record_bytes(key, encoded, headers) <= budget:
                 return truncated, encoded, key
     minimal = _stripped(
         letter,

@@ -8,9 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from streams.transport import MAX_REQUEST_SIZE, track_acknowledgement
+from streams.transport import MAX_REQUEST_SIZE, record_bytes, track_acknowledgement
 
 
 @dataclass
@@ -25,7 +24,7 @@ class Sent:
 @dataclass
 class RecordingProducer:
     """Takes records like aiokafka's ``send()``: ``MessageSizeTooLargeError`` above
-    ``max_request_size`` (``DefaultRecordBatchBuilder.estimate_size_in_bytes``), else a
+    ``max_request_size`` (``streams.transport.record_bytes``), else a
     delivery future counted in the batch being handled (its result has ``topic``,
     ``partition`` and ``offset``, the record's index in ``sent``). ``raises``: errors
     ``send()`` raises in turn before taking a record; ``refusals``: errors the
@@ -53,7 +52,7 @@ class RecordingProducer:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[Any]:
         headers = list(headers or ())
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        size = record_bytes(key, value, headers)
         if self.raises:
             raise self.raises.pop(0)
         if size > self.limit(topic):
