@@ -516,8 +516,7 @@ def stage(
         decode=_decode_state,
     )
     conversations = topics["conversations"]
-    frozen: list[bool] = []
-    """Non-empty once a restore's states were frozen (``streams.collector``)."""
+    frozen = False  # once a restore's states were frozen (``streams.collector``)
 
     async def handle(messages: list[RawMessage]) -> None:
         batch = Batch(table, index)  # a retried batch starts again from the table
@@ -536,6 +535,7 @@ def stage(
         are revoked before it finished; the table then keeps what it held before the restore
         (less what was dropped here), which the next assignment catches up or drops.
         """
+        nonlocal frozen
         mine = {tp.partition for tp in tps if tp.topic == conversations}
         # Eager rebalances revoke everything first; what comes back to this worker is kept and
         # only caught up (another worker may have owned it in between), the rest restored.
@@ -543,7 +543,7 @@ def stage(
         try:
             if await table.restore(mine) and not frozen:
                 freeze_long_lived()  # the restored states: out of every full collection
-                frozen.append(True)  # once per worker: see freeze_long_lived
+                frozen = True  # once per worker: see freeze_long_lived
         finally:  # also when cancelled: the dropped partitions must leave the timer's index
             index.invalidate()
 
