@@ -8,6 +8,7 @@ same run, so the figure holds on a noisy machine where absolute times do not.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import tempfile
 import time
@@ -30,7 +31,9 @@ __all__ = [
     "bench_pipeline",
     "codec_hop",
     "conversation_lines",
+    "parallel_chains_throughput",
     "raw_chain_throughput",
+    "raw_chain_window",
 ]
 
 _QUESTIONS = (
@@ -109,6 +112,10 @@ def _workers_cpu_s(stack: EmbeddedStack) -> float | None:
     return total if stack.worker_procs else None
 
 
+def _broker_cpu_s(stack: EmbeddedStack) -> float | None:
+    return process_cpu_s(stack.broker.process.pid) if stack.broker is not None else None
+
+
 def _run(
     lines: list[dict[str, Any]],
     *,
@@ -128,6 +135,7 @@ def _run(
     with stack:
         stack.wait_ready()
         cpu_before = _workers_cpu_s(stack)
+        broker_before = _broker_cpu_s(stack)
         result = asyncio.run(
             replay(
                 stack.settings(),
@@ -137,12 +145,16 @@ def _run(
             )
         )
         cpu_after = _workers_cpu_s(stack)
+        broker_after = _broker_cpu_s(stack)
         peak_rss_mb = _workers_peak_rss_mb(stack)
     summary = result.summary()
     turns = summary["records_in"]
     cpu_per_turn = None
     if cpu_before is not None and cpu_after is not None and turns:
         cpu_per_turn = round((cpu_after - cpu_before) * 1e6 / turns, 1)
+    broker_per_turn = None
+    if broker_before is not None and broker_after is not None and turns:
+        broker_per_turn = round((broker_after - broker_before) * 1e6 / turns, 1)
     latencies = sorted(o.report.latency_ms for o in result.outcomes.values() if o.report)
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0
     return {
@@ -154,6 +166,7 @@ def _run(
         "order_violations": _order_violations(result, directory / "outbox.jsonl"),
         "worker_cpu_us_per_turn": cpu_per_turn,
         "worker_peak_rss_mb": peak_rss_mb,
+        "broker_cpu_us_per_turn": broker_per_turn,
     }
 
 
@@ -208,7 +221,7 @@ def bench_llm(
     }
 
 
-async def raw_chain_throughput(
+async def raw_chain_window(
     brokers: str,
     records: int,
     hops: int,
@@ -216,13 +229,21 @@ async def raw_chain_throughput(
     *,
     value: bytes = b"x" * 300,
     transform: Callable[[bytes], bytes] | None = None,
-) -> float:
-    """Records/s through ``hops`` aiokafka consume→produce stages in one process.
+    timeout_s: float = 600.0,
+) -> tuple[float, float]:
+    """Move ``records`` through ``hops`` aiokafka consume→produce stages in one process.
 
     Stage i consumes topic i and produces every record to topic i+1, like a pipeline stage
     with no work of its own; with ``transform``, each stage sends ``transform(value)`` instead
-    of the bytes it read. Every record starts as ``value``. The rate is measured from the
-    first send to the last record read from the final topic.
+    of the bytes it read. Every record starts as ``value``; the topics are new ones.
+
+    Returns:
+        ``time.monotonic()`` (s) at the first send and after the last record was read from
+        the final topic: CLOCK_MONOTONIC, comparable across processes of this machine.
+
+    Raises:
+        TimeoutError: The records were not all read from the final topic in ``timeout_s``.
+        Exception: Whatever a stage raised (``transform``'s errors among them).
     """
     prefix = f"raw-{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}.{i}" for i in range(hops + 1)]
@@ -258,18 +279,84 @@ async def raw_chain_throughput(
             batch = await consumers[-1].getmany(timeout_ms=100, max_records=5000)
             seen += sum(len(b) for b in batch.values())
 
-    started = time.perf_counter()
+    started = time.monotonic()
     tasks = [asyncio.create_task(stage(i)) for i in range(hops)]
-    for n in range(records):
-        await producer.send(names[0], value, key=f"k{n % 997}".encode())
-    await sink()
-    elapsed = time.perf_counter() - started
-    for task in tasks:
-        task.cancel()
-    for consumer in consumers:
-        await consumer.stop()
-    await producer.stop()
-    return records / elapsed
+    try:
+        for n in range(records):
+            await producer.send(names[0], value, key=f"k{n % 997}".encode())
+        reading = asyncio.create_task(sink())
+        tasks.append(reading)
+        pending = set(tasks)
+        while not reading.done():
+            left = started + timeout_s - time.monotonic()
+            done, pending = await asyncio.wait(
+                pending, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                raise TimeoutError(f"raw chain: {records} records not through in {timeout_s} s")
+            for task in done:
+                task.result()  # a stage's exception, raised here
+        ended = time.monotonic()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for consumer in consumers:
+            await consumer.stop()
+        await producer.stop()
+    return started, ended
+
+
+async def raw_chain_throughput(
+    brokers: str,
+    records: int,
+    hops: int,
+    partitions: int,
+    *,
+    value: bytes = b"x" * 300,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> float:
+    """Records/s through one raw chain (``raw_chain_window``), measured from the first send
+    to the last record read from the final topic."""
+    started, ended = await raw_chain_window(
+        brokers, records, hops, partitions, value=value, transform=transform
+    )
+    return records / (ended - started)
+
+
+def _chain_process(
+    brokers: str, records: int, hops: int, partitions: int, codec: bool
+) -> tuple[float, float]:
+    value, hop = codec_hop()
+    return asyncio.run(
+        raw_chain_window(
+            brokers, records, hops, partitions, value=value, transform=hop if codec else None
+        )
+    )
+
+
+def parallel_chains_throughput(
+    brokers: str, records: int, hops: int, partitions: int, *, chains: int, codec: bool = False
+) -> float:
+    """Records/s of ``chains`` raw chains run side by side, one process each, the baseline for
+    a pipeline of ``chains`` worker processes on the same cores.
+
+    Each chain moves ``records // chains`` records (``codec_hop`` at every hop if ``codec``)
+    through topics of its own; the rate is all records moved over the time from the first
+    chain's first send to the last chain's last read. One chain runs in this process.
+    """
+    if chains <= 1:
+        value, hop = codec_hop()
+        return asyncio.run(
+            raw_chain_throughput(
+                brokers, records, hops, partitions, value=value, transform=hop if codec else None
+            )
+        )
+    share = max(1, records // chains)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(chains) as pool:
+        windows = pool.starmap(_chain_process, [(brokers, share, hops, partitions, codec)] * chains)
+    elapsed = max(end for _, end in windows) - min(start for start, _ in windows)
+    return share * chains / elapsed
 
 
 def codec_hop() -> tuple[bytes, Callable[[bytes], bytes]]:
@@ -303,8 +390,10 @@ def codec_hop() -> tuple[bytes, Callable[[bytes], bytes]]:
 def bench_pipeline(
     *, conversations: int = 2000, turns: int = 3, workers: int = 1, timeout_s: float = 900.0
 ) -> dict[str, Any]:
-    """CPU-bound: zero-latency engine and the outbox connector, against a raw aiokafka chain
-    with the same number of topic hops measured on the same broker in the same run.
+    """CPU-bound: zero-latency engine and the outbox connector, against raw aiokafka chains
+    with the same number of topic hops measured on the same broker in the same run: one chain
+    per worker process, side by side (``parallel_chains_throughput``), so that both sides
+    have the same number of Python processes on the machine's cores.
 
     A second chain, the *codec chain*, also decodes and re-encodes every record at every hop
     (``codec_hop``): the cost of the Avro and pydantic contracts alone, with none of the
@@ -318,21 +407,19 @@ def bench_pipeline(
     lines = conversation_lines(conversations, turns)
     ours = _run(lines, workers=workers, timeout_s=timeout_s, mutate=mutate)
     directory = Path(tempfile.mkdtemp(prefix="switchboard-bench-raw-"))
-    value, hop = codec_hop()
     with EmbeddedStack(workers=0, data_dir=directory) as stack:
         brokers, partitions = stack.settings().kafka_brokers, stack.partitions
-        raw_rate = asyncio.run(
-            raw_chain_throughput(brokers, len(lines), PIPELINE_HOPS, partitions, value=value)
+        raw_rate = parallel_chains_throughput(
+            brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers
         )
-        codec_rate = asyncio.run(
-            raw_chain_throughput(
-                brokers, len(lines), PIPELINE_HOPS, partitions, value=value, transform=hop
-            )
+        codec_rate = parallel_chains_throughput(
+            brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers, codec=True
         )
     return {
         "benchmark": "pipeline",
         "workers": workers,
         "hops": PIPELINE_HOPS,
+        "raw_chains": max(1, workers),
         **ours,
         "raw_chain_turns_per_s": round(raw_rate, 1),
         "codec_chain_turns_per_s": round(codec_rate, 1),
