@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from processors.config import ConversationConfig, PersonaConfig
 from processors.conversation_state import (
@@ -72,6 +73,7 @@ from processors.conversation_state import (
     Turn,
 )
 from processors.ids import scoped_id
+from schemas.codec import avro_long_bytes
 from schemas.models import (
     ChatMessage,
     ConversationEvent,
@@ -86,6 +88,7 @@ from schemas.models import (
 )
 
 __all__ = [
+    "TrimmedRequest",
     "check_timeout",
     "deadline_s",
     "ended_at",
@@ -99,6 +102,7 @@ __all__ = [
     "reissue_due",
     "shed_history",
     "summarize",
+    "trim_request",
     "unanswered_turn",
 ]
 
@@ -215,6 +219,64 @@ def shed_history(
         if freed >= excess_bytes:
             return state.model_copy(update={"history": history[count:]}), count
     return None
+
+
+def _chat_message_bytes(message: ChatMessage) -> int:
+    """Avro bytes of one ``ChatMessage``: the role's enum index (an int, one byte for the
+    first 64 symbols) and the content (a long length, then its UTF-8 bytes)."""
+    content = len(message.content.encode())
+    return 1 + avro_long_bytes(content) + content
+
+
+class TrimmedRequest(NamedTuple):
+    """A request made smaller by :func:`trim_request`."""
+
+    request: LLMRequest
+    dropped: int
+    """Oldest messages left out."""
+    cut_bytes: int
+    """UTF-8 bytes cut from the end of the last message (0 when it is whole)."""
+
+
+def trim_request(request: LLMRequest, excess_bytes: int) -> TrimmedRequest | None:
+    """Make the Avro body of ``request`` at least ``excess_bytes`` shorter.
+
+    The conversation stage calls this when the request is ``excess_bytes`` (bytes, > 0) over
+    the ``max.message.bytes`` of the LLM-requests topic, which may be lower than the
+    changelog's: the conversation's state keeps its whole history and the user's whole
+    message, only this request carries less. The oldest messages go first, as the engine's
+    token budget would drop them. When the last message, the user turn to answer, is still
+    too large alone, its end is cut (at a character boundary): the turn is answered from
+    the start of the message rather than not at all.
+
+    The bytes freed are a lower bound: each dropped message's Avro bytes (``ChatMessage``),
+    or the bytes cut from a string, while the array's block count and the string's length
+    prefix can only get shorter (Avro 1.11 specification, "Binary Encoding").
+
+    Returns:
+        The smaller request, or None when even an empty last message would not free enough
+        (the request's other fields are too large).
+    """
+    freed = 0
+    messages = request.messages
+    for count, message in enumerate(messages[:-1], start=1):
+        freed += _chat_message_bytes(message)
+        if freed >= excess_bytes:
+            return TrimmedRequest(
+                request.model_copy(update={"messages": messages[count:]}), count, 0
+            )
+    last = messages[-1]
+    content = last.content.encode()
+    need = excess_bytes - freed
+    if need > len(content) + avro_long_bytes(len(content)) - avro_long_bytes(0):
+        return None
+    kept = content[: max(len(content) - need, 0)].decode(errors="ignore")  # split chars go
+    cut = last.model_copy(update={"content": kept})
+    return TrimmedRequest(
+        request.model_copy(update={"messages": [cut]}),
+        len(messages) - 1,
+        len(content) - len(kept.encode()),
+    )
 
 
 def _request(state: ConversationState, turn: PendingTurn, cfg: ConversationConfig) -> LLMRequest:

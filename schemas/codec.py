@@ -40,7 +40,7 @@ from schemas.errors import (
 from schemas.models import AvroRecord, InboundMessage
 from schemas.schema_registry_client import SchemaRegistry, subject_for
 
-__all__ = ["SINGLE_OBJECT_MAGIC", "Codec"]
+__all__ = ["SINGLE_OBJECT_MAGIC", "Codec", "avro_long_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ def _answered_for_good(exc: SchemaRegistryError) -> bool:
     if exc.status is None:
         return not exc.retriable
     return 400 <= exc.status < 500 and exc.status not in _REGISTRY_ACCESS_ERRORS
+
+
+def avro_long_bytes(value: int) -> int:
+    """Bytes of ``value`` as an Avro ``long``: zig-zag, then a base-128 varint (Avro 1.11
+    specification, "Binary Encoding")."""
+    zigzag = (value << 1) ^ (value >> 63)
+    return max(1, (zigzag.bit_length() + 6) // 7)
 
 
 class Codec:

@@ -33,6 +33,8 @@ __all__ = [
     "LLM_TOKENS",
     "RECORDS_IN",
     "RECORDS_OUT",
+    "REQUEST_CONTENT_CUT",
+    "REQUEST_HISTORY_TRIMMED",
     "STAGE_ERRORS",
     "child",
     "serve_metrics",
@@ -82,6 +84,16 @@ HISTORY_SHED = Counter(
     "switchboard_history_turns_shed_total",
     "Oldest history turns dropped from conversation states so that each state fits in one "
     "changelog record.",
+)
+REQUEST_HISTORY_TRIMMED = Counter(
+    "switchboard_llm_request_messages_trimmed_total",
+    "Oldest history messages left out of LLM requests so that each request fits the "
+    "max.message.bytes of the LLM-requests topic (the conversation's state keeps them).",
+)
+REQUEST_CONTENT_CUT = Counter(
+    "switchboard_llm_request_contents_cut_total",
+    "LLM requests whose last message (the user turn) was cut at the end to fit the "
+    "max.message.bytes of the LLM-requests topic (the conversation's state keeps it whole).",
 )
 END_TO_END_LATENCY = Histogram(
     "switchboard_end_to_end_latency_seconds",

@@ -34,6 +34,7 @@ __all__ = [
     "RawMessage",
     "UnmarkedKeys",
     "dead_letter",
+    "encoded_size",
     "headers_of",
     "internal_error",
     "parse_each",
@@ -92,6 +93,13 @@ async def send_record(
         headers=_trace_headers(parent),
         stage=stage,
     )
+
+
+def encoded_size(rt: Runtime, record: AvroRecord, *, key: bytes | None) -> int:
+    """Bytes ``send_record`` sends for ``record`` under ``key`` (``record_bytes`` of the key,
+    the encoded value and a traceparent header, whose length is fixed), to compare with a
+    topic's limit (``Producer.limit``)."""
+    return record_bytes(key, rt.codec.encode(record), _trace_headers(None))
 
 
 def _trace_headers(parent: RawMessage | None) -> list[tuple[str, bytes]]:

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 
 from processors.business_rules import failure_reply
 from processors.conversation import (
@@ -45,6 +46,7 @@ from processors.conversation import (
     reissue_due,
     shed_history,
     summarize,
+    trim_request,
     unanswered_turn,
 )
 from processors.conversation_state import (
@@ -63,11 +65,18 @@ from schemas.errors import DecodeError
 from schemas.models import (
     ConversationEvent,
     ConversationEventKind,
+    LLMRequest,
     LLMResponse,
     LLMStatus,
     utcnow,
 )
-from streams.agents.common import RawMessage, dead_letter, internal_error, send_record
+from streams.agents.common import (
+    RawMessage,
+    dead_letter,
+    encoded_size,
+    internal_error,
+    send_record,
+)
 from streams.agents.due import TICKS_PER_RUN, DueIndex
 from streams.collector import freeze_long_lived
 from streams.metrics import (
@@ -76,6 +85,8 @@ from streams.metrics import (
     HISTORY_SHED,
     LLM_OUTCOMES,
     RECORDS_IN,
+    REQUEST_CONTENT_CUT,
+    REQUEST_HISTORY_TRIMMED,
     STAGE_ERRORS,
     child,
 )
@@ -320,9 +331,7 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         state, encoded = fitting
     for effect in transition.effects:
         if isinstance(effect, IssueLLM):
-            await send_record(
-                rt, topics["llm_requests"], effect.request, key=key, stage=STAGE, parent=message
-            )
+            await _send_request(rt, topics["llm_requests"], effect.request, key, message)
         elif isinstance(effect, Deliver):
             await send_record(
                 rt,
@@ -360,6 +369,43 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             )
     if changed:
         batch.stage(message.partition, key, state, encoded)
+
+
+async def _send_request(
+    rt: Runtime, topic: str, request: LLMRequest, key: bytes, parent: RawMessage
+) -> None:
+    """Send ``request`` on the LLM-requests topic, made smaller (``trim_request``: oldest
+    messages left out, else the end of the last one cut) when it is over the topic's
+    ``max.message.bytes``.
+
+    Raises:
+        MessageSizeTooLargeError: The request's other fields alone are over the limit (the
+            caller dead-letters the input).
+    """
+    try:
+        await send_record(rt, topic, request, key=key, stage=STAGE, parent=parent)
+        return
+    except MessageSizeTooLargeError:
+        limit = rt.producer.limit(topic)
+        size = encoded_size(rt, request, key=key)
+        trimmed = trim_request(request, size - limit) if size > limit else None
+        if trimmed is None:
+            raise
+    await send_record(rt, topic, trimmed.request, key=key, stage=STAGE, parent=parent)
+    REQUEST_HISTORY_TRIMMED.inc(trimmed.dropped)
+    if trimmed.cut_bytes:
+        REQUEST_CONTENT_CUT.inc()
+    log.info(
+        "conversation %s: request %s was %d bytes, over the %d-byte max.message.bytes of %s: "
+        "sent without its %d oldest message(s) and %d bytes cut from the end of the last",
+        request.conversation_id,
+        request.request_id,
+        size,
+        limit,
+        topic,
+        trimmed.dropped,
+        trimmed.cut_bytes,
+    )
 
 
 def _fitting(

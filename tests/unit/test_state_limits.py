@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import REGISTRY
 from support.producer import RecordingProducer
 from support.records import consumed
@@ -557,3 +558,69 @@ async def test_states_fit_a_changelog_created_with_a_lower_max_message_bytes(
     assert [t.content[:2] for t in stage.state().history][-2:] == ["q4", "a4"]
     assert stage.state().history[0].content[:2] != "q1"  # the oldest turns went
     assert stage.letters() == []
+
+
+def _trimmed_count() -> float:
+    return _count("switchboard_llm_request_messages_trimmed_total")
+
+
+async def test_a_request_over_a_lower_llm_requests_limit_leaves_out_its_oldest_messages(
+    tmp_path: Path,
+) -> None:
+    """The LLM-requests topic was created elsewhere with a ``max.message.bytes`` below the
+    changelog's: the history fits the state but not one request. Before, every later input of
+    the conversation was dead-lettered (the send raised); now the request leaves out the
+    oldest messages, the state keeps them, and every turn is answered."""
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    request_limit = 8 * 1024
+    stage.producer.record_limits[TOPICS["llm_requests"]] = request_limit
+    trimmed = _trimmed_count()
+    for i in range(1, 5):
+        await stage.batch(turn(f"m{i}", f"q{i}"))
+        await stage.batch(answer(stage.requests()[-1], f"a{i}" + "a" * 3_000))
+
+    assert stage.letters() == []
+    assert [d.content[:2] for d in stage.deliveries()] == [f"a{i}" for i in range(1, 5)]
+    requests = stage.requests()
+    assert [r.turn_id for r in requests] == ["m1", "m2", "m3", "m4"]
+    sizes = [s.size for s in stage.producer.sent if s.topic == TOPICS["llm_requests"]]
+    assert max(sizes) <= request_limit
+    # m4's request would carry q1 a1 q2 a2 q3 a3 q4 (~9 KB): the oldest went, q4 stayed last
+    last = [m.content[:2] for m in requests[-1].messages]
+    assert last[-1] == "q4"
+    assert "q1" not in last
+    assert "a1" not in last
+    assert len(last) < 7
+    assert [t.content[:2] for t in stage.state().history][:2] == ["q1", "a1"]  # state keeps them
+    assert _trimmed_count() >= trimmed + 7 - len(last)
+
+
+async def test_a_user_message_alone_over_the_limit_is_asked_with_its_end_cut(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    stage.producer.record_limits[TOPICS["llm_requests"]] = 2 * 1024
+    cut = _count("switchboard_llm_request_contents_cut_total")
+    await stage.batch(turn("m1", "é" * 3_000))  # 6,000 bytes of UTF-8
+
+    [request] = stage.requests()
+    [message] = request.messages
+    assert 900 < len(message.content) < 1_024  # whole characters: no split "é"
+    assert set(message.content) == {"é"}
+    [sent] = [s for s in stage.producer.sent if s.topic == TOPICS["llm_requests"]]
+    assert 2 * 1024 - 8 <= sent.size <= 2 * 1024  # cut by what was over, give or take a byte
+    assert stage.state().history[-1].content == "é" * 3_000  # the state keeps it whole
+    assert _count("switchboard_llm_request_contents_cut_total") == cut + 1
+    await stage.batch(answer(request, "an answer"))
+    assert [d.content for d in stage.deliveries()] == ["an answer"]
+    assert stage.letters() == []
+
+
+async def test_a_request_whose_other_fields_alone_are_over_the_limit_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    stage.producer.record_limits[TOPICS["llm_requests"]] = 2 * 1024
+    with pytest.raises(MessageSizeTooLargeError, match=r"\d+ bytes > 2048"):
+        await stage.batch(turn("m1", "hi", metadata={"x": "y" * 3_000}))
+    assert stage.requests() == []
