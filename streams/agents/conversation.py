@@ -106,6 +106,9 @@ VALIDATE_STAGE = "conversation.validate"
 ingest stage applies (a tenant that could collide with another's keys, a blank event id)."""
 QUEUE_STAGE = "conversation.queue"
 """Dead-letter stage of a user turn refused because the conversation's queue is full."""
+REPLY_STAGE = "conversation.reply"
+"""Dead-letter stage of an LLM response whose reply is too large for the delivery-requests
+topic (the turn is answered with the persona's failure reply instead)."""
 
 
 def apply(
@@ -166,11 +169,12 @@ def _reply_too_large(
     rt: Runtime,
     before: ConversationState | None,
     record: ConversationEvent | LLMResponse,
-    size: int,
+    error: str,
     now: datetime,
 ) -> Transition | None:
-    """For an LLM response that answers the pending turn but makes the state ``size`` bytes,
-    too large for the changelog: the transition with the response's content replaced by the
+    """For an LLM response that answers the pending turn but whose reply cannot be kept or
+    sent (``error`` says why: the state too large for the changelog, the delivery request
+    too large for its topic): the transition with the response's content replaced by the
     persona's failure reply (``processors.business_rules.failure_reply``, status ``failed``),
     its usage kept. None for any other input (it is only dead-lettered): without this the
     turn would stay pending and be asked of the LLM again at every deadline."""
@@ -181,12 +185,20 @@ def _reply_too_large(
     status, reply = failure_reply(
         rt.config.persona(record.persona), rt.config.llm.on_failure, LLMStatus.FAILED
     )
-    error = (
-        f"the reply ({len(record.content)} characters) made the conversation's state {size} "
-        "bytes, too large for the changelog; the persona's failure reply was sent instead"
-    )
     substitute = record.model_copy(update={"status": status, "content": reply, "error": error})
     return on_llm_response(before, substitute, cfg=rt.config.conversation, now=now)
+
+
+class _ReplyTooLarge(Exception):
+    """The first effect of an LLM response's transition, its Deliver, is over the
+    delivery-requests topic's limit (``size`` and ``limit`` in bytes); nothing was sent.
+    ``too_large`` is the producer's error."""
+
+    def __init__(self, size: int, limit: int, too_large: MessageSizeTooLargeError) -> None:
+        super().__init__(f"{size} bytes over {limit}")
+        self.size = size
+        self.limit = limit
+        self.too_large = too_large
 
 
 def _decode(rt: Runtime, message: RawMessage) -> ConversationEvent | LLMResponse:
@@ -320,7 +332,11 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         fitting = _fitting(state, limit, before)
         if isinstance(fitting, int):
             size = fitting
-            instead = _reply_too_large(rt, before, record, size, now)
+            error = (
+                f"the reply made the conversation's state {size} bytes, too large for the "
+                "changelog; the persona's failure reply was sent instead"
+            )
+            instead = _reply_too_large(rt, before, record, error, now)
             if instead is not None:  # the failure reply fits once old history is shed
                 fitting = _fitting(instead.state, limit, before)
             replaced = instead is not None and not isinstance(fitting, int)
@@ -329,18 +345,76 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
                 return
             transition = instead
         state, encoded = fitting
-    for effect in transition.effects:
+    try:
+        await _send_effects(rt, topics, message, record, transition, state, key)
+    except _ReplyTooLarge as exc:
+        error = (
+            f"the reply's delivery request was {exc.size} bytes, over the {exc.limit}-byte "
+            f"max.message.bytes of {topics['delivery_requests']}; the persona's failure reply "
+            "was sent instead"
+        )
+        instead = _reply_too_large(rt, before, record, error, now)
+        if instead is None:
+            raise exc.too_large from None
+        fitting = _fitting(instead.state, batch.table.max_value_bytes(key), before)
+        if isinstance(fitting, int):
+            raise exc.too_large from None
+        transition, changed = instead, True
+        state, encoded = fitting
+        try:
+            await _send_effects(rt, topics, message, record, transition, state, key)
+        except _ReplyTooLarge as again:  # the failure reply too: the input is dead-lettered
+            raise again.too_large from None
+        await dead_letter(
+            rt,
+            topics["deadletter"],
+            message,
+            stage=REPLY_STAGE,
+            reason=error,
+            error_type="ReplyTooLarge",
+            message_id=record.turn_id if isinstance(record, LLMResponse) else None,
+            tenant=record.tenant,
+        )
+        child(STAGE_ERRORS, STAGE, "ReplyTooLarge").inc()
+    if changed:
+        batch.stage(message.partition, key, state, encoded)
+
+
+async def _send_effects(
+    rt: Runtime,
+    topics: dict[str, str],
+    message: RawMessage,
+    record: ConversationEvent | LLMResponse,
+    transition: Transition,
+    state: ConversationState,
+    key: bytes,
+) -> None:
+    """Send the records of ``transition``'s effects, in order.
+
+    Raises:
+        _ReplyTooLarge: The first effect of an LLM response's transition is a Deliver over
+            the delivery-requests topic's ``max.message.bytes`` (nothing was sent).
+    """
+    for position, effect in enumerate(transition.effects):
         if isinstance(effect, IssueLLM):
             await _send_request(rt, topics["llm_requests"], effect.request, key, message)
         elif isinstance(effect, Deliver):
-            await send_record(
-                rt,
-                topics["delivery_requests"],
-                effect.request,
-                key=effect.request.recipient,
-                stage=STAGE,
-                parent=message,
-            )
+            try:
+                await send_record(
+                    rt,
+                    topics["delivery_requests"],
+                    effect.request,
+                    key=effect.request.recipient,
+                    stage=STAGE,
+                    parent=message,
+                )
+            except MessageSizeTooLargeError as exc:
+                if position or not isinstance(record, LLMResponse):
+                    raise
+                recipient = effect.request.recipient.encode()
+                size = encoded_size(rt, effect.request, key=recipient)
+                limit = rt.producer.limit(topics["delivery_requests"])
+                raise _ReplyTooLarge(size, limit, exc) from exc
         elif isinstance(effect, Dropped):
             child(DROPPED, STAGE, effect.reason).inc()
             log.debug("dropped %s: %s", effect.event_id, effect.reason)
@@ -367,8 +441,6 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             await send_record(
                 rt, topics["analytics"], summary, key=key, stage=STAGE, parent=message
             )
-    if changed:
-        batch.stage(message.partition, key, state, encoded)
 
 
 async def _send_request(

@@ -624,3 +624,56 @@ async def test_a_request_whose_other_fields_alone_are_over_the_limit_is_dead_let
     with pytest.raises(MessageSizeTooLargeError, match=r"\d+ bytes > 2048"):
         await stage.batch(turn("m1", "hi", metadata={"x": "y" * 3_000}))
     assert stage.requests() == []
+
+
+async def test_a_reply_over_the_delivery_requests_limit_is_dead_lettered_and_the_apology_answers(
+    tmp_path: Path,
+) -> None:
+    """The delivery-requests topic takes less than the reply: before, the response was
+    dead-lettered as an internal error with the turn left pending, asked of the LLM again at
+    every deadline, and the queued turn behind it waited."""
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    stage.producer.record_limits[TOPICS["delivery_requests"]] = 4 * 1024
+    errors = _count(
+        "switchboard_stage_errors_total", stage="conversation", error_type="ReplyTooLarge"
+    )
+    await stage.batch(turn("m1"), turn("m2", "and then?"))
+    (request,) = stage.requests()
+    too_large = answer(request, "y" * 6_000)
+    await stage.batch(too_large)
+
+    (letter,) = stage.letters()
+    assert letter.stage == "conversation.reply"
+    assert letter.error_type == "ReplyTooLarge"
+    assert letter.message_id == "m1"
+    assert "max.message.bytes of t.delivery_requests" in letter.reason
+    assert stage.rt.codec.decode(letter.original_value, LLMResponse) == too_large  # kept
+    apology = stage.rt.config.persona(request.persona).apology_reply
+    assert [d.content for d in stage.deliveries()] == [apology]
+    state = stage.state()
+    assert state.pending is not None
+    assert state.pending.turn_id == "m2"  # the queued turn goes on
+    assert [r.turn_id for r in stage.requests()] == ["m1", "m2"]
+    assert state.fallback_replies == 1
+    assert "y" * 100 not in stage.state().model_dump_json()  # the state keeps the apology
+    assert (
+        _count("switchboard_stage_errors_total", stage="conversation", error_type="ReplyTooLarge")
+        == errors + 1
+    )
+    await stage.batch(answer(stage.requests()[-1], "a short answer"))
+    assert [d.content for d in stage.deliveries()] == [apology, "a short answer"]
+    assert len(stage.letters()) == 1
+
+
+async def test_when_even_the_apology_is_over_the_delivery_limit_the_response_raises(
+    tmp_path: Path,
+) -> None:
+    """The stage's ``handle`` dead-letters what ``_handle`` raises (``internal_error``)."""
+    stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
+    stage.producer.record_limits[TOPICS["delivery_requests"]] = 128
+    await stage.batch(turn("m1"))
+    with pytest.raises(MessageSizeTooLargeError):
+        await stage.batch(answer(stage.requests()[-1], "an answer"))
+    assert stage.deliveries() == []
+    assert stage.letters() == []
+    assert stage.state().pending is not None  # unchanged: the state was not staged
