@@ -253,12 +253,23 @@ def trim_request(request: LLMRequest, excess_bytes: int) -> TrimmedRequest | Non
     or the bytes cut from a string, while the array's block count and the string's length
     prefix can only get shorter (Avro 1.11 specification, "Binary Encoding").
 
+    The bound is at most a few bytes short of the exact saving (the shorter length prefixes
+    of the record and its value are not counted), so a request within those bytes of fitting
+    with an empty last message gets None.
+
     Returns:
         The smaller request, or None when even an empty last message would not free enough
-        (the request's other fields are too large).
+        (the request's other fields are too large), or the request has no message.
+
+    Raises:
+        ValueError: ``excess_bytes`` is not positive.
     """
-    freed = 0
+    if excess_bytes <= 0:
+        raise ValueError(f"excess_bytes must be > 0, not {excess_bytes}")
     messages = request.messages
+    if not messages:
+        return None
+    freed = 0
     for count, message in enumerate(messages[:-1], start=1):
         freed += _chat_message_bytes(message)
         if freed >= excess_bytes:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import queue
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ __all__ = [
     "codec_hop",
     "conversation_lines",
     "parallel_chains_throughput",
+    "parallel_chains_windows",
     "raw_chain_throughput",
     "raw_chain_window",
 ]
@@ -230,12 +234,15 @@ async def raw_chain_window(
     value: bytes = b"x" * 300,
     transform: Callable[[bytes], bytes] | None = None,
     timeout_s: float = 600.0,
+    ready: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
     """Move ``records`` through ``hops`` aiokafka consume→produce stages in one process.
 
     Stage i consumes topic i and produces every record to topic i+1, like a pipeline stage
     with no work of its own; with ``transform``, each stage sends ``transform(value)`` instead
     of the bytes it read. Every record starts as ``value``; the topics are new ones.
+    ``ready`` is called once the topics, producer and consumers are set up, just before the
+    first send (``parallel_chains_throughput`` lines up its chains there).
 
     Returns:
         ``time.monotonic()`` (s) at the first send and after the last record was read from
@@ -243,26 +250,19 @@ async def raw_chain_window(
 
     Raises:
         TimeoutError: The records were not all read from the final topic in ``timeout_s``.
-        Exception: Whatever a stage raised (``transform``'s errors among them).
+        Exception: Whatever a stage or ``ready`` raised (``transform``'s errors among them).
     """
     prefix = f"raw-{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}.{i}" for i in range(hops + 1)]
     admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
-    await admin.start()
-    await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    await admin.close()
+    try:
+        await admin.start()
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    finally:
+        await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=brokers, linger_ms=5)
-    await producer.start()
-
-    async def consumer_for(topic: str) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(bootstrap_servers=brokers, group_id=None, fetch_max_wait_ms=50)
-        await consumer.start()
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        return consumer
-
-    consumers = [await consumer_for(n) for n in names]
+    consumers: list[AIOKafkaConsumer] = []
+    tasks: list[asyncio.Task[None]] = []
 
     async def stage(i: int) -> None:
         moved = 0
@@ -279,9 +279,21 @@ async def raw_chain_window(
             batch = await consumers[-1].getmany(timeout_ms=100, max_records=5000)
             seen += sum(len(b) for b in batch.values())
 
-    started = time.monotonic()
-    tasks = [asyncio.create_task(stage(i)) for i in range(hops)]
     try:
+        await producer.start()
+        for name in names:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=brokers, group_id=None, fetch_max_wait_ms=50
+            )
+            consumers.append(consumer)
+            await consumer.start()
+            tps = [TopicPartition(name, p) for p in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+        if ready is not None:
+            ready()
+        started = time.monotonic()
+        tasks.extend(asyncio.create_task(stage(i)) for i in range(hops))
         for n in range(records):
             await producer.send(names[0], value, key=f"k{n % 997}".encode())
         reading = asyncio.create_task(sink())
@@ -300,6 +312,7 @@ async def raw_chain_window(
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for consumer in consumers:
             await consumer.stop()
         await producer.stop()
@@ -314,49 +327,160 @@ async def raw_chain_throughput(
     *,
     value: bytes = b"x" * 300,
     transform: Callable[[bytes], bytes] | None = None,
+    timeout_s: float = 600.0,
 ) -> float:
     """Records/s through one raw chain (``raw_chain_window``), measured from the first send
     to the last record read from the final topic."""
     started, ended = await raw_chain_window(
-        brokers, records, hops, partitions, value=value, transform=transform
+        brokers, records, hops, partitions, value=value, transform=transform, timeout_s=timeout_s
     )
     return records / (ended - started)
 
 
+CHAIN_START_TIMEOUT_S = 120.0
+"""Longest a chain process waits for its siblings to be set up before it gives up (s)."""
+
+
 def _chain_process(
-    brokers: str, records: int, hops: int, partitions: int, codec: bool
-) -> tuple[float, float]:
+    brokers: str,
+    records: int,
+    hops: int,
+    partitions: int,
+    codec: bool,
+    timeout_s: float,
+    barrier: Barrier,
+    results: Queue[tuple[str, Any]],
+) -> None:
+    """One chain of ``parallel_chains_throughput``, in a process of its own: its window, or
+    its error's text, goes to ``results``."""
     value, hop = codec_hop()
-    return asyncio.run(
-        raw_chain_window(
-            brokers, records, hops, partitions, value=value, transform=hop if codec else None
+
+    def ready() -> None:
+        barrier.wait(CHAIN_START_TIMEOUT_S)  # every chain sends its first record together
+
+    try:
+        window = asyncio.run(
+            raw_chain_window(
+                brokers,
+                records,
+                hops,
+                partitions,
+                value=value,
+                transform=hop if codec else None,
+                timeout_s=timeout_s,
+                ready=ready,
+            )
         )
-    )
+    except BaseException as exc:
+        barrier.abort()  # the siblings stop waiting for this chain
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    results.put(("window", window))
 
 
 def parallel_chains_throughput(
-    brokers: str, records: int, hops: int, partitions: int, *, chains: int, codec: bool = False
+    brokers: str,
+    records: int,
+    hops: int,
+    partitions: int,
+    *,
+    chains: int,
+    codec: bool = False,
+    timeout_s: float = 600.0,
 ) -> float:
     """Records/s of ``chains`` raw chains run side by side, one process each, the baseline for
     a pipeline of ``chains`` worker processes on the same cores.
 
     Each chain moves ``records // chains`` records (``codec_hop`` at every hop if ``codec``)
-    through topics of its own; the rate is all records moved over the time from the first
-    chain's first send to the last chain's last read. One chain runs in this process.
+    through topics of its own (``parallel_chains_windows``); the rate is all records moved
+    over the time from the first chain's first send to the last chain's last read. With one
+    chain, it runs in this process.
+
+    Raises:
+        RuntimeError: A chain failed, or its process ended without a result (killed).
+        TimeoutError: The chains had not all finished ``timeout_s`` after they started.
     """
     if chains <= 1:
         value, hop = codec_hop()
         return asyncio.run(
             raw_chain_throughput(
-                brokers, records, hops, partitions, value=value, transform=hop if codec else None
+                brokers,
+                records,
+                hops,
+                partitions,
+                value=value,
+                transform=hop if codec else None,
+                timeout_s=timeout_s,
             )
         )
     share = max(1, records // chains)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(chains) as pool:
-        windows = pool.starmap(_chain_process, [(brokers, share, hops, partitions, codec)] * chains)
+    windows = parallel_chains_windows(
+        brokers, share, hops, partitions, chains=chains, codec=codec, timeout_s=timeout_s
+    )
     elapsed = max(end for _, end in windows) - min(start for start, _ in windows)
     return share * chains / elapsed
+
+
+def parallel_chains_windows(
+    brokers: str,
+    records: int,
+    hops: int,
+    partitions: int,
+    *,
+    chains: int,
+    codec: bool = False,
+    timeout_s: float = 600.0,
+) -> list[tuple[float, float]]:
+    """Run ``chains`` raw chains of ``records`` records each, side by side, one spawned
+    process each; return their windows (``raw_chain_window``), in the order they finished.
+
+    The chains wait for each other after their set-up (a barrier, at most
+    ``CHAIN_START_TIMEOUT_S``) and send their first records together. Every process is ended
+    before this returns or raises.
+
+    Raises:
+        RuntimeError: A chain failed, or its process ended without a result (killed).
+        TimeoutError: The chains had not all finished ``timeout_s`` after they started.
+    """
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(chains)
+    results: Queue[tuple[str, Any]] = context.Queue()
+    processes = [
+        context.Process(
+            target=_chain_process,
+            args=(brokers, records, hops, partitions, codec, timeout_s, barrier, results),
+            daemon=True,
+        )
+        for _ in range(chains)
+    ]
+    for process in processes:
+        process.start()
+    windows: list[tuple[float, float]] = []
+    deadline = time.monotonic() + CHAIN_START_TIMEOUT_S + timeout_s
+    try:
+        while len(windows) < chains:
+            try:
+                kind, result = results.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"raw chains not finished in {timeout_s} s") from None
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(
+                        f"a raw chain's process {dead[0].pid} ended with exit code "
+                        f"{dead[0].exitcode} and no result"
+                    ) from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"a raw chain failed: {result}")
+            windows.append(result)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(5)
+    return windows
 
 
 def codec_hop() -> tuple[bytes, Callable[[bytes], bytes]]:
@@ -410,10 +534,16 @@ def bench_pipeline(
     with EmbeddedStack(workers=0, data_dir=directory) as stack:
         brokers, partitions = stack.settings().kafka_brokers, stack.partitions
         raw_rate = parallel_chains_throughput(
-            brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers
+            brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers, timeout_s=timeout_s
         )
         codec_rate = parallel_chains_throughput(
-            brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers, codec=True
+            brokers,
+            len(lines),
+            PIPELINE_HOPS,
+            partitions,
+            chains=workers,
+            codec=True,
+            timeout_s=timeout_s,
         )
     return {
         "benchmark": "pipeline",

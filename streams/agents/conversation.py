@@ -467,7 +467,7 @@ async def _send_request(
     REQUEST_HISTORY_TRIMMED.inc(trimmed.dropped)
     if trimmed.cut_bytes:
         REQUEST_CONTENT_CUT.inc()
-    log.info(
+    log.debug(  # the counters say how often; the worker warned of the topic at start-up
         "conversation %s: request %s was %d bytes, over the %d-byte max.message.bytes of %s: "
         "sent without its %d oldest message(s) and %d bytes cut from the end of the last",
         request.conversation_id,

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+import time
 
 import pytest
 
-from streams.bench import parallel_chains_throughput, raw_chain_window
-from streams.embedded import ManagedProcess
+from streams.bench import parallel_chains_throughput, parallel_chains_windows, raw_chain_window
+from streams.embedded import ManagedProcess, find_free_port
 
 
 def test_one_chain_moves_every_record_through_its_hops(broker: ManagedProcess) -> None:
     brokers = f"127.0.0.1:{broker.port}"
-    started, ended = asyncio.run(raw_chain_window(brokers, 300, 3, 2, value=b"v" * 50))
+    ready: list[float] = []
+    started, ended = asyncio.run(
+        raw_chain_window(
+            brokers, 300, 3, 2, value=b"v" * 50, ready=lambda: ready.append(time.monotonic())
+        )
+    )
     # the window closes only once the last of the 300 records was read from the final topic
     assert 0 < ended - started < 60
+    assert len(ready) == 1
+    assert ready[0] <= started
 
 
-def test_two_chains_run_side_by_side_in_processes_of_their_own(broker: ManagedProcess) -> None:
+def test_chains_run_side_by_side_in_processes_of_their_own(broker: ManagedProcess) -> None:
     brokers = f"127.0.0.1:{broker.port}"
-    for codec in (False, True):
-        rate = parallel_chains_throughput(brokers, 400, 2, 2, chains=2, codec=codec)
-        assert 0 < rate < 1e7
+    windows = parallel_chains_windows(brokers, 3_000, 2, 2, chains=3)
+
+    assert len(windows) == 3
+    starts = [start for start, _ in windows]
+    # lined up by the barrier: every chain sends its first record before any has finished
+    assert max(starts) < min(end for _, end in windows)
+    assert multiprocessing.active_children() == []  # every process ended
+    assert 0 < parallel_chains_throughput(brokers, 400, 2, 2, chains=2, codec=True) < 1e7
 
 
 def test_a_failing_hop_ends_the_chain_with_its_error_instead_of_hanging(
@@ -33,3 +50,36 @@ def test_a_failing_hop_ends_the_chain_with_its_error_instead_of_hanging(
     brokers = f"127.0.0.1:{broker.port}"
     with pytest.raises(ValueError, match="no such hop"):
         asyncio.run(raw_chain_window(brokers, 50, 2, 2, transform=broken, timeout_s=30))
+
+
+def test_a_chain_that_cannot_start_fails_the_run_with_its_error() -> None:
+    nowhere = f"127.0.0.1:{find_free_port()}"
+    with pytest.raises(RuntimeError, match="a raw chain failed: KafkaConnectionError"):
+        parallel_chains_windows(nowhere, 10, 1, 1, chains=2, timeout_s=30)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_chain_process_killed_mid_run_fails_the_run_instead_of_hanging(
+    broker: ManagedProcess,
+) -> None:
+    brokers = f"127.0.0.1:{broker.port}"
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = multiprocessing.active_children()
+            if len(children) == 2:
+                time.sleep(2.0)  # set up (~1 s) and moving records
+                os.kill(children[0].pid or 0, signal.SIGKILL)
+                killed.append(children[0].pid or 0)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    with pytest.raises(RuntimeError, match="exit code -9 and no result"):
+        parallel_chains_windows(brokers, 400_000, 2, 2, chains=2, timeout_s=120)
+    killer.join()
+    assert len(killed) == 1
+    assert multiprocessing.active_children() == []

@@ -88,3 +88,9 @@ def test_none_when_even_an_empty_last_message_is_not_enough() -> None:
     room = size - len(CODEC.encode(empty))
     assert trim_request(original, room) is not None
     assert trim_request(original, room + 1) is None
+
+
+def test_a_request_without_messages_cannot_be_trimmed_and_excess_must_be_positive() -> None:
+    assert trim_request(request(), 10) is None
+    with pytest.raises(ValueError, match="excess_bytes must be > 0"):
+        trim_request(request("a", "b"), 0)
