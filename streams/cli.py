@@ -311,9 +311,12 @@ def bench_llm_cmd(
 def bench_pipeline_cmd(
     conversations: Annotated[int, typer.Option(help="Simulated conversations.")] = 2000,
     turns: Annotated[int, typer.Option(help="Turns per conversation.")] = 3,
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes; as many raw chains run side by side.")
+    ] = 1,
 ) -> None:
-    """CPU-bound: the whole pipeline against a raw aiokafka chain with as many topic hops."""
+    """CPU-bound: the whole pipeline against raw aiokafka chains with as many topic hops, one
+    chain per worker process."""
     from streams.bench import bench_pipeline
 
     _setup_logging("WARNING")
