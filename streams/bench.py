@@ -36,7 +36,6 @@ __all__ = [
     "conversation_lines",
     "parallel_chains_throughput",
     "parallel_chains_windows",
-    "raw_chain_throughput",
     "raw_chain_window",
 ]
 
@@ -319,26 +318,35 @@ async def raw_chain_window(
     return started, ended
 
 
-async def raw_chain_throughput(
+CHAIN_START_TIMEOUT_S = 120.0
+"""Longest a chain process waits for its siblings to be set up before it gives up (s)."""
+
+
+def _chain_window(
     brokers: str,
     records: int,
     hops: int,
     partitions: int,
     *,
-    value: bytes = b"x" * 300,
-    transform: Callable[[bytes], bytes] | None = None,
-    timeout_s: float = 600.0,
-) -> float:
-    """Records/s through one raw chain (``raw_chain_window``), measured from the first send
-    to the last record read from the final topic."""
-    started, ended = await raw_chain_window(
-        brokers, records, hops, partitions, value=value, transform=transform, timeout_s=timeout_s
+    codec: bool,
+    timeout_s: float,
+    ready: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    """``raw_chain_window`` of a ConversationEvent's bytes, with ``codec_hop`` at every hop
+    if ``codec``, in an event loop of its own."""
+    value, hop = codec_hop()
+    return asyncio.run(
+        raw_chain_window(
+            brokers,
+            records,
+            hops,
+            partitions,
+            value=value,
+            transform=hop if codec else None,
+            timeout_s=timeout_s,
+            ready=ready,
+        )
     )
-    return records / (ended - started)
-
-
-CHAIN_START_TIMEOUT_S = 120.0
-"""Longest a chain process waits for its siblings to be set up before it gives up (s)."""
 
 
 def _chain_process(
@@ -351,25 +359,15 @@ def _chain_process(
     barrier: Barrier,
     results: Queue[tuple[str, Any]],
 ) -> None:
-    """One chain of ``parallel_chains_throughput``, in a process of its own: its window, or
+    """One chain of ``parallel_chains_windows``, in a process of its own: its window, or
     its error's text, goes to ``results``."""
-    value, hop = codec_hop()
 
     def ready() -> None:
         barrier.wait(CHAIN_START_TIMEOUT_S)  # every chain sends its first record together
 
     try:
-        window = asyncio.run(
-            raw_chain_window(
-                brokers,
-                records,
-                hops,
-                partitions,
-                value=value,
-                transform=hop if codec else None,
-                timeout_s=timeout_s,
-                ready=ready,
-            )
+        window = _chain_window(
+            brokers, records, hops, partitions, codec=codec, timeout_s=timeout_s, ready=ready
         )
     except BaseException as exc:
         barrier.abort()  # the siblings stop waiting for this chain
@@ -400,23 +398,16 @@ def parallel_chains_throughput(
         RuntimeError: A chain failed, or its process ended without a result (killed).
         TimeoutError: The chains had not all finished ``timeout_s`` after they started.
     """
-    if chains <= 1:
-        value, hop = codec_hop()
-        return asyncio.run(
-            raw_chain_throughput(
-                brokers,
-                records,
-                hops,
-                partitions,
-                value=value,
-                transform=hop if codec else None,
-                timeout_s=timeout_s,
-            )
-        )
+    chains = max(1, chains)
     share = max(1, records // chains)
-    windows = parallel_chains_windows(
-        brokers, share, hops, partitions, chains=chains, codec=codec, timeout_s=timeout_s
-    )
+    if chains == 1:
+        windows = [
+            _chain_window(brokers, share, hops, partitions, codec=codec, timeout_s=timeout_s)
+        ]
+    else:
+        windows = parallel_chains_windows(
+            brokers, share, hops, partitions, chains=chains, codec=codec, timeout_s=timeout_s
+        )
     elapsed = max(end for _, end in windows) - min(start for start, _ in windows)
     return share * chains / elapsed
 
