@@ -616,14 +616,17 @@ async def test_a_user_message_alone_over_the_limit_is_asked_with_its_end_cut(
     assert stage.letters() == []
 
 
-async def test_a_request_whose_other_fields_alone_are_over_the_limit_is_dead_lettered(
+async def test_a_request_whose_other_fields_alone_are_over_the_limit_raises_unapplied(
     tmp_path: Path,
 ) -> None:
+    """No trimming can help: ``_handle`` raises and applies nothing; the stage's ``handle``
+    dead-letters the input (``internal_error``), as for any record that raises."""
     stage = Stage(tmp_path, max_request_size=MAX_REQUEST_SIZE)
     stage.producer.record_limits[TOPICS["llm_requests"]] = 2 * 1024
     with pytest.raises(MessageSizeTooLargeError, match=r"\d+ bytes > 2048"):
         await stage.batch(turn("m1", "hi", metadata={"x": "y" * 3_000}))
     assert stage.requests() == []
+    assert stage.table.get(0, KEY) is None  # the turn was not applied to the state
 
 
 async def test_a_reply_over_the_delivery_requests_limit_is_dead_lettered_and_the_apology_answers(
