@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+import pytest
+
 from schemas.codec import Codec
 from schemas.models import ConversationEvent
 from streams.bench import codec_hop
 
 
-def test_a_hop_decodes_the_event_and_encodes_a_copy_with_a_new_created_at() -> None:
+def test_a_hop_decodes_the_event_and_encodes_a_copy_with_a_new_id_and_created_at() -> None:
     value, hop = codec_hop()
     codec = Codec()
     before = codec.decode(value, ConversationEvent)
 
     after = codec.decode(hop(value), ConversationEvent)
 
-    assert after.model_dump(exclude={"created_at"}) == before.model_dump(exclude={"created_at"})
+    assert after.model_dump(exclude={"event_id", "created_at"}) == before.model_dump(
+        exclude={"event_id", "created_at"}
+    )
+    assert after.event_id == f"{before.event_id}.1"
     assert after.created_at >= before.created_at
     assert before.content.endswith("(turn 0)")
     assert before.metadata["traceparent"].startswith("00-")
 
 
-def test_hops_chain_like_the_pipeline_stages() -> None:
+def test_hops_chain_like_the_pipeline_stages_and_reuse_what_they_encoded() -> None:
     value, hop = codec_hop()
     data = value
+    ids = []
     for _ in range(5):
         data = hop(data)
-    assert (
-        Codec().decode(data, ConversationEvent).event_id
-        == Codec().decode(value, ConversationEvent).event_id
+        ids.append(Codec().decode(data, ConversationEvent).event_id)
+    first = Codec().decode(value, ConversationEvent).event_id
+    assert ids == [f"{first}.{n}" for n in range(1, 6)]  # a new id per hop: distinct bytes
+
+
+def test_the_hop_skips_decoding_the_bytes_it_encoded_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import schemas.codec
+
+    value, hop = codec_hop()
+    second = hop(value)  # the first hop decodes in full, like the ingest stage
+    calls = []
+    real = schemas.codec.schemaless_reader
+    monkeypatch.setattr(
+        schemas.codec, "schemaless_reader", lambda *a: calls.append(1) or real(*a)
     )
+    hop(second)
+    assert calls == []  # kept by the hop that encoded it: no fastavro decode
+    hop(value)  # bytes the hop never encoded are decoded in full
+    assert calls == [1]
+
+    _, no_reuse = codec_hop(reuse=0)
+    no_reuse(no_reuse(value))
+    assert calls == [1, 1, 1]
 
 
 def test_process_cpu_s_counts_this_process_cpu_and_none_for_no_process() -> None:
