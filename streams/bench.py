@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -32,6 +33,8 @@ from streams.settings import Settings
 from streams.stack import EmbeddedStack, config_variant
 
 __all__ = [
+    "ChainWindow",
+    "ChainsRun",
     "bench_llm",
     "bench_pipeline",
     "codec_hop",
@@ -226,6 +229,31 @@ def bench_llm(
     }
 
 
+@dataclass(frozen=True)
+class ChainWindow:
+    """One raw chain's run (``raw_chain_window``)."""
+
+    start: float
+    """``time.monotonic()`` (s) at the first send: CLOCK_MONOTONIC, comparable across the
+    processes of this machine."""
+    end: float
+    """``time.monotonic()`` (s) after the last record was read from the final topic."""
+    cpu_s: float
+    """CPU time (user + system, s) of the chain's process between ``start`` and ``end``
+    (``time.process_time``)."""
+
+
+@dataclass(frozen=True)
+class ChainsRun:
+    """Raw chains run side by side (``parallel_chains_throughput``)."""
+
+    records_per_s: float
+    """All records moved over the time from the first chain's first send to the last
+    chain's last read."""
+    cpu_us_per_record: float
+    """The chains' CPU time (µs) per record moved, all hops together."""
+
+
 async def raw_chain_window(
     brokers: str,
     records: int,
@@ -236,7 +264,7 @@ async def raw_chain_window(
     transform: Callable[[bytes], bytes] | None = None,
     timeout_s: float = 600.0,
     ready: Callable[[], None] | None = None,
-) -> tuple[float, float]:
+) -> ChainWindow:
     """Move ``records`` through ``hops`` aiokafka consume→produce stages in one process.
 
     Stage i consumes topic i and produces every record to topic i+1, like a pipeline stage
@@ -246,8 +274,8 @@ async def raw_chain_window(
     first send (``parallel_chains_throughput`` lines up its chains there).
 
     Returns:
-        ``time.monotonic()`` (s) at the first send and after the last record was read from
-        the final topic: CLOCK_MONOTONIC, comparable across processes of this machine.
+        The chain's window: its start and end (``time.monotonic()``, s) and the process's
+        CPU time between them.
 
     Raises:
         TimeoutError: The records were not all read from the final topic in ``timeout_s``.
@@ -293,7 +321,7 @@ async def raw_chain_window(
             await consumer.seek_to_beginning(*tps)
         if ready is not None:
             ready()
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         tasks.extend(asyncio.create_task(stage(i)) for i in range(hops))
         for n in range(records):
             await producer.send(names[0], value, key=f"k{n % 997}".encode())
@@ -309,7 +337,7 @@ async def raw_chain_window(
                 raise TimeoutError(f"raw chain: {records} records not through in {timeout_s} s")
             for task in done:
                 task.result()  # a stage's exception, raised here
-        ended = time.monotonic()
+        ended, cpu_s = time.monotonic(), time.process_time() - cpu_started
     finally:
         for task in tasks:
             task.cancel()
@@ -317,7 +345,7 @@ async def raw_chain_window(
         for consumer in consumers:
             await consumer.stop()
         await producer.stop()
-    return started, ended
+    return ChainWindow(started, ended, cpu_s)
 
 
 CHAIN_START_TIMEOUT_S = 120.0
@@ -333,7 +361,7 @@ def _chain_window(
     codec: bool,
     timeout_s: float,
     ready: Callable[[], None] | None = None,
-) -> tuple[float, float]:
+) -> ChainWindow:
     """``raw_chain_window`` of a ConversationEvent's bytes, with ``codec_hop`` at every hop
     if ``codec``, in an event loop of its own."""
     value, hop = codec_hop()
@@ -387,9 +415,10 @@ def parallel_chains_throughput(
     chains: int,
     codec: bool = False,
     timeout_s: float = 600.0,
-) -> float:
-    """Records/s of ``chains`` raw chains run side by side, one process each, the baseline for
-    a pipeline of ``chains`` worker processes on the same cores.
+) -> ChainsRun:
+    """Records/s and CPU µs per record of ``chains`` raw chains run side by side, one
+    process each: the baseline for a pipeline of ``chains`` worker processes on the same
+    cores.
 
     Each chain moves ``records // chains`` records (``codec_hop`` at every hop if ``codec``)
     through topics of its own (``parallel_chains_windows``); the rate is all records moved
@@ -410,8 +439,9 @@ def parallel_chains_throughput(
         windows = parallel_chains_windows(
             brokers, share, hops, partitions, chains=chains, codec=codec, timeout_s=timeout_s
         )
-    elapsed = max(end for _, end in windows) - min(start for start, _ in windows)
-    return share * chains / elapsed
+    elapsed = max(w.end for w in windows) - min(w.start for w in windows)
+    moved = share * chains
+    return ChainsRun(moved / elapsed, sum(w.cpu_s for w in windows) / moved * 1e6)
 
 
 def parallel_chains_windows(
@@ -423,7 +453,7 @@ def parallel_chains_windows(
     chains: int,
     codec: bool = False,
     timeout_s: float = 600.0,
-) -> list[tuple[float, float]]:
+) -> list[ChainWindow]:
     """Run ``chains`` raw chains of ``records`` records each, side by side, one spawned
     process each; return their windows (``raw_chain_window``), in the order they finished.
 
@@ -448,7 +478,7 @@ def parallel_chains_windows(
     ]
     for process in processes:
         process.start()
-    windows: list[tuple[float, float]] = []
+    windows: list[ChainWindow] = []
     deadline = time.monotonic() + CHAIN_START_TIMEOUT_S + timeout_s
     try:
         while len(windows) < chains:
@@ -529,6 +559,10 @@ def bench_pipeline(
     pydantic contracts alone, with none of the stages' work (state, changelog, idempotency,
     delivery). It bounds what any pipeline on these contracts can reach;
     ``codec_chain_ratio`` is its rate over the raw chain's.
+
+    ``*_cpu_us_per_turn`` are CPU µs per turn (all five hops) of the workers, the broker and
+    the chains' processes: where every side is CPU-bound, the ratio is about the chains'
+    figure over the workers'.
     """
 
     def mutate(raw: dict[str, Any]) -> None:
@@ -539,10 +573,10 @@ def bench_pipeline(
     directory = Path(tempfile.mkdtemp(prefix="switchboard-bench-raw-"))
     with EmbeddedStack(workers=0, data_dir=directory) as stack:
         brokers, partitions = stack.settings().kafka_brokers, stack.partitions
-        raw_rate = parallel_chains_throughput(
+        raw = parallel_chains_throughput(
             brokers, len(lines), PIPELINE_HOPS, partitions, chains=workers, timeout_s=timeout_s
         )
-        codec_rate = parallel_chains_throughput(
+        codec = parallel_chains_throughput(
             brokers,
             len(lines),
             PIPELINE_HOPS,
@@ -557,8 +591,10 @@ def bench_pipeline(
         "hops": PIPELINE_HOPS,
         "raw_chains": max(1, workers),
         **ours,
-        "raw_chain_turns_per_s": round(raw_rate, 1),
-        "codec_chain_turns_per_s": round(codec_rate, 1),
-        "codec_chain_ratio": round(codec_rate / raw_rate, 3),
-        "ratio": round(ours["turns_per_s"] / raw_rate, 3),
+        "raw_chain_turns_per_s": round(raw.records_per_s, 1),
+        "raw_chain_cpu_us_per_turn": round(raw.cpu_us_per_record, 1),
+        "codec_chain_turns_per_s": round(codec.records_per_s, 1),
+        "codec_chain_cpu_us_per_turn": round(codec.cpu_us_per_record, 1),
+        "codec_chain_ratio": round(codec.records_per_s / raw.records_per_s, 3),
+        "ratio": round(ours["turns_per_s"] / raw.records_per_s, 3),
     }

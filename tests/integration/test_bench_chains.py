@@ -18,15 +18,17 @@ from streams.embedded import ManagedProcess, find_free_port
 def test_one_chain_moves_every_record_through_its_hops(broker: ManagedProcess) -> None:
     brokers = f"127.0.0.1:{broker.port}"
     ready: list[float] = []
-    started, ended = asyncio.run(
+    window = asyncio.run(
         raw_chain_window(
             brokers, 300, 3, 2, value=b"v" * 50, ready=lambda: ready.append(time.monotonic())
         )
     )
     # the window closes only once the last of the 300 records was read from the final topic
-    assert 0 < ended - started < 60
+    assert 0 < window.end - window.start < 60
     assert len(ready) == 1
-    assert ready[0] <= started
+    assert ready[0] <= window.start
+    # moving 900 records costs this process CPU, and no more than the window's wall time
+    assert 0 < window.cpu_s <= (window.end - window.start) * 1.05 + 0.02
 
 
 def test_chains_run_side_by_side_in_processes_of_their_own(broker: ManagedProcess) -> None:
@@ -34,11 +36,14 @@ def test_chains_run_side_by_side_in_processes_of_their_own(broker: ManagedProces
     windows = parallel_chains_windows(brokers, 3_000, 2, 2, chains=3)
 
     assert len(windows) == 3
-    starts = [start for start, _ in windows]
+    starts = [w.start for w in windows]
     # lined up by the barrier: every chain sends its first record before any has finished
-    assert max(starts) < min(end for _, end in windows)
+    assert max(starts) < min(w.end for w in windows)
+    assert all(w.cpu_s > 0 for w in windows)  # each chain's own process's CPU
     assert multiprocessing.active_children() == []  # every process ended
-    assert 0 < parallel_chains_throughput(brokers, 400, 2, 2, chains=2, codec=True) < 1e7
+    run = parallel_chains_throughput(brokers, 400, 2, 2, chains=2, codec=True)
+    assert 0 < run.records_per_s < 1e7
+    assert 0 < run.cpu_us_per_record < 1e6
 
 
 def test_a_failing_hop_ends_the_chain_with_its_error_instead_of_hanging(

@@ -45,9 +45,7 @@ def test_the_hop_skips_decoding_the_bytes_it_encoded_itself(
     second = hop(value)  # the first hop decodes in full, like the ingest stage
     calls = []
     real = schemas.codec.schemaless_reader
-    monkeypatch.setattr(
-        schemas.codec, "schemaless_reader", lambda *a: calls.append(1) or real(*a)
-    )
+    monkeypatch.setattr(schemas.codec, "schemaless_reader", lambda *a: calls.append(1) or real(*a))
     hop(second)
     assert calls == []  # kept by the hop that encoded it: no fastavro decode
     hop(value)  # bytes the hop never encoded are decoded in full
