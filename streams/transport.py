@@ -868,11 +868,10 @@ class BatchConsumer:
             )
         return fetched
 
-    async def _handle(
-        self, batch: dict[TopicPartition, list[Record]], generation: int | None = None
-    ) -> None:
-        """Handle ``batch``, fetched in ``generation`` (default: the current one), with the
-        offsets skipped since the last batch; start finishing it (``_finish``).
+    async def _handle(self, batch: dict[TopicPartition, list[Record]], generation: int) -> None:
+        """Handle ``batch``, fetched in ``generation`` (the count of revokes when its fetch
+        began, ``_fetched_in``), with the offsets skipped since the last batch; start
+        finishing it (``_finish``).
 
         Only records of partitions in ``assigned`` that were not revoked since the fetch are
         handled. The others belong to another member now, or to a later assignment of this
@@ -884,10 +883,9 @@ class BatchConsumer:
             await asyncio.wait(self._outstanding[:1])
             self._outstanding = [t for t in self._outstanding if not t.done()]
         async with self.lock:
-            fetched_in = self._generation if generation is None else generation
 
             def mine(tp: TopicPartition) -> bool:
-                return tp in self.assigned and self._fresh(tp, fetched_in)
+                return tp in self.assigned and self._fresh(tp, generation)
 
             owned = {tp: rs for tp, rs in batch.items() if rs and mine(tp)}
             skips = {tp: s for tp, s in skipped.items() if mine(tp)}

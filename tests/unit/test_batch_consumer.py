@@ -67,7 +67,7 @@ class Harness:
 
 async def test_revoke_waits_for_acknowledgements_and_after_actions_before_committing() -> None:
     h = Harness()
-    await h.consumer._handle({TP: [_record(4), _record(5)]})
+    await h.consumer._handle({TP: [_record(4), _record(5)]}, h.consumer._generation)
     revoke = asyncio.create_task(h.consumer._revoked({TP}))
     await asyncio.sleep(0.05)
     assert not revoke.done()  # the batch's record is not acknowledged yet
@@ -81,8 +81,8 @@ async def test_revoke_waits_for_acknowledgements_and_after_actions_before_commit
 
 async def test_batches_finish_in_order_and_commits_cover_only_finished_ones() -> None:
     h = Harness()
-    await h.consumer._handle({TP: [_record(1)]})
-    await h.consumer._handle({TP: [_record(2)]})
+    await h.consumer._handle({TP: [_record(1)]}, h.consumer._generation)
+    await h.consumer._handle({TP: [_record(2)]}, h.consumer._generation)
     h.acks[1].set_result(None)  # the later batch is acknowledged first
     await asyncio.sleep(0.05)
     await h.consumer._commit()
@@ -227,7 +227,7 @@ async def test_prepare_runs_before_each_attempt_of_the_handler_and_its_transient
 
     monkeypatch.setattr("streams.transport.asyncio.sleep", no_wait)
     h.consumer.prepare = prepare
-    await h.consumer._handle({TP: [_record(7), _record(8)]})
+    await h.consumer._handle({TP: [_record(7), _record(8)]}, h.consumer._generation)
 
     assert prepared == [[7, 8], [7, 8]]
     assert h.events == ["prepared", "prepared", "handled 8"]
@@ -252,7 +252,9 @@ async def test_a_batch_retrying_a_transient_error_is_given_up_when_its_partition
         raise StoreError("connection refused", retriable=True)
 
     h.consumer.handler = redis_down
-    handling = asyncio.create_task(h.consumer._handle({TP: [_record(3), _record(4)]}))
+    handling = asyncio.create_task(
+        h.consumer._handle({TP: [_record(3), _record(4)]}, h.consumer._generation)
+    )
     await asyncio.sleep(0.05)  # first try failed; now waiting 5 s to retry
     assert tries == [3]
     assert not handling.done()
@@ -281,7 +283,7 @@ async def test_a_batch_still_running_gets_the_grace_period_and_is_then_cancelled
             raise
 
     h.consumer.handler = stuck
-    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}))
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}, h.consumer._generation))
     await asyncio.sleep(0.02)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -307,7 +309,9 @@ async def test_a_batch_finishing_within_the_grace_period_is_kept_and_committed()
         await inner(records)
 
     h.consumer.handler = slow
-    handling = asyncio.create_task(h.consumer._handle({TP: [_record(5), _record(6)]}))
+    handling = asyncio.create_task(
+        h.consumer._handle({TP: [_record(5), _record(6)]}, h.consumer._generation)
+    )
     await asyncio.sleep(0.02)
     revoke = asyncio.create_task(h.consumer._revoked({TP}))
     await asyncio.sleep(0.05)
@@ -342,7 +346,7 @@ async def test_a_batch_that_ignores_its_cancellation_ends_the_worker_without_com
                 swallowed.append(records[0].offset)
 
     h.consumer.handler = stubborn
-    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}))
+    handling = asyncio.create_task(h.consumer._handle({TP: [_record(9)]}, h.consumer._generation))
     await asyncio.sleep(0.02)
     revoke = asyncio.create_task(h.consumer._revoked({TP}))
     try:
@@ -511,7 +515,9 @@ async def test_a_revoke_whose_earlier_batch_never_finishes_exits_without_commit(
     h = Harness()
     h.consumer.abandon_after_s = 0.05
     h.consumer.finish_after_s = 0.1
-    await h.consumer._handle({TP: [_record(4)]})  # its acknowledgement never comes
+    await h.consumer._handle(
+        {TP: [_record(4)]}, h.consumer._generation
+    )  # its acknowledgement never comes
     started = time.monotonic()
 
     with pytest.raises(_Exited):
@@ -534,7 +540,7 @@ async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
     h = Harness()
     h.consumer.abandon_after_s = 0.2
     h.consumer.finish_after_s = 0.3
-    await h.consumer._handle({TP: [_record(1)]})  # never acknowledged
+    await h.consumer._handle({TP: [_record(1)]}, h.consumer._generation)  # never acknowledged
     inner = h.handle
 
     async def slow(records: list[ConsumerRecord[bytes, bytes]]) -> None:
@@ -542,7 +548,7 @@ async def test_the_batch_in_progress_and_the_earlier_ones_share_one_deadline(
         await inner(records)
 
     h.consumer.handler = slow
-    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(2)]}))
+    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(2)]}, h.consumer._generation))
     await asyncio.sleep(0.01)
     started = time.monotonic()
 
@@ -575,7 +581,7 @@ async def test_a_batch_returning_just_inside_its_grace_has_time_for_its_acknowle
         asyncio.get_running_loop().call_later(0.1, h.acks[-1].set_result, None)
 
     h.consumer.handler = slow
-    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(5)]}))
+    handling = asyncio.ensure_future(h.consumer._handle({TP: [_record(5)]}, h.consumer._generation))
     await asyncio.sleep(0.005)
 
     await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
@@ -599,7 +605,7 @@ async def test_a_commit_failing_at_a_revoke_still_gives_the_partitions_up() -> N
         raise KafkaError("UnknownError")
 
     h.consumer.consumer.commit = failing_commit  # type: ignore[method-assign]
-    await h.consumer._handle({TP: [_record(3)]})
+    await h.consumer._handle({TP: [_record(3)]}, h.consumer._generation)
     h.acks[0].set_result(None)
 
     await asyncio.wait_for(h.consumer._revoked({TP}), timeout=2)
@@ -666,7 +672,7 @@ async def test_a_commit_hanging_at_a_revoke_is_given_up_within_the_limit() -> No
         await never.wait()  # a broker answering with retriable errors, forever
 
     h.consumer.consumer.commit = hanging_commit  # type: ignore[method-assign]
-    await h.consumer._handle({TP: [_record(3)]})
+    await h.consumer._handle({TP: [_record(3)]}, h.consumer._generation)
     h.acks[0].set_result(None)
     started = time.monotonic()
 

@@ -147,7 +147,7 @@ async def test_a_delivery_batch_given_up_on_revoke_stops_sending(setup: Setup) -
     stage.consumer.commit = commit  # type: ignore[method-assign]
     records = [_record(setup.rt, 7 + n, _request(f"d-{n + 1}")) for n in range(3)]
 
-    handling = asyncio.ensure_future(stage._handle({TP: records}))
+    handling = asyncio.ensure_future(stage._handle({TP: records}, stage._generation))
     await asyncio.wait_for(setup.provider.in_retry.wait(), 1)  # d-1's retry is in flight
     started = time.monotonic()
     await asyncio.wait_for(stage._revoked({TP}), timeout=5)
