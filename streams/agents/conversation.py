@@ -327,6 +327,7 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
         return  # a tick that found nothing due: no changelog write
     state = transition.state
     changed = state is not before  # else stored or staged already: no write
+    replaced_for_state: tuple[int, int] | None = None  # (size, limit) once the apology is sent
     if changed:  # measured before anything is sent; the table writes these bytes
         limit = batch.table.max_value_bytes(key)
         fitting = _fitting(state, limit, before)
@@ -339,15 +340,16 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             instead = _reply_too_large(rt, before, record, error, now)
             if instead is not None:  # the failure reply fits once old history is shed
                 fitting = _fitting(instead.state, limit, before)
-            replaced = instead is not None and not isinstance(fitting, int)
-            await _state_too_large(rt, topics, message, record, size, limit, replaced=replaced)
             if instead is None or isinstance(fitting, int):
+                await _state_too_large(rt, topics, message, record, size, limit)
                 return
-            transition = instead
+            transition, replaced_for_state = instead, (size, limit)
         state, encoded = fitting
     try:
         await _send_effects(rt, topics, message, record, transition, state, key)
     except _ReplyTooLarge as exc:
+        if replaced_for_state is not None:  # the failure reply itself: nothing else to send
+            raise exc.too_large from None
         error = (
             f"the reply's delivery request was {exc.size} bytes, over the {exc.limit}-byte "
             f"max.message.bytes of {topics['delivery_requests']}; the persona's failure reply "
@@ -376,6 +378,9 @@ async def _handle(rt: Runtime, topics: dict[str, str], batch: Batch, message: Ra
             tenant=record.tenant,
         )
         child(STAGE_ERRORS, STAGE, "ReplyTooLarge").inc()
+    if replaced_for_state is not None:  # said only now that the failure reply was sent
+        size, limit = replaced_for_state
+        await _state_too_large(rt, topics, message, record, size, limit, replaced=True)
     if changed:
         batch.stage(message.partition, key, state, encoded)
 

@@ -26,7 +26,7 @@ from support.producer import RecordingProducer
 from support.records import consumed
 from support.records import llm_answer as answer
 
-from processors.conversation import on_user_turn
+from processors.conversation import on_llm_response, on_user_turn
 from processors.conversation_state import ConversationState
 from processors.preprocess import conversation_key
 from schemas.models import (
@@ -168,6 +168,14 @@ def _would_be(stage: Stage, event: ConversationEvent) -> int:
         personas=config.personas,
         now=utcnow(),
     ).state
+    return len(_encode_state(new))
+
+
+def _would_be_with(stage: Stage, response: LLMResponse) -> int:
+    """Size of the state the stage's own transition makes of ``response`` (as ``_would_be``)."""
+    state = stage.table.get(0, KEY)
+    assert state is not None
+    new = on_llm_response(state, response, cfg=stage.rt.config.conversation, now=utcnow()).state
     return len(_encode_state(new))
 
 
@@ -680,3 +688,25 @@ async def test_when_even_the_apology_is_over_the_delivery_limit_the_response_rai
     assert stage.deliveries() == []
     assert stage.letters() == []
     assert stage.state().pending is not None  # unchanged: the state was not staged
+
+
+async def test_a_reply_too_large_for_the_state_whose_apology_is_too_large_to_deliver_raises(
+    tmp_path: Path,
+) -> None:
+    """Both limits at once: the reply is over the changelog's limit and the persona's failure
+    reply over the delivery-requests topic's. Before, the ``conversation.state`` letter said
+    the failure reply had been sent, and then it was not; now nothing is said or sent, and
+    the stage's ``handle`` dead-letters what ``_handle`` raises (``internal_error``)."""
+    stage = Stage(tmp_path)
+    await stage.batch(turn("m1"), turn("m2", "and then?"))
+    (request,) = stage.requests()
+    too_large = answer(request, "y" * (LIMIT - 2_000))
+    assert _would_be_with(stage, too_large) > stage.table.max_value_bytes(KEY)
+    stage.producer.record_limits[TOPICS["delivery_requests"]] = 128
+    with pytest.raises(MessageSizeTooLargeError):
+        await stage.batch(too_large)
+    assert stage.letters() == []  # no letter claiming an apology was sent
+    assert stage.deliveries() == []
+    state = stage.state()
+    assert state.pending is not None
+    assert state.pending.turn_id == "m1"  # unchanged: the state was not staged
