@@ -8,6 +8,7 @@ same run, so the figure holds on a noisy machine where absolute times do not.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -29,15 +30,14 @@ from processors.tracing import TRACEPARENT, new_traceparent
 from schemas.codec import Codec
 from schemas.models import ConversationEvent, utcnow
 from streams.replay import ReplayResult, replay
-from streams.settings import Settings
 from streams.stack import EmbeddedStack, config_variant
 
 __all__ = [
     "ChainWindow",
     "ChainsRun",
+    "CodecHop",
     "bench_llm",
     "bench_pipeline",
-    "codec_hop",
     "conversation_lines",
     "parallel_chains_throughput",
     "parallel_chains_windows",
@@ -241,6 +241,10 @@ class ChainWindow:
     cpu_s: float
     """CPU time (user + system, s) of the chain's process between ``start`` and ``end``
     (``time.process_time``)."""
+    decodes: int = 0
+    """Records the chain's hops decoded (codec chains only)."""
+    reused: int = 0
+    """Of ``decodes``, those served from a record the chain had encoded itself."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,9 @@ class ChainsRun:
     chain's last read."""
     cpu_us_per_record: float
     """The chains' CPU time (µs) per record moved, all hops together."""
+    reused: float | None = None
+    """Codec chains: the share of decodes served from kept records (``(hops - 1) / hops``
+    when every record a hop encoded is reused); None for raw chains."""
 
 
 async def raw_chain_window(
@@ -362,21 +369,22 @@ def _chain_window(
     timeout_s: float,
     ready: Callable[[], None] | None = None,
 ) -> ChainWindow:
-    """``raw_chain_window`` of a ConversationEvent's bytes, with ``codec_hop`` at every hop
-    if ``codec``, in an event loop of its own."""
-    value, hop = codec_hop()
-    return asyncio.run(
+    """``raw_chain_window`` of a ConversationEvent's bytes, with a ``CodecHop`` at every hop
+    if ``codec`` (its decodes counted in the window), in an event loop of its own."""
+    hop = CodecHop()
+    window = asyncio.run(
         raw_chain_window(
             brokers,
             records,
             hops,
             partitions,
-            value=value,
+            value=hop.value,
             transform=hop if codec else None,
             timeout_s=timeout_s,
             ready=ready,
         )
     )
+    return dataclasses.replace(window, decodes=hop.decodes, reused=hop.reused)
 
 
 def _chain_process(
@@ -420,7 +428,7 @@ def parallel_chains_throughput(
     process each: the baseline for a pipeline of ``chains`` worker processes on the same
     cores.
 
-    Each chain moves ``records // chains`` records (``codec_hop`` at every hop if ``codec``)
+    Each chain moves ``records // chains`` records (a ``CodecHop`` at every hop if ``codec``)
     through topics of its own (``parallel_chains_windows``); the rate is all records moved
     over the time from the first chain's first send to the last chain's last read. With one
     chain, it runs in this process.
@@ -441,7 +449,12 @@ def parallel_chains_throughput(
         )
     elapsed = max(w.end for w in windows) - min(w.start for w in windows)
     moved = share * chains
-    return ChainsRun(moved / elapsed, sum(w.cpu_s for w in windows) / moved * 1e6)
+    decodes = sum(w.decodes for w in windows)
+    return ChainsRun(
+        moved / elapsed,
+        sum(w.cpu_s for w in windows) / moved * 1e6,
+        sum(w.reused for w in windows) / decodes if codec and decodes else None,
+    )
 
 
 def parallel_chains_windows(
@@ -506,43 +519,61 @@ def parallel_chains_windows(
     return windows
 
 
-def codec_hop(reuse: int | None = None) -> tuple[bytes, Callable[[bytes], bytes]]:
-    """A ConversationEvent's Avro bytes, and the work of the contract layer at one hop.
+CODEC_CHAIN_KEEP = 1 << 20
+"""Records a ``CodecHop`` keeps at most, up to 1 GiB of them: more than a benchmark run has in
+flight, so that every record a hop encoded is reused by the next (kept records are dropped
+when decoded; only the last hop's, which no hop decodes, stay until the run ends)."""
 
-    The function decodes the bytes into their model (``Codec.decode``: fastavro, then pydantic
+
+class CodecHop:
+    """The work of the contract layer at one hop of the codec chain, and the bytes of the
+    ConversationEvent the chain starts from (``value``).
+
+    A call decodes the bytes into their model (``Codec.decode``: fastavro, then pydantic
     validation), copies the model with a new ``event_id`` and ``created_at`` and encodes the
     copy (model dump, fastavro): what every stage of the pipeline does to a record before and
     after its own logic, and nothing else.
 
-    Args:
-        reuse: Encoded records the hop's codec keeps for decoding (``Codec(remember=...)``);
-            None takes the worker's default (``Settings.reuse_encoded_records``), so that a
-            hop skips decoding what the hop before it encoded, as the pipeline's stages do in
-            one worker. Every copy gets an event id of its own, as every stage's record does:
-            records with equal bytes would share one kept entry.
+    With ``reuse`` (the default) the codec keeps every record it encodes
+    (``CODEC_CHAIN_KEEP``), so a hop skips decoding what the hop before it encoded, as a
+    worker's stages do with ``SWITCHBOARD_REUSE_ENCODED_RECORDS``; only the records that
+    enter the chain are decoded in full, as only the inbound records are in one worker. That
+    is the best case of the worker's reuse, whatever its setting: the chain bounds what a
+    pipeline on these contracts can reach. Every copy gets an event id of its own, as every
+    stage's record does: records with equal bytes would share one kept entry.
     """
-    if reuse is None:
-        reuse = int(Settings.model_fields["reuse_encoded_records"].default)
-    codec = Codec(remember=reuse)
-    now = utcnow()
-    event = ConversationEvent(
-        event_id=str(uuid.uuid4()),
-        conversation_id="bench-0",
-        tenant="bench",
-        content=f"{_QUESTIONS[0]} (turn 0)",
-        sender="user-0@bench.test",
-        metadata={TRACEPARENT: new_traceparent()},
-        origin_created_at=now,
-        created_at=now,
-    )
-    copies = itertools.count(1)
 
-    def hop(data: bytes) -> bytes:
-        record = codec.decode(data, ConversationEvent)
-        update = {"event_id": f"{event.event_id}.{next(copies)}", "created_at": utcnow()}
-        return codec.encode(record.model_copy(update=update))
+    def __init__(self, *, reuse: bool = True) -> None:
+        self._codec = Codec(remember=CODEC_CHAIN_KEEP, remember_bytes=1 << 30) if reuse else Codec()
+        now = utcnow()
+        self._event = ConversationEvent(
+            event_id=str(uuid.uuid4()),
+            conversation_id="bench-0",
+            tenant="bench",
+            content=f"{_QUESTIONS[0]} (turn 0)",
+            sender="user-0@bench.test",
+            metadata={TRACEPARENT: new_traceparent()},
+            origin_created_at=now,
+            created_at=now,
+        )
+        self.value = Codec().encode(self._event)  # not kept: the chain's entry is decoded
+        self.decodes = 0
+        """Records this hop decoded, from kept records or in full."""
+        self._copies = itertools.count(1)
 
-    return codec.encode(event), hop
+    @property
+    def reused(self) -> int:
+        """Decodes served from a record this hop's codec encoded (``Codec.reused``)."""
+        return self._codec.reused
+
+    def __call__(self, data: bytes) -> bytes:
+        self.decodes += 1
+        record = self._codec.decode(data, ConversationEvent)
+        update = {
+            "event_id": f"{self._event.event_id}.{next(self._copies)}",
+            "created_at": utcnow(),
+        }
+        return self._codec.encode(record.model_copy(update=update))
 
 
 def bench_pipeline(
@@ -554,8 +585,8 @@ def bench_pipeline(
     have the same number of Python processes on the machine's cores.
 
     A second chain, the *codec chain*, also decodes and re-encodes every record at every hop
-    (``codec_hop``, with the worker's reuse of the records it encoded, so only the first hop
-    decodes in full, as only the ingest stage does in one worker): the cost of the Avro and
+    (``CodecHop``, reusing every record a hop encoded, so only the first hop decodes in full,
+    as only the ingest stage does in one worker at best): the cost of the Avro and
     pydantic contracts alone, with none of the stages' work (state, changelog, idempotency,
     delivery). It bounds what any pipeline on these contracts can reach;
     ``codec_chain_ratio`` is its rate over the raw chain's.
@@ -595,6 +626,7 @@ def bench_pipeline(
         "raw_chain_cpu_us_per_turn": round(raw.cpu_us_per_record, 1),
         "codec_chain_turns_per_s": round(codec.records_per_s, 1),
         "codec_chain_cpu_us_per_turn": round(codec.cpu_us_per_record, 1),
+        "codec_chain_reused": round(codec.reused or 0.0, 3),
         "codec_chain_ratio": round(codec.records_per_s / raw.records_per_s, 3),
         "ratio": round(ours["turns_per_s"] / raw.records_per_s, 3),
     }

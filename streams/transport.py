@@ -869,8 +869,8 @@ class BatchConsumer:
         return fetched
 
     async def _handle(self, batch: dict[TopicPartition, list[Record]], generation: int) -> None:
-        """Handle ``batch``, fetched in ``generation`` (the count of revokes when its fetch
-        began, ``_fetched_in``), with the offsets skipped since the last batch; start
+        """Handle ``batch``, fetched in ``generation`` (the count of revokes when its records
+        were taken, ``_fetched_in``), with the offsets skipped since the last batch; start
         finishing it (``_finish``).
 
         Only records of partitions in ``assigned`` that were not revoked since the fetch are

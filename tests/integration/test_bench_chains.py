@@ -44,6 +44,8 @@ def test_chains_run_side_by_side_in_processes_of_their_own(broker: ManagedProces
     run = parallel_chains_throughput(brokers, 400, 2, 2, chains=2, codec=True)
     assert 0 < run.records_per_s < 1e7
     assert 0 < run.cpu_us_per_record < 1e6
+    assert run.reused == 0.5  # of two hops, the second reuses every record the first encoded
+    assert parallel_chains_throughput(brokers, 400, 2, 2, chains=1).reused is None
 
 
 def test_a_failing_hop_ends_the_chain_with_its_error_instead_of_hanging(

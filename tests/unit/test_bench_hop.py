@@ -1,4 +1,4 @@
-"""The codec chain's per-hop work (``streams.bench.codec_hop``) is the contract layer, whole."""
+"""The codec chain's per-hop work (``streams.bench.CodecHop``) is the contract layer, whole."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 
 from schemas.codec import Codec
 from schemas.models import ConversationEvent
-from streams.bench import codec_hop
+from streams.bench import CodecHop
 
 
 def test_a_hop_decodes_the_event_and_encodes_a_copy_with_a_new_id_and_created_at() -> None:
-    value, hop = codec_hop()
+    hop = CodecHop()
     codec = Codec()
-    before = codec.decode(value, ConversationEvent)
+    before = codec.decode(hop.value, ConversationEvent)
 
-    after = codec.decode(hop(value), ConversationEvent)
+    after = codec.decode(hop(hop.value), ConversationEvent)
 
     assert after.model_dump(exclude={"event_id", "created_at"}) == before.model_dump(
         exclude={"event_id", "created_at"}
@@ -25,15 +25,27 @@ def test_a_hop_decodes_the_event_and_encodes_a_copy_with_a_new_id_and_created_at
     assert before.metadata["traceparent"].startswith("00-")
 
 
-def test_hops_chain_like_the_pipeline_stages_and_reuse_what_they_encoded() -> None:
-    value, hop = codec_hop()
-    data = value
+def test_hops_chain_like_the_pipeline_stages_and_reuse_all_they_encoded() -> None:
+    hop = CodecHop()
+    data = hop.value
     ids = []
     for _ in range(5):
         data = hop(data)
         ids.append(Codec().decode(data, ConversationEvent).event_id)
-    first = Codec().decode(value, ConversationEvent).event_id
+    first = Codec().decode(hop.value, ConversationEvent).event_id
     assert ids == [f"{first}.{n}" for n in range(1, 6)]  # a new id per hop: distinct bytes
+    assert (hop.decodes, hop.reused) == (5, 4)  # only the chain's entry decoded in full
+
+
+def test_every_record_in_flight_is_reused_however_many_there_are() -> None:
+    """The worker's codec keeps 8,192 records; the chain's keeps all, so that a hop that
+    runs far ahead of the next (thousands of records in flight) does not evict what the next
+    would reuse: the chain bounds the pipeline's best case."""
+    hop = CodecHop()
+    first = [hop(hop.value) for _ in range(20_000)]  # hop 0 far ahead
+    second = [hop(data) for data in first]
+    assert len(second) == 20_000
+    assert (hop.decodes, hop.reused) == (40_000, 20_000)
 
 
 def test_the_hop_skips_decoding_the_bytes_it_encoded_itself(
@@ -41,19 +53,20 @@ def test_the_hop_skips_decoding_the_bytes_it_encoded_itself(
 ) -> None:
     import schemas.codec
 
-    value, hop = codec_hop()
-    second = hop(value)  # the first hop decodes in full, like the ingest stage
+    hop = CodecHop()
+    second = hop(hop.value)  # the chain's entry is decoded in full, like an inbound record
     calls = []
     real = schemas.codec.schemaless_reader
     monkeypatch.setattr(schemas.codec, "schemaless_reader", lambda *a: calls.append(1) or real(*a))
     hop(second)
     assert calls == []  # kept by the hop that encoded it: no fastavro decode
-    hop(value)  # bytes the hop never encoded are decoded in full
+    hop(hop.value)  # bytes the hop never encoded are decoded in full
     assert calls == [1]
 
-    _, no_reuse = codec_hop(reuse=0)
-    no_reuse(no_reuse(value))
+    no_reuse = CodecHop(reuse=False)
+    no_reuse(no_reuse(no_reuse.value))
     assert calls == [1, 1, 1]
+    assert no_reuse.reused == 0
 
 
 def test_process_cpu_s_counts_this_process_cpu_and_none_for_no_process() -> None:
