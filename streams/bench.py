@@ -241,10 +241,9 @@ class ChainWindow:
     cpu_s: float
     """CPU time (user + system, s) of the chain's process between ``start`` and ``end``
     (``time.process_time``)."""
-    decodes: int = 0
-    """Records the chain's hops decoded (codec chains only)."""
     reused: int = 0
-    """Of ``decodes``, those served from a record the chain had encoded itself."""
+    """Codec chains: decodes served from a record the chain had encoded itself (of
+    ``records * hops``)."""
 
 
 @dataclass(frozen=True)
@@ -370,7 +369,7 @@ def _chain_window(
     ready: Callable[[], None] | None = None,
 ) -> ChainWindow:
     """``raw_chain_window`` of a ConversationEvent's bytes, with a ``CodecHop`` at every hop
-    if ``codec`` (its decodes counted in the window), in an event loop of its own."""
+    if ``codec`` (its reused decodes counted in the window), in an event loop of its own."""
     hop = CodecHop()
     window = asyncio.run(
         raw_chain_window(
@@ -384,7 +383,7 @@ def _chain_window(
             ready=ready,
         )
     )
-    return dataclasses.replace(window, decodes=hop.decodes, reused=hop.reused)
+    return dataclasses.replace(window, reused=hop.reused)
 
 
 def _chain_process(
@@ -449,11 +448,10 @@ def parallel_chains_throughput(
         )
     elapsed = max(w.end for w in windows) - min(w.start for w in windows)
     moved = share * chains
-    decodes = sum(w.decodes for w in windows)
     return ChainsRun(
         moved / elapsed,
         sum(w.cpu_s for w in windows) / moved * 1e6,
-        sum(w.reused for w in windows) / decodes if codec and decodes else None,
+        sum(w.reused for w in windows) / (moved * hops) if codec else None,
     )
 
 
@@ -534,17 +532,17 @@ class CodecHop:
     copy (model dump, fastavro): what every stage of the pipeline does to a record before and
     after its own logic, and nothing else.
 
-    With ``reuse`` (the default) the codec keeps every record it encodes
-    (``CODEC_CHAIN_KEEP``), so a hop skips decoding what the hop before it encoded, as a
-    worker's stages do with ``SWITCHBOARD_REUSE_ENCODED_RECORDS``; only the records that
-    enter the chain are decoded in full, as only the inbound records are in one worker. That
-    is the best case of the worker's reuse, whatever its setting: the chain bounds what a
-    pipeline on these contracts can reach. Every copy gets an event id of its own, as every
+    The codec keeps every record it encodes (``CODEC_CHAIN_KEEP``), so a hop skips decoding
+    what the hop before it encoded, as a worker's stages do with
+    ``SWITCHBOARD_REUSE_ENCODED_RECORDS``; only the records that enter the chain are decoded
+    in full, as only the inbound records are in one worker. That is the best case of the
+    worker's reuse, whatever its setting: the chain bounds what a pipeline on these
+    contracts can reach. Every copy gets an event id of its own, as every
     stage's record does: records with equal bytes would share one kept entry.
     """
 
-    def __init__(self, *, reuse: bool = True) -> None:
-        self._codec = Codec(remember=CODEC_CHAIN_KEEP, remember_bytes=1 << 30) if reuse else Codec()
+    def __init__(self) -> None:
+        self._codec = Codec(remember=CODEC_CHAIN_KEEP, remember_bytes=1 << 30)
         now = utcnow()
         self._event = ConversationEvent(
             event_id=str(uuid.uuid4()),
@@ -557,8 +555,6 @@ class CodecHop:
             created_at=now,
         )
         self.value = Codec().encode(self._event)  # not kept: the chain's entry is decoded
-        self.decodes = 0
-        """Records this hop decoded, from kept records or in full."""
         self._copies = itertools.count(1)
 
     @property
@@ -567,7 +563,6 @@ class CodecHop:
         return self._codec.reused
 
     def __call__(self, data: bytes) -> bytes:
-        self.decodes += 1
         record = self._codec.decode(data, ConversationEvent)
         update = {
             "event_id": f"{self._event.event_id}.{next(self._copies)}",
